@@ -1,0 +1,169 @@
+"""Typed experiment config: YAML recipe in, ``section.key=value`` overrides, clear errors.
+
+A recipe is a YAML mapping whose sections mirror the pipeline (data, model, lr_finder,
+train, explain). Every key has a default, so a recipe only states what differs.
+Unknown keys are errors, not silently ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lrlab.errors import LrlabError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Where the images come from and how training images are augmented."""
+
+    path: str | None = None  # ImageFolder tree (train/, test/) or cifar-10-batches-py; None: download
+    cache_dir: str | None = None  # decoded-array cache; None: $LRLAB_CACHE or ~/.cache/lrlab
+    train_subset: int | None = Field(None, gt=0)  # class-balanced subset sizes, for quick tries
+    test_subset: int | None = Field(None, gt=0)
+    augment: Literal["tensor", "albumentations", "none"] = "tensor"
+    crop_padding: int = Field(4, ge=0)  # pad-and-random-crop (translation) in pixels
+    flip: bool = True  # random horizontal flip
+    cutout: int = Field(16, ge=0)  # side of the one square Cutout hole in pixels; 0: off
+    rotate: float = Field(0.0, ge=0, le=180)  # random rotation limit in degrees (albumentations only)
+
+
+class ModelConfig(_Section):
+    name: str = "fastnet"
+    kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to build_model
+
+
+class LRFinderConfig(_Section):
+    """The LR range test (Smith 2015, arXiv:1506.01186); its suggestion becomes train.lr."""
+
+    enabled: bool = True
+    start_lr: float = Field(1e-5, gt=0)
+    end_lr: float = Field(10.0, gt=0)
+    num_iter: int = Field(100, gt=0)
+    mode: Literal["exp", "linear"] = "exp"
+    smooth: float = Field(0.98, ge=0, lt=1)  # EMA beta of the smoothed loss
+    diverge_factor: float = Field(5.0, gt=1)  # stop when smoothed loss > factor x best
+    batch_size: int | None = Field(None, gt=0)  # None: train.batch_size
+    lr_factor: float = Field(1.0, gt=0)  # train.lr = suggestion x lr_factor
+
+    @model_validator(mode="after")
+    def _range(self):
+        if self.start_lr >= self.end_lr:
+            raise ValueError(f"start_lr ({self.start_lr:g}) must be below end_lr ({self.end_lr:g})")
+        return self
+
+
+class PlateauConfig(_Section):
+    """ReduceLROnPlateau on the test loss, with torch's semantics."""
+
+    factor: float = Field(0.1, gt=0, lt=1)
+    patience: int = Field(3, ge=0)  # epochs without improvement before the cut
+    threshold: float = Field(1e-4, ge=0)
+    min_lr: float = Field(0.0, ge=0)
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(10, gt=0)
+    batch_size: int = Field(128, gt=0)
+    optimizer: Literal["sgd"] = "sgd"
+    lr: float = Field(0.05, gt=0)  # used as is when the range test is off
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(5e-4, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    schedule: Literal["plateau", "onecycle", "constant"] = "plateau"
+    plateau: PlateauConfig = Field(default_factory=PlateauConfig)
+    warmup_pct: float = Field(0.25, gt=0, lt=1)  # one-cycle: share of steps rising to the peak lr
+    tta: bool = False  # evaluate on image + its mirror image (flip test-time augmentation)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+
+
+class ExplainConfig(_Section):
+    num_images: int = Field(25, gt=0)
+    target_layer: str | None = None  # None: the model's default (8x8 maps for 32x32 inputs)
+    alpha: float = Field(0.5, ge=0, le=1)  # overlay strength of the class activation map
+
+
+class Config(_Section):
+    """A full, validated experiment: one recipe file plus command-line overrides."""
+
+    name: str = "run"
+    seed: int = 0
+    device: str = "auto"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lr_finder: LRFinderConfig = Field(default_factory=LRFinderConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    explain: ExplainConfig = Field(default_factory=ExplainConfig)
+
+
+def _one_line(e: ValidationError, source: str) -> str:
+    err = e.errors()[0]
+    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        return f"{source}: unknown config key {key!r}"
+    if err["type"] == "value_error":
+        return f"{source}: {key}: {err['msg'].removeprefix('Value error, ')}"
+    return f"{source}: invalid value for {key!r} ({err.get('input')!r}): {err['msg']}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``"section.key=value"`` into (["section", "key"], parsed YAML value).
+
+    Raises:
+        LrlabError: when ``text`` has no ``=`` or an empty key.
+    """
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise LrlabError(f"override {text!r} must look like section.key=value, e.g. train.epochs=5")
+    return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML recipe, apply ``a.b=c`` overrides in order, and validate.
+
+    Args:
+        path: recipe file, or None for all defaults.
+        overrides: strings like ``train.epochs=3``; values are parsed as YAML.
+
+    Raises:
+        LrlabError: missing or unparsable file, a key that does not exist, or an invalid
+            value; the message names the file or key and what is valid.
+    """
+    raw: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        path, source = Path(path), str(path)
+        if not path.is_file():
+            raise LrlabError(f"recipe file {source} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise LrlabError(f"recipe file {source} is not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise LrlabError(f"recipe file {source} must hold a mapping of sections, not {type(raw).__name__}")
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise LrlabError(f"override {text!r}: {k!r} is a value, not a section")
+        node[keys[-1]] = value
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise LrlabError(_one_line(e, source)) from None
+
+
+def save_config(config: Config, path: Path) -> None:
+    """Write the fully resolved config as YAML (atomic)."""
+    from lrlab.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

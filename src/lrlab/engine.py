@@ -1,0 +1,156 @@
+"""Train / evaluate loops, the per-epoch History, and checkpoints.
+
+One path for every device: the caller picks the device and autocast dtype once; the
+loops move nothing but what the loaders yield. Learning rates are per optimizer step.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lrlab.device import autocast
+from lrlab.io import atomic_path, atomic_write_text, write_json
+
+COLUMNS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds"]
+
+
+@dataclass
+class History:
+    """Per-epoch records: epoch (1-based), train/test loss (mean cross-entropy per image),
+    train/test top-1 accuracy in [0, 1], lr (at the end of the epoch) and seconds
+    (training + evaluation wall time of that epoch)."""
+
+    records: list[dict] = field(default_factory=list)
+
+    def best(self) -> dict:
+        """The record with the highest test accuracy (the earliest on ties)."""
+        return max(self.records, key=lambda r: (r["test_acc"], -r["epoch"]))
+
+    def save(self, run_dir: Path) -> None:
+        """Write ``history.csv`` and ``history.json`` into ``run_dir`` (atomic)."""
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(self.records)
+        atomic_write_text(run_dir / "history.csv", buf.getvalue())
+        write_json(run_dir / "history.json", self.records)
+
+
+@dataclass
+class Precision:
+    """Where and how the loops compute: device, autocast dtype (None: float32) and layout."""
+
+    device: torch.device
+    dtype: torch.dtype | None = None
+    channels_last: bool = False
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Move ``model`` to the device (float32 weights) in the chosen memory format."""
+        model = model.to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+    def autocast(self):
+        return autocast(self.device, self.dtype)
+
+
+def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, schedule,
+                precision: Precision, label_smoothing: float = 0.0,
+                on_step: Callable[[int, float], None] | None = None) -> tuple[float, float]:
+    """One pass over ``loader`` ((N, C, H, W) float32, (N,) int64 batches on the device).
+
+    Returns (mean training loss per image, top-1 training accuracy in [0, 1]), measured on
+    the augmented images. ``on_step(step, loss)`` is called after each step (for progress
+    bars); reading the loss there forces a device sync, so it is optional.
+    """
+    model.train()
+    total_loss = torch.zeros((), device=precision.device)
+    total_correct = torch.zeros((), device=precision.device, dtype=torch.long)
+    seen = 0
+    for step, (x, y) in enumerate(loader):
+        with precision.autocast():
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step_batch()
+        total_loss += loss.detach() * len(y)
+        total_correct += (logits.argmax(1) == y).sum()
+        seen += len(y)
+        if on_step is not None:
+            on_step(step, loss.item())
+    return total_loss.item() / seen, total_correct.item() / seen
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader: Iterable, precision: Precision, tta: bool = False) -> tuple[float, float]:
+    """(mean cross-entropy per image, top-1 accuracy in [0, 1]) over ``loader``.
+
+    With ``tta`` the prediction is the mean of the softmax over the image and its
+    horizontal mirror (flip test-time augmentation). Restores the model's train/eval mode.
+    """
+    was_training = model.training
+    model.eval()
+    total_loss, correct, seen = 0.0, 0, 0
+    for x, y in loader:
+        with precision.autocast():
+            logits = model(x).float()
+            if tta:
+                probs = (logits.softmax(1) + model(torch.flip(x, dims=[3])).float().softmax(1)) / 2
+                logits = probs.clamp_min(1e-12).log()
+        total_loss += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+    model.train(was_training)
+    return total_loss / seen, correct / seen
+
+
+def save_checkpoint(path: Path, model: nn.Module, optimizer, schedule, history: History, extra: dict) -> None:
+    """Save everything needed to resume or explain: model, optimizer and schedule states,
+    the history so far, the torch RNG state and ``extra`` (config, classes, mean/std)."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "schedule": schedule.state_dict(), "history": history.records,
+             "rng": torch.get_rng_state(), **extra}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def fit(model: nn.Module, train_loader, test_loader, optimizer, schedule, epochs: int,
+        precision: Precision, *, label_smoothing: float = 0.0, tta: bool = False,
+        checkpoint_dir: Path | None = None, checkpoint_extra: dict | None = None,
+        on_step: Callable[[int, float], None] | None = None,
+        on_epoch: Callable[[dict], None] | None = None) -> History:
+    """Train for ``epochs`` epochs, evaluating on ``test_loader`` after each.
+
+    After every epoch: the schedule sees the test loss (ReduceLROnPlateau), the record is
+    appended to the History and passed to ``on_epoch``, and ``checkpoint_dir/last.pt``
+    (and ``best.pt`` when the test accuracy is a new best) are written atomically.
+    """
+    history = History()
+    for epoch in range(1, epochs + 1):
+        start = time.perf_counter()
+        train_loss, train_acc = train_epoch(model, train_loader, optimizer, schedule, precision,
+                                            label_smoothing, on_step)
+        test_loss, test_acc = evaluate(model, test_loader, precision, tta)
+        schedule.step_epoch(test_loss)
+        record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
+                  "test_loss": test_loss, "test_acc": test_acc,
+                  "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - start}
+        history.records.append(record)
+        if checkpoint_dir is not None:
+            extra = {"epoch": epoch, **(checkpoint_extra or {})}
+            save_checkpoint(checkpoint_dir / "last.pt", model, optimizer, schedule, history, extra)
+            if history.best() is record:
+                save_checkpoint(checkpoint_dir / "best.pt", model, optimizer, schedule, history, extra)
+        if on_epoch is not None:
+            on_epoch(record)
+    return history
