@@ -1,0 +1,297 @@
+"""lrlab.interpret on real CIFAR-10 images and a small CNN trained for a moment on them."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from lrlab.errors import LrlabError
+from lrlab.interpret import (
+    Predictions,
+    class_activation_maps,
+    confusion_matrix,
+    denormalize,
+    layer_names,
+    predict,
+    select_misclassified,
+)
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2470, 0.2435, 0.2616)
+
+
+def load_images(root, split: str, per_class: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """Decode the first ``per_class`` JPEGs of each class: normalised (N,3,32,32), labels, uint8."""
+    raw, labels = [], []
+    for c, name in enumerate(CLASSES):
+        for i in range(per_class):
+            with Image.open(root / split / name / f"{i:04d}.jpg") as im:
+                raw.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
+            labels.append(c)
+    u8 = np.stack(raw)
+    x = torch.from_numpy(u8).permute(0, 3, 1, 2).float().div(255)
+    x = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    return x.contiguous(), torch.tensor(labels, dtype=torch.int64), u8
+
+
+def small_cnn() -> nn.Sequential:
+    """32x32 -> 16x16 -> 8x8 ("block2" has 8x8 maps) -> logits."""
+
+    def block(cin, cout):
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+    return nn.Sequential(
+        OrderedDict(
+            stem=block(3, 16),
+            pool1=nn.MaxPool2d(2),
+            block1=block(16, 32),
+            pool2=nn.MaxPool2d(2),
+            block2=block(32, 64),
+            gap=nn.AdaptiveAvgPool2d(1),
+            flatten=nn.Flatten(),
+            fc=nn.Linear(64, 10),
+        )
+    )
+
+
+def batches(x, y, size):
+    for i in range(0, len(x), size):
+        yield x[i : i + size], y[i : i + size]
+
+
+@pytest.fixture(scope="module")
+def data(cifar_dir):
+    torch.manual_seed(0)
+    xtr, ytr, _ = load_images(cifar_dir, "train", 100)  # 1000 images
+    xte, yte, u8 = load_images(cifar_dir, "test", 30)  # 300 images
+    model = small_cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    model.train()
+    for _ in range(2):
+        perm = torch.randperm(len(xtr))
+        for xb, yb in batches(xtr[perm], ytr[perm], 50):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(xb), yb).backward()
+            opt.step()
+    opt.zero_grad(set_to_none=True)
+    pred = predict(model, batches(xte, yte, 128), device="cpu")
+    return {"model": model, "x": xte, "y": yte, "u8": u8, "pred": pred}
+
+
+def count_hooks(model: nn.Module) -> int:
+    return sum(
+        len(m._forward_hooks) + len(m._backward_hooks) + len(m._forward_pre_hooks) + len(m._backward_pre_hooks)
+        for m in model.modules()
+    )
+
+
+# --------------------------------------------------------------------------- predictions
+
+
+def test_predictions_match_manual_computation(data):
+    model, x, y, pred = data["model"], data["x"], data["y"], data["pred"]
+    model.eval()
+    with torch.no_grad():
+        logits = model(x)
+    assert pred.probs.shape == (300, 10) and pred.probs.dtype == torch.float32
+    assert pred.targets.dtype == torch.int64 and torch.equal(pred.targets, y)
+    torch.testing.assert_close(pred.probs.sum(1), torch.ones(300))
+    assert torch.equal(pred.preds, logits.argmax(1))
+    assert pred.accuracy == pytest.approx((logits.argmax(1) == y).float().mean().item())
+    # learnt something in 2 epochs on 1000 images, but far from perfect: mistakes to study
+    assert 0.2 < pred.accuracy < 0.9
+    assert pred.losses.dtype == torch.float32
+    torch.testing.assert_close(pred.losses, F.cross_entropy(logits, y, reduction="none"), atol=1e-4, rtol=1e-4)
+    assert torch.equal(pred.correct, logits.argmax(1) == y)
+
+
+def test_predict_restores_mode_and_runs_under_autocast(data):
+    model, x, y = data["model"], data["x"][:64], data["y"][:64]
+    model.train()
+    model.block1.eval()  # a mixed state must come back exactly
+    pred = predict(model, batches(x, y, 32), device="cpu", autocast_dtype=torch.bfloat16, channels_last=True)
+    assert model.training and not model.block1.training and model.block2.training
+    assert pred.probs.dtype == torch.float32 and torch.isfinite(pred.probs).all()
+    # bf16 predictions agree with float32 on nearly every image
+    agree = (pred.preds == data["pred"].preds[:64]).float().mean().item()
+    assert agree > 0.8
+    model.eval()
+
+
+def test_predictions_save_load_round_trip(data, tmp_path):
+    pred = data["pred"]
+    path = pred.save(tmp_path / "sub" / "predictions.pt")
+    assert [p.name for p in path.parent.iterdir()] == ["predictions.pt"]  # no temporary left over
+    back = Predictions.load(path)
+    assert torch.equal(back.probs, pred.probs) and torch.equal(back.targets, pred.targets)
+    assert back.accuracy == pred.accuracy
+    with pytest.raises(LrlabError, match="does not exist"):
+        Predictions.load(tmp_path / "missing.pt")
+
+
+def test_confusion_matrix(data):
+    pred = data["pred"]
+    m = confusion_matrix(pred)
+    assert m.shape == (10, 10) and m.sum() == 300
+    assert torch.equal(m.sum(1), torch.full((10,), 30))
+    assert m.trace().item() == pred.correct.sum().item()
+
+
+# --------------------------------------------------------------------------- misclassified
+
+
+def test_select_misclassified_by_loss(data):
+    pred = data["pred"]
+    idx = select_misclassified(pred, k=25)
+    assert idx.dtype == torch.int64 and len(idx) == 25
+    assert not pred.correct[idx].any()
+    wrong = torch.nonzero(~pred.correct).flatten()
+    expected = torch.sort(pred.losses[wrong], descending=True).values[:25]
+    torch.testing.assert_close(pred.losses[idx], expected, rtol=0, atol=0)
+    assert torch.all(pred.losses[idx][:-1] >= pred.losses[idx][1:])
+    # every wrong image not chosen has a loss no higher than the last chosen one
+    rest = wrong[~torch.isin(wrong, idx)]
+    assert (pred.losses[rest] <= pred.losses[idx[-1]]).all()
+
+
+def test_select_misclassified_other_orders_and_few_wrong(data):
+    pred = data["pred"]
+    by_conf = select_misclassified(pred, k=10, by="confidence")
+    assert not pred.correct[by_conf].any()
+    conf = pred.probs.max(1).values[by_conf]
+    assert torch.all(conf[:-1] >= conf[1:])
+    first = select_misclassified(pred, k=10, by="first")
+    assert torch.equal(first, torch.nonzero(~pred.correct).flatten()[:10])
+    # fewer wrong than k -> all of them
+    probs = torch.eye(4)[[0, 1, 2, 3, 0]] * 0.9 + 0.025
+    few = Predictions(probs=probs, targets=torch.tensor([0, 1, 3, 3, 1]))
+    got = select_misclassified(few, k=25)
+    assert sorted(got.tolist()) == [2, 4]
+    with pytest.raises(LrlabError, match="loss, confidence, first"):
+        select_misclassified(pred, by="random")
+
+
+# --------------------------------------------------------------------------- CAM
+
+
+def test_layer_names(data):
+    names = layer_names(data["model"])
+    assert "block2" in names and "block2.0" in names and "fc" in names and "" not in names
+
+
+def test_cam_maps_shape_range_and_class_dependence(data):
+    model, x, pred = data["model"], data["x"][:16], data["pred"]
+    cls_a = pred.preds[:16]
+    cls_b = (cls_a + 5) % 10
+    maps_a = class_activation_maps(model, x, cls_a, target_layer="block2", batch_size=6)
+    maps_b = class_activation_maps(model, x, cls_b, target_layer="block2")
+    for maps in (maps_a, maps_b):
+        assert maps.shape == (16, 32, 32) and maps.dtype == torch.float32
+        assert torch.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1
+    # each non-constant map spans [0, 1]
+    spans = maps_a.amax((1, 2)) - maps_a.amin((1, 2))
+    assert ((spans == 0) | ((maps_a.amax((1, 2)) == 1) & (maps_a.amin((1, 2)) == 0))).all()
+    assert (spans > 0).sum() >= 12
+    # different classes give different maps
+    assert (maps_a - maps_b).abs().mean() > 0.05
+    # batching does not change the result
+    torch.testing.assert_close(maps_a, class_activation_maps(model, x, cls_a, target_layer="block2"))
+
+
+def test_gradcam_matches_definition(data):
+    """Grad-CAM = ReLU(sum_k mean_ij(dY_c/dA_k) A_k), upsampled, min-max normalised."""
+    model, x = data["model"], data["x"][:8]
+    cls = torch.arange(8) % 10
+    model.eval()
+    store = {}
+    handle = model.block2.register_forward_hook(lambda m, i, o: store.update(a=o))
+    try:
+        scores = model(x)
+        act = store["a"]
+        (grad,) = torch.autograd.grad(scores.gather(1, cls.view(-1, 1)).sum(), act)
+    finally:
+        handle.remove()
+    cam = F.relu((grad.mean((2, 3), keepdim=True) * act).sum(1, keepdim=True))
+    cam = F.interpolate(cam, size=(32, 32), mode="bilinear", align_corners=False).squeeze(1).detach()
+    lo, hi = cam.amin((1, 2), keepdim=True), cam.amax((1, 2), keepdim=True)
+    expected = torch.where(hi > lo, (cam - lo) / (hi - lo), torch.zeros_like(cam))
+    got = class_activation_maps(model, x, cls, target_layer="block2")
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    for p in model.parameters():
+        p.grad = None
+
+
+@pytest.mark.parametrize("method", ["gradcampp", "xgradcam", "layercam"])
+def test_other_cam_methods(data, method):
+    maps = class_activation_maps(data["model"], data["x"][:4], data["pred"].preds[:4], target_layer="block1",
+                                 method=method)
+    assert maps.shape == (4, 32, 32) and torch.isfinite(maps).all() and 0 <= maps.min() <= maps.max() <= 1
+
+
+def test_cam_errors_are_one_line(data):
+    model, x, cls = data["model"], data["x"][:2], data["pred"].preds[:2]
+    before = count_hooks(model)
+    with pytest.raises(LrlabError) as err:
+        class_activation_maps(model, x, cls, target_layer="layer4")
+    msg = str(err.value)
+    assert "\n" not in msg and "'layer4'" in msg
+    assert msg.endswith("valid layers: " + ", ".join(layer_names(model)))
+    with pytest.raises(LrlabError, match="gradcam, gradcampp, xgradcam, layercam"):
+        class_activation_maps(model, x, cls, target_layer="block2", method="scorecam")
+    # errors raised after the hooks are in place still remove them
+    with pytest.raises(LrlabError, match="out of range"):
+        class_activation_maps(model, x, torch.tensor([0, 10]), target_layer="block2")
+    with pytest.raises(LrlabError, match="not a \\(N, C, h, w\\) feature map"):
+        class_activation_maps(model, x, cls, target_layer="fc")
+    assert count_hooks(model) == before
+
+
+def test_cam_leaves_model_untouched(data):
+    model, x, cls = data["model"], data["x"][:4], data["pred"].preds[:4]
+    model.train()
+    model.stem.eval()
+    model.fc.weight.requires_grad_(False)  # a partly frozen model stays partly frozen
+    flags = [p.requires_grad for p in model.parameters()]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    before = count_hooks(model)
+    assert before == 0
+    try:
+        for _ in range(50):
+            class_activation_maps(model, x, cls, target_layer="block2")
+        assert count_hooks(model) == before
+        assert model.training and not model.stem.training and model.block2.training
+        assert [p.requires_grad for p in model.parameters()] == flags
+        assert all(p.grad is None for p in model.parameters())
+        # eval mode during CAM: BatchNorm running statistics unchanged
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, state[k]), k
+    finally:
+        model.fc.weight.requires_grad_(True)
+        model.eval()
+
+
+def test_cam_inside_inference_mode_and_frozen_model(data):
+    model, x, cls = data["model"], data["x"][:4], data["pred"].preds[:4]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        with torch.inference_mode():
+            maps = class_activation_maps(model, x, cls, target_layer="block2")
+        assert torch.isfinite(maps).all() and (maps.amax((1, 2)) > 0).any()
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(True)
+
+
+def test_denormalize_round_trip(data):
+    u8 = denormalize(data["x"][:10], MEAN, STD)
+    assert u8.dtype == np.uint8 and u8.shape == (10, 32, 32, 3)
+    assert np.abs(u8.astype(int) - data["u8"][:10].astype(int)).max() <= 1
+    assert denormalize(data["x"][0], MEAN, STD).shape == (32, 32, 3)

@@ -1,0 +1,182 @@
+"""lrlab.plots: every figure is a readable PNG written atomically; grids are labelled right."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from lrlab import plots
+from lrlab.interpret import class_activation_maps, confusion_matrix, denormalize, predict, select_misclassified
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2470, 0.2435, 0.2616)
+TITLE = re.compile(r"^pred: (\w+) \((\d\.\d\d)\) / true: (\w+)$")
+
+
+def load_images(root, split: str, per_class: int):
+    raw, labels = [], []
+    for c, name in enumerate(CLASSES):
+        for i in range(per_class):
+            with Image.open(root / split / name / f"{i:04d}.jpg") as im:
+                raw.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
+            labels.append(c)
+    x = torch.from_numpy(np.stack(raw)).permute(0, 3, 1, 2).float().div(255)
+    x = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    return x.contiguous(), torch.tensor(labels)
+
+
+@pytest.fixture(scope="module")
+def mistakes(cifar_dir):
+    """25 truly misclassified test images of a small CNN trained one epoch on 600 real images."""
+    torch.manual_seed(0)
+    xtr, ytr = load_images(cifar_dir, "train", 60)
+    xte, yte = load_images(cifar_dir, "test", 20)
+    model = nn.Sequential(OrderedDict(
+        c1=nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)),
+        c2=nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)),
+        c3=nn.Sequential(nn.Conv2d(32, 64, 3, padding=1), nn.ReLU()),
+        head=nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)),
+    ))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    perm = torch.randperm(len(xtr))
+    for i in range(0, len(xtr), 32):
+        idx = perm[i : i + 32]
+        opt.zero_grad()
+        F.cross_entropy(model(xtr[idx]), ytr[idx]).backward()
+        opt.step()
+    pred = predict(model, [(xte[i : i + 100], yte[i : i + 100]) for i in range(0, len(xte), 100)])
+    idx = select_misclassified(pred, k=25)
+    assert len(idx) == 25
+    titles = [
+        plots.mistake_title(CLASSES[pred.preds[i]], pred.probs[i, pred.preds[i]].item(), CLASSES[pred.targets[i]])
+        for i in idx.tolist()
+    ]
+    maps = class_activation_maps(model, xte[idx], pred.preds[idx], target_layer="c3")
+    return {
+        "pred": pred,
+        "idx": idx,
+        "images": denormalize(xte[idx], MEAN, STD),
+        "titles": titles,
+        "maps": maps,
+    }
+
+
+def history(epochs: int = 12):
+    rows = []
+    for e in range(1, epochs + 1):
+        rows.append({
+            "epoch": e,
+            "train_loss": 2.0 * math.exp(-e / 4) + 0.1,
+            "test_loss": 2.0 * math.exp(-e / 5) + 0.4 + (0.02 * e if e > 9 else 0),
+            "train_acc": 1 - 0.8 * math.exp(-e / 4),
+            "test_acc": 0.85 - 0.7 * math.exp(-e / 4) - (0.01 * (e - 9) if e > 9 else 0),
+            "lr": 0.1 * (0.1 ** (e // 5)),
+            "seconds": 3.0,
+        })
+    return rows
+
+
+def assert_png(path, min_w=300, min_h=200):
+    assert path.suffix == ".png" and path.stat().st_size > 5000
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        w, h = im.size
+    assert w >= min_w and h >= min_h and w < 5000 and h < 5000
+    # atomic write: nothing but the final file in the folder
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+    return w, h
+
+
+def test_mistake_title():
+    assert plots.mistake_title("cat", 0.7149, "dog") == "pred: cat (0.71) / true: dog"
+    assert plots.mistake_title("ship", 1.0, "airplane") == "pred: ship (1.00) / true: airplane"
+
+
+def test_mistakes_grid_titles_are_real_mistakes(mistakes):
+    pred, idx = mistakes["pred"], mistakes["idx"]
+    fig = plots._mistakes_figure(mistakes["images"], mistakes["titles"], ncols=5)
+    try:
+        axes = fig.axes
+        assert len(axes) == 25
+        for ax, i in zip(axes, idx.tolist(), strict=True):
+            title = ax.get_title().replace("\n", " / ")
+            m = TITLE.match(title)
+            assert m, title
+            p, prob, t = m.groups()
+            assert p != t  # truly misclassified
+            assert p == CLASSES[pred.preds[i]] and t == CLASSES[pred.targets[i]]
+            assert float(prob) == pytest.approx(pred.probs[i].max().item(), abs=0.006)
+            assert not ax.get_xticks().size and not ax.get_yticks().size
+            assert len(ax.get_images()) == 1
+        # rows of 5
+        rows = sorted({round(ax.get_position().y0, 3) for ax in axes})
+        assert len(rows) == 5
+    finally:
+        plots.plt.close(fig)
+
+
+def test_plot_mistakes_and_cam_grid_write_pngs(mistakes, tmp_path):
+    p = plots.plot_mistakes(mistakes["images"], mistakes["titles"], tmp_path / "a" / "misclassified.png")
+    w, h = assert_png(p, 500, 500)
+    assert 0.6 < w / h < 1.5
+    p = plots.plot_cam_grid(mistakes["images"], mistakes["maps"], mistakes["titles"], tmp_path / "b" / "gradcam.png")
+    assert_png(p, 500, 500)
+    fig = plots._cam_figure(mistakes["images"], mistakes["maps"].numpy(), mistakes["titles"], alpha=0.4)
+    try:
+        assert len(fig.axes) == 25
+        assert all(len(ax.get_images()) == 2 and ax.get_images()[1].get_alpha() == 0.4 for ax in fig.axes)
+    finally:
+        plots.plt.close(fig)
+    # a partial last row has no empty axes
+    fig = plots._mistakes_figure(mistakes["images"][:7], mistakes["titles"][:7], ncols=5)
+    assert len(fig.axes) == 7
+    plots.plt.close(fig)
+    assert not plots.plt.get_fignums()  # every figure closed
+
+
+def test_plot_range_test(tmp_path):
+    lrs = np.logspace(-6, 1, 120)
+    x = np.log10(lrs)
+    smooth = 2.3 - 1.2 / (1 + np.exp(-(x + 3) * 2)) + np.where(x > -0.7, (x + 0.7) ** 2 * 8, 0)
+    raw = smooth + np.random.default_rng(0).normal(0, 0.08, len(lrs))
+    raw[-1] = np.inf
+    raw[-2] = np.nan
+    p = plots.plot_range_test(lrs, raw, smooth, 3.2e-2, tmp_path / "r" / "lr_finder.png")
+    assert_png(p)
+    p = plots.plot_range_test(lrs.tolist(), raw.tolist(), smooth.tolist(), None, tmp_path / "s" / "lr.png")
+    assert_png(p)
+    assert not plots.plt.get_fignums()
+
+
+def test_plot_history_curves(tmp_path):
+    h = history()
+    for fn, name in ((plots.plot_loss, "loss"), (plots.plot_accuracy, "accuracy"), (plots.plot_lr, "lr")):
+        p = fn(h, tmp_path / name / f"{name}.png")
+        assert p == tmp_path / name / f"{name}.png"
+        assert_png(p)
+    # one epoch and missing test values still plot
+    assert_png(plots.plot_accuracy([{"epoch": 1, "train_acc": 0.3, "test_acc": None}], tmp_path / "one" / "a.png"))
+    assert not plots.plt.get_fignums()
+
+
+def test_plot_confusion(mistakes, tmp_path):
+    m = confusion_matrix(mistakes["pred"])
+    assert_png(plots.plot_confusion(m, CLASSES, tmp_path / "c" / "confusion.png"), 400, 400)
+    with pytest.raises(ValueError, match="10, 10"):
+        plots.plot_confusion(m, CLASSES[:5] * 2 + ["x"], tmp_path / "c2" / "x.png")
+
+
+def test_overwrite_keeps_single_file(tmp_path):
+    h = history(3)
+    p1 = plots.plot_loss(h, tmp_path / "loss.png")
+    p2 = plots.plot_loss(history(5), tmp_path / "loss.png")
+    assert p1 == p2 and [q.name for q in tmp_path.iterdir()] == ["loss.png"]
