@@ -25,7 +25,6 @@ import copy
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -35,6 +34,7 @@ import torch
 
 from lrlab.device import autocast
 from lrlab.errors import LrlabError
+from lrlab.io import atomic_write_text
 
 MODES = ("exp", "linear")
 STOP_REASONS = ("completed", "diverged", "non-finite loss")
@@ -92,17 +92,7 @@ class RangeTestResult:
     def save_json(self, path: str | os.PathLike) -> Path:
         """Write :meth:`to_dict` to ``path`` atomically (temporary file, then rename)."""
         path = Path(path)
-        text = json.dumps(self.to_dict(), indent=1, allow_nan=False)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n")
         return path
 
     @classmethod
