@@ -1,0 +1,196 @@
+"""Training-time augmentation: random crop from padding, horizontal flip, Cutout.
+
+Two implementations of the same recipe (the standard CIFAR one: pad by 4 and crop back,
+flip half the images, one Cutout square):
+
+* :func:`batch_augment`, the fast path: one batched tensor op on the device, per-image
+  randomness, no per-image Python;
+* :func:`build_albumentations`, the per-image path through albumentations, for recipes that
+  want its wider catalogue (here: rotation).
+
+Both draw the crop offset uniformly from the 2p+1 integer shifts per axis, flip with
+probability 1/2, and place the Cutout square uniformly *fully inside* the image (its top-left
+corner uniform over the (H-c+1) x (W-c+1) positions). Fully inside is what albumentations
+2.0.8's ``CoarseDropout`` does (``y_min ~ U{0..H-h}``), so the paths match; DeVries & Taylor
+2017 (arXiv:1708.04552) instead centre the square anywhere and clip it at the border, which
+erases on average less than c x c pixels.
+
+Sources: random crop + flip, He et al. 2016 (arXiv:1512.03385) CIFAR recipe; Cutout, DeVries
+& Taylor 2017 (arXiv:1708.04552).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:  # albumentations is imported lazily: it is slow to import
+    import albumentations
+
+
+def build_albumentations(crop_padding: int = 4, flip: bool = True, cutout: int = 16,
+                         rotate: float = 0.0, mean: tuple = (0.5, 0.5, 0.5), *,
+                         image_size: tuple[int, int] = (32, 32),
+                         seed: int | None = None) -> albumentations.Compose:
+    """The per-image augmentation pipeline as an ``albumentations.Compose``.
+
+    Applied to one uint8 (H, W, 3) numpy image at a time (``compose(image=img)["image"]``),
+    it returns a uint8 (H, W, 3) image. Steps, in order:
+
+    1. ``Rotate(limit=rotate)`` by an angle uniform in [-rotate, rotate] degrees, bilinear,
+       border reflected (BORDER_REFLECT_101); only when rotate > 0.
+    2. ``PadIfNeeded`` to (H + 2p, W + 2p) with constant 0 (black) then ``RandomCrop`` back to
+       (H, W): an integer shift uniform in [-p, p] per axis; only when crop_padding p > 0.
+    3. ``HorizontalFlip(p=0.5)`` when flip.
+    4. Cutout as ``CoarseDropout`` with exactly one c x c hole (c = cutout) filled with the
+       dataset mean colour ``round(255 * mean)``, always applied; only when cutout > 0.
+       albumentations places the hole fully inside the image (it never clips it).
+
+    Importing albumentations is deferred to this call; its update check (a network request
+    to PyPI) is switched off with ``NO_ALBUMENTATIONS_UPDATE=1`` unless the user set it.
+
+    Args:
+        crop_padding: p, padding in pixels for the random crop (0 = no crop).
+        flip: random horizontal flip with probability 0.5.
+        cutout: side c in pixels of the Cutout square (0 = no Cutout); at most min(H, W).
+        rotate: maximum rotation in degrees (0 = no rotation).
+        mean: per-channel (R, G, B) dataset mean in [0, 1] units, used as the Cutout fill.
+        image_size: (H, W) of the images, needed for the pad-and-crop sizes.
+        seed: seed of the Compose's own random state (None = nondeterministic).
+
+    Returns:
+        An ``albumentations.Compose`` (an empty one when every step is switched off).
+
+    Raises:
+        ValueError: negative padding, cutout or rotation, or cutout larger than the image.
+    """
+    h, w = int(image_size[0]), int(image_size[1])
+    _check_args(crop_padding, cutout, h, w)
+    if rotate < 0:
+        raise ValueError(f"rotate must be >= 0 degrees, got {rotate}")
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    import albumentations as A
+    import cv2
+
+    steps = []
+    if rotate > 0:
+        steps.append(A.Rotate(limit=float(rotate), border_mode=cv2.BORDER_REFLECT_101, p=1.0))
+    if crop_padding > 0:
+        steps.append(A.PadIfNeeded(min_height=h + 2 * crop_padding, min_width=w + 2 * crop_padding,
+                                   border_mode=cv2.BORDER_CONSTANT, fill=0, p=1.0))
+        steps.append(A.RandomCrop(height=h, width=w, p=1.0))
+    if flip:
+        steps.append(A.HorizontalFlip(p=0.5))
+    if cutout > 0:
+        fill = tuple(int(round(255.0 * float(m))) for m in mean)
+        steps.append(A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(cutout, cutout),
+                                     hole_width_range=(cutout, cutout), fill=fill, p=1.0))
+    return A.Compose(steps, seed=seed)
+
+
+def batch_augment(x: torch.Tensor, crop_padding: int, flip: bool, cutout: int,
+                  generator: torch.Generator | None = None, *,
+                  pad_fill: float | Sequence[float] | torch.Tensor = 0.0,
+                  cutout_fill: float | Sequence[float] | torch.Tensor = 0.0) -> torch.Tensor:
+    """Random crop from padding, horizontal flip and Cutout on a whole batch at once.
+
+    Every image gets its own random crop offset, flip coin and Cutout position, drawn in a
+    handful of tensor ops with no per-image Python loop:
+
+    * crop: the output is ``padded[:, :, dy:dy+H, dx:dx+W]`` of the image padded by p on every
+      side, with dy, dx uniform in {0..2p} per image, i.e. an exact integer shift by
+      (dy - p, dx - p) with ``pad_fill`` coming in at the border (no interpolation);
+    * flip: a random half of the images (Bernoulli(1/2) each) is exactly ``torch.flip(., [3])``
+      of its crop; crop and flip are done together as one gather;
+    * Cutout: a c x c square, placed uniformly *fully inside* the image (top-left corner
+      uniform in {0..H-c} x {0..W-c}, as albumentations' CoarseDropout does; DeVries &
+      Taylor 2017, arXiv:1708.04552, clip a square centred anywhere instead), is set to
+      ``cutout_fill``.
+
+    For normalised inputs (the usual case) the default fills of 0 mean "the dataset mean
+    colour". To match the uint8 recipe of :func:`build_albumentations` exactly (black padding,
+    mean-colour Cutout), pass ``pad_fill = -mean / std`` per channel, as ``BatchLoader`` does.
+
+    Args:
+        x: (N, C, H, W) float or uint8 batch on any device; channels_last input is fine.
+        crop_padding: p in pixels (0 = no crop).
+        flip: flip a random half of the images horizontally.
+        cutout: side c of the Cutout square in pixels (0 = no Cutout), at most min(H, W).
+        generator: torch.Generator for the random draws (its device is used for the draws;
+            None = the global RNG).
+        pad_fill: value of the padding, a scalar or one value per channel.
+        cutout_fill: value of the Cutout square, a scalar or one value per channel.
+
+    Returns:
+        A new (N, C, H, W) tensor of x's dtype and device, contiguous (NCHW memory format).
+        With all three steps off, x itself is returned.
+
+    Raises:
+        ValueError: x is not 4-D, negative padding or cutout, or cutout larger than the image.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"batch_augment expects an (N, C, H, W) batch, got shape {tuple(x.shape)}")
+    n, c, h, w = x.shape
+    p, k = int(crop_padding), int(cutout)
+    _check_args(p, k, h, w)
+    if n == 0 or (p == 0 and not flip and k == 0):
+        return x
+    dev = x.device
+    gdev = generator.device if generator is not None else dev
+
+    def randint(high: int) -> torch.Tensor:
+        return torch.randint(0, high, (n,), generator=generator, device=gdev).to(dev)
+
+    # Crop, flip and Cutout are one gather. Image i is copied once into a source of
+    # (H+1) x (W+1) pixels per channel whose extra last row and column hold the padding fill,
+    # followed by one more slot holding the Cutout fill. The gather index is built from
+    # per-image row and column indices of shape (N, H) and (N, W): a row or column that the
+    # shift moves off the image points at the fill row/column, so padding costs nothing, and
+    # the Cutout square is scattered into the index as k*k positions per image.
+    hs, ws = h + 1, w + 1
+    hole_slot = hs * ws
+    src = torch.empty((n, c, hole_slot + 1), dtype=x.dtype, device=dev)
+    grid = src[:, :, :hole_slot].view(n, c, hs, ws)
+    grid[:, :, :h, :w] = x  # also turns channels_last input into NCHW
+    grid[:, :, h, :] = _per_channel(pad_fill, x)
+    grid[:, :, :h, w] = _per_channel(pad_fill, x)
+    src[:, :, hole_slot] = _per_channel(cutout_fill, x)[:, :, 0]
+
+    rows = torch.arange(h, device=dev).expand(n, h)                          # (N, H)
+    cols = torch.arange(w, device=dev).expand(n, w)                          # (N, W)
+    if flip:
+        # output column j reads crop column W-1-j: the reversed row of this image's crop
+        cols = torch.where(randint(2).bool()[:, None], cols.flip(1), cols)
+    if p > 0:
+        # crop offset (dy, dx) in {0..2p}^2 of the padded image = shift by (dy-p, dx-p)
+        rows = rows + (randint(2 * p + 1) - p)[:, None]
+        cols = cols + (randint(2 * p + 1) - p)[:, None]
+        rows = torch.where((rows >= 0) & (rows < h), rows, h)  # off the image: fill row
+        cols = torch.where((cols >= 0) & (cols < w), cols, w)  # off the image: fill column
+    index = (rows[:, :, None] * ws + cols[:, None, :]).view(n, h * w)        # (N, H*W)
+    if k > 0:
+        top, left = randint(h - k + 1), randint(w - k + 1)
+        square = (torch.arange(k, device=dev)[:, None] * w + torch.arange(k, device=dev)).view(1, k * k)
+        index.scatter_(1, (top * w + left)[:, None] + square, hole_slot)
+    index = index.view(n, 1, h * w).expand(n, c, h * w)
+    return torch.gather(src, 2, index).view(n, c, h, w)
+
+
+def _per_channel(value, x: torch.Tensor) -> torch.Tensor:
+    """A scalar or per-channel fill as a (1, C, 1) tensor of x's dtype and device."""
+    t = torch.as_tensor(value, dtype=torch.float32).to(device=x.device)
+    if t.dim() == 0:
+        t = t.expand(x.shape[1])
+    if t.numel() != x.shape[1]:
+        raise ValueError(f"fill has {t.numel()} values but the batch has {x.shape[1]} channels")
+    return t.reshape(1, -1, 1).to(x.dtype)
+
+
+def _check_args(crop_padding: int, cutout: int, h: int, w: int) -> None:
+    if crop_padding < 0:
+        raise ValueError(f"crop_padding must be >= 0 pixels, got {crop_padding}")
+    if cutout < 0 or cutout > min(h, w):
+        raise ValueError(f"cutout must be between 0 and {min(h, w)} pixels, got {cutout}")

@@ -1,0 +1,206 @@
+"""Batch loaders over an in-memory Split: shuffle, augment, normalise, move to the device.
+
+No DataLoader, no worker processes: the split already sits in memory as one uint8 tensor,
+so a batch is an index_select plus (for training) one batched augmentation op. This is the
+"data lives on the device as one tensor" design of Keller Jordan's cifar10-airbench.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from lrlab.data.augment import batch_augment, build_albumentations
+from lrlab.data.cifar import Split
+from lrlab.errors import LrlabError
+
+AUGMENT_MODES = ("none", "tensor", "albumentations")
+
+
+def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Scale a uint8 (or 0..255 float) (N, C, H, W) batch to float32 ``(x/255 - mean) / std``.
+
+    NHWC data can be passed as the free view ``x.permute(0, 3, 1, 2)``; the memory layout of
+    the input (contiguous or channels_last) is kept.
+
+    Args:
+        x: (N, C, H, W) tensor with pixel values in 0..255, any device.
+        mean: per-channel mean in [0, 1] units (length C).
+        std: per-channel standard deviation in [0, 1] units (length C).
+
+    Returns:
+        float32 (N, C, H, W) tensor on x's device.
+    """
+    scale, shift = _affine(mean, std, x.device)
+    return x.to(torch.float32).mul_(scale).sub_(shift)
+
+
+def _affine(mean, std, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift), each (1, C, 1, 1) float32, with normalised = x * scale - shift."""
+    m = torch.as_tensor(mean, dtype=torch.float64).flatten()
+    s = torch.as_tensor(std, dtype=torch.float64).flatten()
+    scale = (1.0 / (255.0 * s)).to(torch.float32).view(1, -1, 1, 1).to(device)
+    shift = (m / s).to(torch.float32).view(1, -1, 1, 1).to(device)
+    return scale, shift
+
+
+class BatchLoader:
+    """Iterate over a Split in batches of normalised float32 images and int64 labels.
+
+    Each ``iter(loader)`` is one epoch: a fresh permutation (if shuffle) and fresh
+    augmentation draws from a ``torch.Generator`` seeded with ``seed + epoch`` (epoch = 0 for
+    the first iteration, then 1, 2, ...), so a run is reproducible from its seed and every
+    epoch differs. Every image appears exactly once per epoch (the last batch is smaller
+    unless drop_last).
+
+    Augmentation modes:
+
+    * ``"none"``: index and normalise (test sets).
+    * ``"tensor"`` (fast path): the split is moved to ``device`` once as its uint8 NHWC
+      tensor (50k CIFAR images: 154 MB); each batch is index_select, then
+      :func:`~lrlab.data.augment.batch_augment` on the uint8 batch (black padding, Cutout
+      filled with the uint8 mean colour, exactly the recipe of the albumentations path),
+      then normalisation. Measured on CPU (1 thread, 512-image batches) this runs at the
+      same ~150k images/s as keeping a normalised float32 copy, with 1/4 of the memory.
+      No per-image Python. Rotation is not available here.
+    * ``"albumentations"``: per image, the Compose of
+      :func:`~lrlab.data.augment.build_albumentations` on the uint8 HWC numpy image (seeded
+      per epoch), then stack and normalise. In-process, no workers.
+
+    Args:
+        split: the images (uint8 (N, H, W, 3)) and labels (int64 (N,)).
+        batch_size: images per batch B (settable between epochs via ``loader.batch_size``).
+        mean: per-channel mean in [0, 1] units (use the train split's, ``Dataset.mean``).
+        std: per-channel std in [0, 1] units (``Dataset.std``).
+        shuffle: new random order every epoch (else the split's order).
+        augment: "none", "tensor" or "albumentations".
+        crop_padding: padding p in pixels of the random crop (0 = none).
+        flip: random horizontal flip with probability 1/2.
+        cutout: side in pixels of the Cutout square (0 = none).
+        rotate: maximum rotation in degrees (albumentations only).
+        device: where batches are delivered.
+        channels_last: deliver x in ``torch.channels_last`` memory format.
+        drop_last: drop the final incomplete batch.
+        seed: base seed of the per-epoch generators.
+
+    Yields:
+        (x, y): x float32 (B, 3, H, W) normalised, y int64 (B,), both on ``device``.
+
+    Raises:
+        LrlabError: unknown augment mode, batch_size < 1, rotate with augment="tensor", a
+            Cutout larger than the image, or mean/std of the wrong length or with std <= 0.
+    """
+
+    def __init__(self, split: Split, batch_size: int, *, mean: Sequence[float],
+                 std: Sequence[float], shuffle: bool, augment: str = "none",
+                 crop_padding: int = 4, flip: bool = True, cutout: int = 0, rotate: float = 0.0,
+                 device: torch.device | str = torch.device("cpu"), channels_last: bool = False,
+                 drop_last: bool = False, seed: int = 0):
+        if augment not in AUGMENT_MODES:
+            raise LrlabError(f"augment {augment!r} is not valid; use one of {', '.join(AUGMENT_MODES)}")
+        if augment == "tensor" and rotate:
+            raise LrlabError(f"rotate={rotate} needs augment 'albumentations'; the 'tensor' path "
+                             f"does crop, flip and Cutout only")
+        n, h, w, c = split.images.shape
+        if len(tuple(mean)) != c or len(tuple(std)) != c or min(float(s) for s in std) <= 0:
+            raise LrlabError(f"mean {tuple(mean)} and std {tuple(std)} must have {c} values "
+                             f"each, with std > 0")
+        if crop_padding < 0 or not 0 <= cutout <= min(h, w) or rotate < 0:
+            raise LrlabError(f"augmentation crop_padding={crop_padding}, cutout={cutout}, "
+                             f"rotate={rotate} is not valid; use crop_padding >= 0, "
+                             f"0 <= cutout <= {min(h, w)} and rotate >= 0")
+        self.device = torch.device(device)
+        self.augment = augment
+        self.shuffle = bool(shuffle)
+        self.drop_last = bool(drop_last)
+        self.channels_last = bool(channels_last)
+        self.crop_padding, self.flip, self.cutout, self.rotate = int(crop_padding), bool(flip), int(cutout), float(rotate)
+        self.seed = int(seed)
+        self.epoch = 0
+        self.batch_size = batch_size
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self._scale, self._shift = _affine(self.mean, self.std, self.device)
+        self._tiles: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._cutout_fill = tuple(int(round(255.0 * m)) for m in self.mean)
+        self._n = n
+        if augment == "albumentations":
+            self._images_np = split.images.cpu().numpy()  # per-image numpy work stays on CPU
+            self._images = None
+            self._compose = build_albumentations(self.crop_padding, self.flip, self.cutout,
+                                                 self.rotate, self.mean, image_size=(h, w))
+        else:
+            self._images = split.images.to(self.device).contiguous()  # uint8 NHWC, once
+        self._labels = split.labels.to(self.device, torch.int64)
+
+    @property
+    def batch_size(self) -> int:
+        """Images per batch; may be changed between epochs (e.g. by a batch-size schedule)."""
+        return self._batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise LrlabError(f"batch_size {value!r} is not valid; use an integer >= 1")
+        self._batch_size = value
+
+    def __len__(self) -> int:
+        """Batches per epoch at the current batch_size."""
+        if self.drop_last:
+            return self._n // self._batch_size
+        return math.ceil(self._n / self._batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        epoch = self.epoch
+        self.epoch += 1
+        bs = self._batch_size
+        if self.shuffle:
+            order = torch.randperm(self._n, generator=gen)
+        else:
+            order = torch.arange(self._n)
+        if self.augment == "albumentations":
+            self._compose.set_random_seed(self.seed + epoch)
+            return self._iter_albumentations(order, bs)
+        return self._iter_tensor(order.to(self.device), bs, gen)
+
+    def _batches(self, order: torch.Tensor, bs: int):
+        stop = (self._n // bs) * bs if self.drop_last else self._n
+        for start in range(0, stop, bs):
+            yield order[start:start + bs]
+
+    def _finish(self, x_uint8_nchw: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, C, H, W) -> normalised float32 in the requested memory format."""
+        if not self.channels_last:
+            return x_uint8_nchw.contiguous().to(torch.float32).mul_(self._scale).sub_(self._shift)
+        # channels_last: change the layout while the data is 1 byte per value (free for the
+        # "none" path, whose NHWC rows already are channels_last), then normalise the NHWC
+        # memory as (B, H*W*C) rows against a tiled per-channel scale: broadcasting over an
+        # innermost dim of 3 was 5-10x slower on CPU.
+        b, c, h, w = x_uint8_nchw.shape
+        nhwc = x_uint8_nchw.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+        if self._tiles is None or self._tiles[0].numel() != h * w * c:
+            self._tiles = (self._scale.view(c).repeat(h * w).view(1, -1),
+                           self._shift.view(c).repeat(h * w).view(1, -1))
+        x = nhwc.reshape(b, h * w * c).to(torch.float32).mul_(self._tiles[0]).sub_(self._tiles[1])
+        return x.view(b, h, w, c).permute(0, 3, 1, 2)
+
+    def _iter_tensor(self, order: torch.Tensor, bs: int, gen: torch.Generator):
+        for idx in self._batches(order, bs):
+            x = self._images.index_select(0, idx).permute(0, 3, 1, 2)  # (B, C, H, W) view
+            if self.augment == "tensor":
+                x = batch_augment(x, self.crop_padding, self.flip, self.cutout, gen,
+                                  pad_fill=0, cutout_fill=self._cutout_fill)
+            yield self._finish(x), self._labels.index_select(0, idx)
+
+    def _iter_albumentations(self, order: torch.Tensor, bs: int):
+        compose = self._compose
+        images = self._images_np
+        for idx in self._batches(order, bs):
+            idx_np = idx.numpy()
+            batch = np.stack([compose(image=images[i])["image"] for i in idx_np])
+            x = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2)
+            yield self._finish(x), self._labels.index_select(0, idx.to(self.device))
