@@ -82,8 +82,13 @@ def _final_line(command: str, summary: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lrlab`` console script; returns the exit status."""
-    args = _parser().parse_args(argv)
-    overrides = list(args.overrides)
+    parser = _parser()
+    # Overrides may come before or after the options; argparse only collects a trailing run.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    overrides = list(args.overrides) + extra
     if args.data is not None:
         if not args.data.exists():
             return _fail(f"--data path {args.data} does not exist")

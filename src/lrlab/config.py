@@ -49,6 +49,8 @@ class LRFinderConfig(_Section):
     mode: Literal["exp", "linear"] = "exp"
     smooth: float = Field(0.98, ge=0, lt=1)  # EMA beta of the smoothed loss
     diverge_factor: float = Field(5.0, gt=1)  # stop when smoothed loss > factor x best
+    skip_start: int = Field(10, ge=0)  # points left out of the suggestion at each end
+    skip_end: int = Field(5, ge=0)
     batch_size: int | None = Field(None, gt=0)  # None: train.batch_size
     lr_factor: float = Field(1.0, gt=0)  # train.lr = suggestion x lr_factor
 

@@ -117,7 +117,8 @@ def find_lr(config: Config, data: Dataset, model: nn.Module, precision: Precisio
     step = callbacks.on_step
     result = range_test(model, optimizer, loss_fn, loader, start_lr=cfg.start_lr, end_lr=cfg.end_lr,
                         num_iter=cfg.num_iter, mode=cfg.mode, smooth=cfg.smooth,
-                        diverge_factor=cfg.diverge_factor, device=precision.device,
+                        diverge_factor=cfg.diverge_factor, skip_start=cfg.skip_start,
+                        skip_end=cfg.skip_end, device=precision.device,
                         autocast_dtype=precision.dtype, channels_last=precision.channels_last,
                         progress=(lambda i, lr, loss: step(i, loss)) if step else None)
     result.save_json(run_dir / "lr_finder.json")
