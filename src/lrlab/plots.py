@@ -250,7 +250,8 @@ def _grid(n: int, ncols: int) -> tuple[Figure, list]:
         raise ValueError(f"ncols must be >= 1, got {ncols}")
     ncols = min(ncols, n)
     nrows = math.ceil(n / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(1.9 * ncols, 2.15 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.9 * ncols, 2.3 * nrows), squeeze=False,
+                             layout="constrained")
     flat = list(axes.flat)
     for ax in flat[n:]:
         fig.delaxes(ax)
@@ -280,7 +281,6 @@ def _mistakes_figure(images: np.ndarray, titles: Sequence[str], ncols: int = 5) 
         ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, interpolation="nearest",
                   cmap="gray" if img.shape[-1] == 1 else None)
         _style_cell(ax, title)
-    fig.tight_layout()
     return fig
 
 
@@ -304,7 +304,6 @@ def _cam_figure(
                   cmap="gray" if img.shape[-1] == 1 else None)
         ax.imshow(cam, cmap=cmap, alpha=alpha, vmin=0.0, vmax=1.0, interpolation="bilinear")
         _style_cell(ax, title)
-    fig.tight_layout()
     return fig
 
 
