@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 
 import numpy as np
@@ -12,12 +13,15 @@ from PIL import Image
 from torch import nn
 
 from lrlab.errors import LrlabError
+from lrlab.faithfulness import FRACTIONS, FaithfulnessResult, cam_faithfulness, format_table, keep_masks
 from lrlab.interpret import (
+    CAM_METHODS,
     Predictions,
     class_activation_maps,
     confusion_matrix,
     denormalize,
     layer_names,
+    per_class_summary,
     predict,
     select_misclassified,
 )
@@ -144,6 +148,41 @@ def test_confusion_matrix(data):
     assert m.trace().item() == pred.correct.sum().item()
 
 
+def test_per_class_summary(data):
+    pred = data["pred"]
+    summary = per_class_summary(pred, CLASSES, top_pairs=5)
+    m = torch.tensor(summary["confusion"])
+    assert m.sum() == len(pred) == summary["num_images"] == 300
+    assert m.trace().item() / m.sum().item() == pytest.approx(pred.accuracy) == pytest.approx(summary["accuracy"])
+    assert torch.equal(m, confusion_matrix(pred))
+    norm = torch.tensor(summary["confusion_normalized"], dtype=torch.float64)
+    torch.testing.assert_close(norm.sum(1), torch.ones(10, dtype=torch.float64), atol=1e-5, rtol=0)
+    for i, c in enumerate(summary["per_class"]):
+        mine = pred.targets == i
+        assert c["class"] == CLASSES[i] and c["images"] == 30 == mine.sum().item()
+        assert c["accuracy"] == pytest.approx(pred.correct[mine].float().mean().item())
+        assert c["predicted"] == (pred.preds == i).sum().item()
+    pairs = summary["most_confused"]
+    assert len(pairs) == 5 and [p["count"] for p in pairs] == sorted((p["count"] for p in pairs), reverse=True)
+    off = m.clone().fill_diagonal_(0)
+    assert pairs[0]["count"] == off.max().item()
+    for p in pairs:
+        t, q = CLASSES.index(p["true"]), CLASSES.index(p["pred"])
+        assert t != q and m[t, q] == p["count"] and p["fraction"] == pytest.approx(p["count"] / 30, abs=1e-6)
+    json.dumps(summary)  # JSON-ready
+    with pytest.raises(LrlabError, match="3 class names for 10 classes"):
+        per_class_summary(pred, CLASSES[:3])
+
+
+def test_predict_with_flip_tta(data):
+    model, x, y = data["model"], data["x"][:40], data["y"][:40]
+    pred = predict(model, batches(x, y, 16), device="cpu", tta=True)
+    model.eval()
+    with torch.no_grad():
+        expected = (model(x).softmax(1) + model(torch.flip(x, dims=[3])).softmax(1)) / 2
+    torch.testing.assert_close(pred.probs, expected, atol=1e-5, rtol=1e-5)
+
+
 # --------------------------------------------------------------------------- misclassified
 
 
@@ -228,11 +267,64 @@ def test_gradcam_matches_definition(data):
         p.grad = None
 
 
-@pytest.mark.parametrize("method", ["gradcampp", "xgradcam", "layercam"])
+@pytest.mark.parametrize("method", ["gradcampp", "xgradcam", "layercam", "scorecam"])
 def test_other_cam_methods(data, method):
     maps = class_activation_maps(data["model"], data["x"][:4], data["pred"].preds[:4], target_layer="block1",
                                  method=method)
     assert maps.shape == (4, 32, 32) and torch.isfinite(maps).all() and 0 <= maps.min() <= maps.max() <= 1
+    assert (maps.amax((1, 2)) == 1).any()
+
+
+def test_scorecam_matches_definition(data):
+    """Score-CAM = ReLU(sum_k softmax_k(Y_c(M_k * x) - Y_c(0)) A_k), M_k the min-max-normalised
+    upsampled activation k (Wang et al. 2020), here with torchcam's zero (= mean) baseline."""
+    model, x = data["model"], data["x"][:2]
+    cls = data["pred"].preds[:2]
+    model.eval()
+    store = {}
+    handle = model.block2.register_forward_hook(lambda m, i, o: store.update(a=o))
+    with torch.no_grad():
+        try:
+            base = model(x).gather(1, cls.view(-1, 1))  # torchcam's baseline: the input itself
+        finally:
+            handle.remove()
+        act = store["a"]  # (2, 64, 8, 8)
+        lo, hi = act.amin((2, 3), keepdim=True), act.amax((2, 3), keepdim=True)
+        masks = F.interpolate((act - lo) / (hi - lo + 1e-8), size=(32, 32), mode="bilinear", align_corners=False)
+        scores = torch.stack([model(x[i:i + 1] * masks[i].unsqueeze(1))[:, cls[i]] for i in range(2)])  # (2, 64)
+        weights = torch.softmax(scores - base, dim=1)
+        cam = F.relu((weights[:, :, None, None] * act).sum(1, keepdim=True))
+    cam = F.interpolate(cam, size=(32, 32), mode="bilinear", align_corners=False).squeeze(1)
+    lo, hi = cam.amin((1, 2), keepdim=True), cam.amax((1, 2), keepdim=True)
+    expected = (cam - lo) / (hi - lo)
+    got = class_activation_maps(model, x, cls, target_layer="block2", method="scorecam")
+    torch.testing.assert_close(got, expected, atol=1e-3, rtol=1e-3)
+
+
+def test_fused_layers_are_the_max_of_normalised_maps(data):
+    model, x, cls = data["model"], data["x"][:6], data["pred"].preds[:6]
+    for method in ("gradcam", "layercam"):
+        a = class_activation_maps(model, x, cls, target_layer="block1", method=method)
+        b = class_activation_maps(model, x, cls, target_layer="block2", method=method)
+        fused = class_activation_maps(model, x, cls, target_layer=["block1", "block2"], method=method)
+        top = torch.maximum(a, b)
+        lo, hi = top.amin((1, 2), keepdim=True), top.amax((1, 2), keepdim=True)
+        torch.testing.assert_close(fused, (top - lo) / (hi - lo), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(fused, b, atol=1e-3)  # the 16x16 layer adds detail
+
+
+@pytest.mark.parametrize("method", CAM_METHODS)
+def test_predicted_and_true_class_maps_differ(data, method):
+    """"Why it said cat" and "where the dog was" are different maps for every mistake."""
+    model, pred = data["model"], data["pred"]
+    idx = select_misclassified(pred, k=8)
+    x = data["x"][idx]
+    why = class_activation_maps(model, x, pred.preds[idx], target_layer="block2", method=method)
+    where = class_activation_maps(model, x, pred.targets[idx], target_layer="block2", method=method)
+    assert (pred.preds[idx] != pred.targets[idx]).all()
+    diff = (why - where).abs().mean((1, 2))
+    assert (diff > 0.02).all(), diff
+    assert diff.mean() > 0.1
 
 
 def test_cam_errors_are_one_line(data):
@@ -243,18 +335,28 @@ def test_cam_errors_are_one_line(data):
     msg = str(err.value)
     assert "\n" not in msg and "'layer4'" in msg
     assert msg.endswith("valid layers: " + ", ".join(layer_names(model)))
-    with pytest.raises(LrlabError, match="gradcam, gradcampp, xgradcam, layercam"):
-        class_activation_maps(model, x, cls, target_layer="block2", method="scorecam")
+    with pytest.raises(LrlabError) as err:
+        class_activation_maps(model, x, cls, target_layer="block2", method="smoothgradcampp")
+    msg = str(err.value)
+    assert "\n" not in msg and msg.endswith("valid methods: gradcam, gradcampp, xgradcam, layercam, scorecam")
+    with pytest.raises(LrlabError) as err:  # one wrong name in a list of layers to fuse
+        class_activation_maps(model, x, cls, target_layer=["block1", "block9"], method="layercam")
+    msg = str(err.value)
+    assert "'block9'" in msg and msg.endswith("valid layers: " + ", ".join(layer_names(model)))
     # errors raised after the hooks are in place still remove them
     with pytest.raises(LrlabError, match="out of range"):
         class_activation_maps(model, x, torch.tensor([0, 10]), target_layer="block2")
     with pytest.raises(LrlabError, match="not a \\(N, C, h, w\\) feature map"):
         class_activation_maps(model, x, cls, target_layer="fc")
+    for method in CAM_METHODS:
+        with pytest.raises(LrlabError, match="out of range"):
+            class_activation_maps(model, x, torch.tensor([0, 10]), target_layer=["block1", "block2"], method=method)
     assert count_hooks(model) == before
 
 
-def test_cam_leaves_model_untouched(data):
-    model, x, cls = data["model"], data["x"][:4], data["pred"].preds[:4]
+@pytest.mark.parametrize("method", CAM_METHODS)
+def test_cam_leaves_model_untouched(data, method):
+    model, x, cls = data["model"], data["x"][:1], data["pred"].preds[:1]
     model.train()
     model.stem.eval()
     model.fc.weight.requires_grad_(False)  # a partly frozen model stays partly frozen
@@ -263,8 +365,9 @@ def test_cam_leaves_model_untouched(data):
     before = count_hooks(model)
     assert before == 0
     try:
-        for _ in range(50):
-            class_activation_maps(model, x, cls, target_layer="block2")
+        for i in range(50):
+            class_activation_maps(model, x, cls, target_layer="block2" if i % 2 else ["block1", "block2"],
+                                  method=method)
         assert count_hooks(model) == before
         assert model.training and not model.stem.training and model.block2.training
         assert [p.requires_grad for p in model.parameters()] == flags
@@ -295,3 +398,47 @@ def test_denormalize_round_trip(data):
     assert u8.dtype == np.uint8 and u8.shape == (10, 32, 32, 3)
     assert np.abs(u8.astype(int) - data["u8"][:10].astype(int)).max() <= 1
     assert denormalize(data["x"][0], MEAN, STD).shape == (32, 32, 3)
+
+
+# --------------------------------------------------------------------------- faithfulness
+
+
+def test_keep_masks_have_exact_area_and_follow_the_map():
+    gen = torch.Generator().manual_seed(0)
+    maps = torch.rand(4, 32, 32, generator=gen)
+    maps[0] = 0.0  # a constant map: ties are broken at random, the area is still exact
+    for f in (0.0, 0.1, 0.25, 1.0):
+        m = keep_masks(maps, f)
+        assert m.shape == (4, 1, 32, 32) and (m.sum((1, 2, 3)) == round(f * 1024)).all()
+    m = keep_masks(maps, 0.1).squeeze(1).bool()
+    for i in range(1, 4):  # every kept pixel is at least as high as every dropped one
+        assert maps[i][m[i]].min() >= maps[i][~m[i]].max()
+    rows = keep_masks(maps[:1], 0.25).squeeze().sum(1)
+    assert rows[:8].sum() < 0.6 * 256  # zeros are not taken from the top of the image first
+
+
+def test_cam_faithfulness_curves(data):
+    model, x = data["model"], data["x"][::15]  # 20 images, 2 per class
+    result = cam_faithfulness(model, x, target_layer="block2", methods=("gradcam", "layercam"),
+                              fractions=(0.0, 0.1, 0.5, 1.0), random_repeats=2)
+    assert result.methods == ["gradcam", "layercam"] and result.num_images == 20 and result.random_grid == [8, 8]
+    for name in ("gradcam", "layercam", "random"):
+        keep, delete = result.keep[name], result.delete[name]
+        assert len(keep) == len(delete) == 4
+        # all pixels kept = the intact image; none kept = the all-mean image = everything deleted
+        assert keep[-1] == pytest.approx(result.intact_confidence, abs=1e-5)
+        assert delete[0] == pytest.approx(result.intact_confidence, abs=1e-5)
+        assert keep[0] == pytest.approx(delete[-1], abs=1e-5)
+        assert 0 < result.auc(name, "keep") < 1 and 0 < result.auc(name, "delete") < 1
+    assert result.drop_at("gradcam", 0.1) == pytest.approx(result.intact_confidence - result.keep["gradcam"][1])
+    table = format_table(result, at=(0.1, 0.5))
+    lines = table.splitlines()
+    assert len(lines) == 2 + 3 and lines[2].startswith("| gradcam |") and "random map (8x8" in lines[-1]
+    back = FaithfulnessResult.from_dict(json.loads(json.dumps(result.to_dict())))
+    assert back == result
+    with pytest.raises(LrlabError, match="valid methods"):
+        cam_faithfulness(model, x, target_layer="block2", methods=("gradcam", "rise"))
+    with pytest.raises(LrlabError, match="valid layers"):
+        cam_faithfulness(model, x, target_layer="block7", methods=("gradcam",))
+    assert count_hooks(model) == 0
+    assert FRACTIONS[0] == 0.0 and FRACTIONS[-1] == 1.0

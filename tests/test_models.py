@@ -28,3 +28,36 @@ def test_unknown_model_lists_valid_names():
     with pytest.raises(LrlabError, match="valid models: fastnet, resnet18, resnet34"):
         build_model("vgg", 10)
     assert model_names() == ["fastnet", "resnet18", "resnet34"]
+
+
+def test_dropout_options_and_resnet_norm_choice():
+    """Issue 4: dropout before the classifier, channel dropout (Dropout2d), batch/group/layer norm."""
+    x = torch.randn(4, 3, 32, 32)
+    plain = build_model("fastnet", 10, width=0.25)
+    assert not any(isinstance(m, (torch.nn.Dropout, torch.nn.Dropout2d)) for m in plain.modules())
+    for name, kwargs in (("fastnet", {"width": 0.25}), ("resnet18", {"width": 8})):
+        model = build_model(name, 10, dropout=0.5, channel_dropout=0.2, **kwargs)
+        assert isinstance(model.dropout, torch.nn.Dropout) and model.dropout.p == 0.5
+        assert isinstance(model.channel_dropout, torch.nn.Dropout2d) and model.channel_dropout.p == 0.2
+        assert set(model.state_dict()) == set(build_model(name, 10, **kwargs).state_dict())
+        model.eval()
+        with torch.no_grad():
+            assert torch.equal(model(x), model(x))  # no dropout at test time
+            model.train()
+            torch.manual_seed(0)
+            assert not torch.equal(model(x), model(x))
+    counts = set()
+    for norm, kind, groups in (("batch", torch.nn.BatchNorm2d, None), ("group", torch.nn.GroupNorm, 8),
+                               ("layer", torch.nn.GroupNorm, 1)):
+        model = build_model("resnet18", 10, width=8, norm=norm)
+        norms = [m for m in model.modules() if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.GroupNorm))]
+        assert norms and all(type(m) is kind for m in norms)
+        if groups is not None:
+            assert norms[0].num_groups == groups  # gcd(32, 8 channels) for group norm
+        counts.add(sum(p.numel() for p in model.parameters()))
+        assert model(x).shape == (4, 10)
+    assert len(counts) == 1
+    with pytest.raises(LrlabError, match="unknown model.kwargs norm 'instance'; valid norms: batch, group, layer"):
+        build_model("resnet18", 10, norm="instance")
+    with pytest.raises(LrlabError, match=r"model.kwargs channel_dropout=1.0 is not valid; use a probability in \[0, 1\)"):
+        build_model("fastnet", 10, channel_dropout=1.0)

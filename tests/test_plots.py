@@ -171,6 +171,18 @@ def test_plot_history_curves(tmp_path):
 def test_plot_confusion(mistakes, tmp_path):
     m = confusion_matrix(mistakes["pred"])
     assert_png(plots.plot_confusion(m, CLASSES, tmp_path / "c" / "confusion.png"), 400, 400)
+    fig = plots._confusion_figure(m, CLASSES)
+    try:
+        counts, norm = [ax for ax in fig.axes if ax.get_title().startswith("Confusion")]
+        assert "counts" in counts.get_title() and "%" in norm.get_title()
+        cells = [t.get_text() for t in counts.texts]
+        assert cells == [str(v) for v in m.flatten().tolist()]
+        frac = 100 * m / m.sum(1, keepdim=True)
+        assert [t.get_text() for t in norm.texts] == [f"{v:.0f}" for v in frac.flatten().tolist()]
+        acc = 100 * m.trace().item() / m.sum().item()
+        assert f"{acc:.2f}%" in fig._suptitle.get_text()
+    finally:
+        plots.plt.close(fig)
     with pytest.raises(ValueError, match="10, 10"):
         plots.plot_confusion(m, CLASSES[:5] * 2 + ["x"], tmp_path / "c2" / "x.png")
 
@@ -180,3 +192,46 @@ def test_overwrite_keeps_single_file(tmp_path):
     p1 = plots.plot_loss(h, tmp_path / "loss.png")
     p2 = plots.plot_loss(history(5), tmp_path / "loss.png")
     assert p1 == p2 and [q.name for q in tmp_path.iterdir()] == ["loss.png"]
+
+
+def test_cam_pairs_figure_shows_image_and_both_maps(mistakes, tmp_path):
+    pred, idx = mistakes["pred"], mistakes["idx"]
+    n = 7
+    pred_names = [CLASSES[pred.preds[i]] for i in idx[:n].tolist()]
+    true_names = [CLASSES[pred.targets[i]] for i in idx[:n].tolist()]
+    probs = [pred.probs[i].max().item() for i in idx[:n].tolist()]
+    maps = mistakes["maps"][:n].numpy()
+    fig = plots._cam_pairs_figure(mistakes["images"][:n], maps, 1 - maps, pred_names, probs, true_names,
+                                  alpha=0.4, cmap="viridis", ncols=3)
+    try:
+        subs = [s for s in fig.subfigs if s.axes]
+        assert len(subs) == n and len(fig.subfigs) == 9  # 3 rows of 3, the last two empty
+        for sub, p, q, t in zip(subs, pred_names, probs, true_names, strict=True):
+            assert TITLE.match(sub._suptitle.get_text()).groups() == (p, f"{q:.2f}", t)
+            image, why, where = sub.axes
+            assert [ax.get_xlabel() for ax in sub.axes] == ["image", f"why it said {p}", f"where the {t} was"]
+            assert len(image.get_images()) == 1 and len(why.get_images()) == len(where.get_images()) == 2
+            overlay_pred, overlay_true = why.get_images()[1], where.get_images()[1]
+            assert overlay_pred.get_alpha() == 0.4 and overlay_pred.get_cmap().name == "viridis"
+            assert np.abs(overlay_pred.get_array() - overlay_true.get_array()).mean() > 0.05
+    finally:
+        plots.plt.close(fig)
+    path = plots.plot_cam_pairs(mistakes["images"], mistakes["maps"], mistakes["maps"].flip(2),
+                                [CLASSES[pred.preds[i]] for i in idx.tolist()], [0.5] * 25,
+                                [CLASSES[pred.targets[i]] for i in idx.tolist()], tmp_path / "p" / "pairs.png")
+    assert_png(path, 800, 800)
+    with pytest.raises(ValueError, match="maps must be"):
+        plots.plot_cam_pairs(mistakes["images"][:2], maps[:3], maps[:2], ["a"] * 2, [0.1] * 2, ["b"] * 2,
+                             tmp_path / "x.png")
+    assert not plots.plt.get_fignums()
+
+
+def test_plot_faithfulness(tmp_path):
+    fr = [0.0, 0.1, 0.25, 0.5, 1.0]
+    keep = {"gradcam": [0.1, 0.4, 0.6, 0.7, 0.8], "scorecam": [0.1, 0.5, 0.65, 0.75, 0.8],
+            "random": [0.1, 0.2, 0.3, 0.5, 0.8]}
+    delete = {k: v[::-1] for k, v in keep.items()}
+    assert_png(plots.plot_faithfulness(fr, keep, delete, tmp_path / "f" / "faithfulness.png", intact=0.8))
+    with pytest.raises(ValueError, match="3 points for 5 fractions"):
+        plots.plot_faithfulness(fr, {"gradcam": [0.1, 0.2, 0.3]}, delete, tmp_path / "g.png")
+    assert not plots.plt.get_fignums()

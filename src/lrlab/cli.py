@@ -1,6 +1,8 @@
-"""The ``lrlab`` command: run, find-lr, train, explain.
+"""The ``lrlab`` command: run, find-lr, train, explain, compare.
 
     lrlab run RECIPE [--data PATH] [--out DIR] [--quiet] [section.key=value ...]
+    lrlab compare RECIPE --vary KEY=V1,V2 [--vary ...] [--variant "[LABEL:] KEY=V ..."] [...]
+    lrlab report RUN_DIR   # rebuild RUN_DIR/report.html from the run's files
 
 Bad input ends with one line ``error: ...`` on stderr and exit status 2, no traceback.
 """
@@ -27,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     helps = {"run": "the whole workflow: range test, training, mistakes + Grad-CAM",
              "find-lr": "the LR range test only",
              "train": "training only, at train.lr (no range test)",
-             "explain": "mistakes + Grad-CAM from the best checkpoint of an earlier run"}
+             "explain": "mistakes + Grad-CAM from the best checkpoint of an earlier run",
+             "compare": "train variants of a recipe (--vary grid, --variant) and draw them on the same axes"}
     for name, text in helps.items():
         p = sub.add_parser(name, help=text, description=text)
         if name == "explain":
@@ -39,6 +42,16 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--data", type=Path, help="ImageFolder tree with train/ and test/, or cifar-10-batches-py")
         p.add_argument("--out", type=Path, default=Path("runs"), help="parent folder of run folders (default: runs)")
         p.add_argument("--quiet", action="store_true", help="print nothing but errors and the final line")
+        if name == "compare":
+            p.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2,...",
+                           help="one axis of the grid, e.g. train.optimizer=sgd,adam (repeat for a grid)")
+            p.add_argument("--variant", action="append", default=[], metavar='"[LABEL:] KEY=V ..."',
+                           help='one variant setting several keys, e.g. "sgd: train.optimizer=sgd train.momentum=0"')
+            p.add_argument("--train-only", action="store_true",
+                           help="no range test per variant: train at train.lr (train.max_lr for onecycle/cyclic)")
+    text = "rebuild report.html of a run folder from its files (the only file written there)"
+    p = sub.add_parser("report", help=text, description=text)
+    p.add_argument("run_dir", type=Path, help="a run folder, e.g. runs/cifar10-quick-20261122-052508")
     return parser
 
 
@@ -63,13 +76,29 @@ class _Progress(Callbacks):
                    f"acc {100 * r['train_acc']:.2f}%  test loss {r['test_loss']:.3f} "
                    f"acc {100 * r['test_acc']:.2f}%  lr {r['lr']:.3g}  {r['seconds']:.0f}s", file=sys.stderr)
 
+    def variant(self, i: int, n: int, label: str) -> None:
+        self.close()
+        tqdm.write(f"variant {i}/{n}: {label}", file=sys.stderr)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
 
 
+def _result_line(r) -> None:
+    if r.status == "ok":
+        tqdm.write(f"  {r.label}: best top-1 {100 * r.best_test_acc:.2f}% at epoch {r.best_epoch} "
+                   f"({r.wall_seconds:.0f}s)", file=sys.stderr)
+    else:
+        tqdm.write(f"  {r.label}: failed: {r.error}", file=sys.stderr)
+
+
 def _final_line(command: str, summary: dict) -> str:
+    if command == "compare":
+        n, failed = len(summary["variants"]), summary["failed"]
+        best = f"; best: {summary['best']}" if summary["best"] else ""
+        return f"compared {n} variants ({failed} failed){best}: {summary['compare_dir']}"
     where = summary["run_dir"]
     if "best_test_acc" in summary:
         return (f"top-1 test accuracy {100 * summary['best_test_acc']:.2f}% at epoch "
@@ -77,7 +106,9 @@ def _final_line(command: str, summary: dict) -> str:
                 f"{summary['wall_seconds']:.0f}s): {where}")
     if command == "find-lr":
         return f"suggested lr {summary['lr']:.3g}: {where}"
-    return f"{len(summary['mistakes'])} mistakes explained with Grad-CAM on {summary['target_layer']}: {where}"
+    layer = summary["target_layer"]
+    layer = "+".join(layer) if isinstance(layer, list) else layer
+    return f"{len(summary['mistakes'])} mistakes explained with {summary.get('method', 'gradcam')} on {layer}: {where}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     # Overrides may come before or after the options; argparse only collects a trailing run.
     args, extra = parser.parse_known_args(argv)
+    if args.command == "report":
+        return _report(parser, args.run_dir, extra)
     unknown = [a for a in extra if a.startswith("-") or "=" not in a]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
@@ -101,6 +134,15 @@ def main(argv: list[str] | None = None) -> int:
                 raise LrlabError(f"{args.run_dir} is not a run folder (no config.yaml in it)")
             config = load_config(recipe, overrides)
             summary = explain_run(args.run_dir, config, args.out)
+        elif args.command == "compare":
+            from lrlab.compare import run_compare
+
+            config = load_config(args.recipe, overrides)
+            progress = None if args.quiet else _Progress(config.train.epochs)
+            summary = run_compare(args.recipe, overrides, args.vary, args.variant, args.out,
+                                  steps=("train",) if args.train_only else ("find-lr", "train"),
+                                  callbacks=progress, on_variant=None if args.quiet else progress.variant,
+                                  on_result=None if args.quiet else _result_line)
         else:
             config = load_config(args.recipe, overrides)
             progress = None if args.quiet else _Progress(config.train.epochs)
@@ -113,6 +155,22 @@ def main(argv: list[str] | None = None) -> int:
         if progress is not None:
             progress.close()
     print(_final_line(args.command, summary))
+    return 0
+
+
+def _report(parser: argparse.ArgumentParser, run_dir: Path, extra: list[str]) -> int:
+    """``lrlab report RUN_DIR``: rebuild RUN_DIR/report.html (atomically) and print its path."""
+    from lrlab.report import write_report
+
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if not (run_dir / "config.yaml").is_file():
+        return _fail(f"{run_dir} is not a run folder (no config.yaml in it)")
+    try:
+        path = write_report(run_dir)
+    except LrlabError as e:
+        return _fail(str(e))
+    print(f"report: {path}")
     return 0
 
 

@@ -68,28 +68,135 @@ class PlateauConfig(_Section):
     patience: int = Field(3, ge=0)  # epochs without improvement before the cut
     threshold: float = Field(1e-4, ge=0)
     min_lr: float = Field(0.0, ge=0)
+    cooldown: int = Field(0, ge=0)  # epochs after a cut whose lack of improvement is not counted
+
+
+class PlateauDetectConfig(_Section):
+    """lrlab's plateau finder (lrlab.plateau): the ``plateau_detect`` policy and the shaded
+    spans on the curves. A plateau: ``window`` epochs whose best test loss improves on the
+    best before them by less than ``rel_threshold`` (relative)."""
+
+    window: int = Field(3, ge=1)
+    rel_threshold: float = Field(0.01, ge=0)
+    factor: float = Field(0.1, gt=0, lt=1)  # plateau_detect: lr x factor at each plateau found
+    min_lr: float = Field(0.0, ge=0)
+
+
+class StepConfig(_Section):
+    """train.schedule=step: lr x gamma every ``step_size`` epochs."""
+
+    step_size: int = Field(3, gt=0)
+    gamma: float = Field(0.1, gt=0, le=1)
+
+
+class MultiStepConfig(_Section):
+    """train.schedule=multistep: lr x gamma at each milestone epoch (0-based, as torch)."""
+
+    milestones: list[int] = Field(default_factory=list)  # empty: 50% and 75% of train.epochs
+    gamma: float = Field(0.1, gt=0, le=1)
+
+
+class ExponentialConfig(_Section):
+    """train.schedule=exponential: lr x gamma^epoch."""
+
+    gamma: float = Field(0.9, gt=0, le=1)
+
+
+class CosineConfig(_Section):
+    """train.schedule=cosine: per-step cosine from lr down to min_lr (SGDR without restarts)."""
+
+    min_lr: float = Field(0.0, ge=0)
+
+
+class CyclicConfig(_Section):
+    """train.schedule=cyclic (Smith 2015, arXiv:1506.01186): lr between base_lr and max_lr."""
+
+    mode: Literal["triangular", "triangular2", "exp_range"] = "triangular"
+    base_lr: float | None = Field(None, gt=0)  # None: max_lr / 4
+    cycle_epochs: float = Field(4.0, gt=0)  # one full cycle (up and down), in epochs
+    gamma: float = Field(0.9, gt=0, le=1)  # exp_range: amplitude x gamma^epochs
+
+
+class GradNoiseConfig(_Section):
+    """Gaussian gradient noise (Neelakantan et al. 2015, arXiv:1511.06807), variance
+    eta / (1 + t)^gamma at optimizer step t; eta = 0 switches it off."""
+
+    eta: float = Field(0.0, ge=0)
+    gamma: float = Field(0.55, ge=0)
 
 
 class TrainConfig(_Section):
     epochs: int = Field(10, gt=0)
     batch_size: int = Field(128, gt=0)
-    optimizer: Literal["sgd"] = "sgd"
+    # sgd: SGD with train.momentum (0: plain SGD) and train.nesterov; nesterov: SGD with
+    # Nesterov momentum; the others are torch.optim's (see lrlab.optim.build_optimizer).
+    optimizer: Literal["sgd", "nesterov", "adam", "adamw", "rmsprop", "adagrad", "adadelta"] = "sgd"
     lr: float = Field(0.05, gt=0)  # used as is when the range test is off
+    max_lr: float | None = Field(None, gt=0)  # onecycle/cyclic peak; None: the range test's lr
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)  # adam/adamw moment decay rates
+    eps: float = Field(1e-8, gt=0)  # adam/adamw/rmsprop/adagrad/adadelta denominator term
     weight_decay: float = Field(5e-4, ge=0)
+    decay_norm_and_bias: bool = False  # false: no weight decay on biases and norm weights
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    schedule: Literal["plateau", "onecycle", "constant"] = "plateau"
+    schedule: Literal["constant", "step", "multistep", "exponential", "cosine", "plateau",
+                      "plateau_detect", "onecycle", "cyclic"] = "plateau"
     plateau: PlateauConfig = Field(default_factory=PlateauConfig)
+    plateau_detect: PlateauDetectConfig = Field(default_factory=PlateauDetectConfig)
+    step: StepConfig = Field(default_factory=StepConfig)
+    multistep: MultiStepConfig = Field(default_factory=MultiStepConfig)
+    exponential: ExponentialConfig = Field(default_factory=ExponentialConfig)
+    cosine: CosineConfig = Field(default_factory=CosineConfig)
+    cyclic: CyclicConfig = Field(default_factory=CyclicConfig)
     warmup_pct: float = Field(0.25, gt=0, lt=1)  # one-cycle: share of steps rising to the peak lr
+    warmup_epochs: float = Field(0.0, ge=0)  # linear lr warm-up in front of any schedule
+    # Batch-size schedule (Smith et al. 2017, arXiv:1711.00489): batch_size x factor at each
+    # milestone epoch (0-based), instead of decaying the lr.
+    batch_size_milestones: list[int] = Field(default_factory=list)
+    batch_size_factor: float = Field(2.0, ge=1)
+    grad_noise: GradNoiseConfig = Field(default_factory=GradNoiseConfig)
     tta: bool = False  # evaluate on image + its mirror image (flip test-time augmentation)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
 
+    @model_validator(mode="after")
+    def _schedule_values(self):
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas {list(self.betas)} must both be in [0, 1)")
+        base = self.cyclic.base_lr
+        if base is not None and self.max_lr is not None and base >= self.max_lr:
+            raise ValueError(f"cyclic.base_lr ({base:g}) must be below max_lr ({self.max_lr:g})")
+        for key, ms in (("multistep.milestones", self.multistep.milestones),
+                        ("batch_size_milestones", self.batch_size_milestones)):
+            if any(m < 1 for m in ms) or sorted(set(ms)) != list(ms):
+                raise ValueError(f"{key} {list(ms)} must be increasing epochs >= 1")
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs:g}) must not exceed epochs ({self.epochs})")
+        return self
+
 
 class ExplainConfig(_Section):
+    """The mistakes and their class activation maps (lrlab.interpret, torchcam)."""
+
     num_images: int = Field(25, gt=0)
-    target_layer: str | None = None  # None: the model's default (8x8 maps for 32x32 inputs)
+    select: Literal["loss", "confidence", "first"] = "loss"  # highest loss / most confident wrong / first N
+    method: Literal["gradcam", "gradcampp", "xgradcam", "layercam", "scorecam"] = "gradcam"
+    # None: the model's default (8x8 maps for 32x32 inputs); a list of names fuses their maps
+    target_layer: str | list[str] | None = None
     alpha: float = Field(0.5, ge=0, le=1)  # overlay strength of the class activation map
+    colormap: str = "jet"  # matplotlib colormap of the overlay
+    faithfulness_images: int = Field(0, ge=0)  # >0: keep/delete test of all CAM methods on N test images
+
+    @model_validator(mode="after")
+    def _explain_values(self):
+        if isinstance(self.target_layer, list) and not self.target_layer:
+            raise ValueError("target_layer is an empty list; give a layer name or a list of names")
+        import matplotlib
+
+        if self.colormap not in matplotlib.colormaps:
+            raise ValueError(f"colormap {self.colormap!r} is not a matplotlib colormap; valid: e.g. jet, turbo, "
+                             f"viridis, inferno, magma, plasma, hot (any name in matplotlib.colormaps)")
+        return self
 
 
 class Config(_Section):

@@ -20,16 +20,21 @@ from torch import nn
 from lrlab.device import autocast
 from lrlab.io import atomic_path, atomic_write_text, write_json
 
-COLUMNS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds"]
+COLUMNS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds", "batch_size", "steps"]
 
 
 @dataclass
 class History:
     """Per-epoch records: epoch (1-based), train/test loss (mean cross-entropy per image),
-    train/test top-1 accuracy in [0, 1], lr (at the end of the epoch) and seconds
-    (training + evaluation wall time of that epoch)."""
+    train/test top-1 accuracy in [0, 1], lr (at the end of the epoch), seconds
+    (training + evaluation wall time of that epoch), batch_size (images per training batch)
+    and steps (optimizer steps of the epoch).
+
+    ``step_lrs`` holds the lr (per step) that every optimizer step of the run used, in order;
+    it is saved as ``lr_steps.csv`` (step, epoch, lr, batch_size)."""
 
     records: list[dict] = field(default_factory=list)
+    step_lrs: list[float] = field(default_factory=list)
 
     def best(self) -> dict:
         """The record with the highest test accuracy (the earliest on ties)."""
@@ -43,6 +48,14 @@ class History:
         writer.writerows(self.records)
         atomic_write_text(run_dir / "history.csv", buf.getvalue())
         write_json(run_dir / "history.json", self.records)
+        if self.step_lrs:
+            lines, step = ["step,epoch,lr,batch_size"], 0
+            for r in self.records:
+                for _ in range(r.get("steps") or 0):
+                    if step < len(self.step_lrs):
+                        lines.append(f"{step},{r['epoch']},{self.step_lrs[step]!r},{r.get('batch_size', '')}")
+                    step += 1
+            atomic_write_text(run_dir / "lr_steps.csv", "\n".join(lines) + "\n")
 
 
 @dataclass
@@ -124,27 +137,53 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer, schedule, history: 
         torch.save(state, tmp)
 
 
+class _RecordStepLR:
+    """Stands in for the schedule inside the loop: records the lr each optimizer step used
+    (the optimizer's lr when ``step_batch`` is called), then steps the schedule."""
+
+    def __init__(self, schedule, optimizer, out: list[float]):
+        self.schedule, self.optimizer, self.out = schedule, optimizer, out
+
+    def step_batch(self) -> None:
+        self.out.append(self.optimizer.param_groups[0]["lr"])
+        self.schedule.step_batch()
+
+    def step_epoch(self, test_loss: float) -> None:
+        self.schedule.step_epoch(test_loss)
+
+
 def fit(model: nn.Module, train_loader, test_loader, optimizer, schedule, epochs: int,
         precision: Precision, *, label_smoothing: float = 0.0, tta: bool = False,
         checkpoint_dir: Path | None = None, checkpoint_extra: dict | None = None,
         on_step: Callable[[int, float], None] | None = None,
-        on_epoch: Callable[[dict], None] | None = None) -> History:
+        on_epoch: Callable[[dict], None] | None = None,
+        batch_sizes: list[int] | None = None) -> History:
     """Train for ``epochs`` epochs, evaluating on ``test_loader`` after each.
+
+    ``batch_sizes`` (one per epoch, a batch-size schedule) is set on
+    ``train_loader.batch_size`` before each epoch. The lr of every step goes to
+    ``History.step_lrs``.
 
     After every epoch: the schedule sees the test loss (ReduceLROnPlateau), the record is
     appended to the History and passed to ``on_epoch``, and ``checkpoint_dir/last.pt``
     (and ``best.pt`` when the test accuracy is a new best) are written atomically.
     """
     history = History()
+    recorder = _RecordStepLR(schedule, optimizer, history.step_lrs)
     for epoch in range(1, epochs + 1):
         start = time.perf_counter()
-        train_loss, train_acc = train_epoch(model, train_loader, optimizer, schedule, precision,
+        if batch_sizes is not None:
+            train_loader.batch_size = batch_sizes[epoch - 1]
+        steps_before = len(history.step_lrs)
+        train_loss, train_acc = train_epoch(model, train_loader, optimizer, recorder, precision,
                                             label_smoothing, on_step)
         test_loss, test_acc = evaluate(model, test_loader, precision, tta)
         schedule.step_epoch(test_loss)
         record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
                   "test_loss": test_loss, "test_acc": test_acc,
-                  "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - start}
+                  "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - start,
+                  "batch_size": getattr(train_loader, "batch_size", None),
+                  "steps": len(history.step_lrs) - steps_before}
         history.records.append(record)
         if checkpoint_dir is not None:
             extra = {"epoch": epoch, **(checkpoint_extra or {})}

@@ -1,9 +1,10 @@
 """Study a trained classifier: predictions, the mistakes, confusion, class activation maps.
 
-Everything here takes an ``nn.Module`` and tensors and gives back tensors; drawing them is
-``lrlab.plots``'s job. Class activation maps come from torchcam (Grad-CAM: Selvaraju et al.
-2017, arXiv:1610.02391; Grad-CAM++: Chattopadhyay et al. 2018, arXiv:1710.11063; XGrad-CAM: Fu
-et al. 2020, arXiv:2008.02312; LayerCAM: Jiang et al. 2021, IEEE TIP 30).
+Everything here takes an ``nn.Module`` and tensors and gives back tensors (or plain dicts);
+drawing them is ``lrlab.plots``'s job. Class activation maps come from torchcam (Grad-CAM:
+Selvaraju et al. 2017, arXiv:1610.02391; Grad-CAM++: Chattopadhyay et al. 2018, arXiv:1710.11063;
+XGrad-CAM: Fu et al. 2020, arXiv:2008.02312; LayerCAM: Jiang et al. 2021, IEEE TIP 30;
+Score-CAM: Wang et al. 2020, arXiv:1910.01279).
 
 Example::
 
@@ -11,6 +12,7 @@ Example::
     wrong = select_misclassified(pred, k=25)                 # highest-loss mistakes first
     images = torch.stack([test_set[i][0] for i in wrong])    # (25, 3, 32, 32) normalised
     maps = class_activation_maps(model, images, pred.preds[wrong], target_layer="layer4")
+    why = class_activation_maps(model, images, pred.targets[wrong], target_layer=["layer3", "layer4"])
 """
 
 from __future__ import annotations
@@ -38,15 +40,19 @@ __all__ = [
     "confusion_matrix",
     "denormalize",
     "layer_names",
+    "per_class_summary",
     "predict",
     "select_misclassified",
+    "target_layers",
 ]
 
 SELECT_BY = ("loss", "confidence", "first")
 """Valid orders for :func:`select_misclassified`."""
 
-CAM_METHODS = ("gradcam", "gradcampp", "xgradcam", "layercam")
-"""Valid ``method`` names for :func:`class_activation_maps` (torchcam's gradient-based CAMs)."""
+CAM_METHODS = ("gradcam", "gradcampp", "xgradcam", "layercam", "scorecam")
+"""Valid ``method`` names for :func:`class_activation_maps`: torchcam's Grad-CAM, Grad-CAM++,
+XGrad-CAM, LayerCAM (one forward + backward pass per batch) and Score-CAM (gradient-free: one
+extra forward pass per channel of the target layer and image, so C times slower)."""
 
 
 # --------------------------------------------------------------------------- predictions
@@ -162,6 +168,7 @@ def predict(
     device: torch.device | str | None = None,
     autocast_dtype: torch.dtype | None = None,
     channels_last: bool = False,
+    tta: bool = False,
 ) -> Predictions:
     """Softmax probabilities of ``model`` on every batch of ``loader``, in loader order.
 
@@ -174,6 +181,9 @@ def predict(
         autocast_dtype: e.g. torch.bfloat16 to run under ``torch.autocast``; None for float32.
             Probabilities are always computed and returned in float32.
         channels_last: move inputs in ``torch.channels_last`` memory format.
+        tta: flip test-time augmentation: the probabilities are the mean of the softmax over
+            the image and over its horizontal mirror image (as ``lrlab.engine.evaluate``), so
+            the accuracy matches the one recorded during training with ``train.tta``.
 
     Returns:
         Predictions with probs (N, K) float32 and targets (N,) int64, both on the CPU.
@@ -188,8 +198,10 @@ def predict(
         for x, y in loader:
             x = x.to(device, non_blocking=True, memory_format=memory_format)
             with autocast(device, autocast_dtype):
-                logits = model(x)
-            probs.append(torch.softmax(logits.float(), dim=1).cpu())
+                p = torch.softmax(model(x).float(), dim=1)
+                if tta:
+                    p = (p + torch.softmax(model(torch.flip(x, dims=[3])).float(), dim=1)) / 2
+            probs.append(p.cpu())
             targets.append(torch.as_tensor(y).to("cpu", torch.int64))
     if not probs:
         raise ValueError("predict() got a loader that yielded no batches")
@@ -226,10 +238,60 @@ def select_misclassified(pred: Predictions, k: int = 25, by: str = "loss") -> to
 
 
 def confusion_matrix(pred: Predictions, num_classes: int | None = None) -> torch.Tensor:
-    """(K, K) int64 counts: row = true class, column = predicted class."""
+    """(K, K) int64 counts: row = true class, column = predicted class.
+
+    The matrix sums to ``len(pred)`` and its trace is the number of correct predictions.
+    """
     k = num_classes or pred.num_classes
     flat = pred.targets * k + pred.preds
     return torch.bincount(flat, minlength=k * k).reshape(k, k)
+
+
+def per_class_summary(pred: Predictions, classes: Sequence[str], top_pairs: int = 10) -> dict:
+    """Confusion matrix (counts and row-normalised), per-class accuracy and the most-confused pairs.
+
+    Args:
+        pred: predictions from :func:`predict`.
+        classes: K class names, ``classes[i]`` for label i.
+        top_pairs: how many (true, predicted) pairs to list, most frequent first.
+
+    Returns:
+        A JSON-ready dict (written as ``per_class.json`` in a run folder):
+        ``num_images`` (int), ``accuracy`` (top-1, fraction), ``classes`` (K names),
+        ``confusion`` (K x K int counts, row = true class, column = predicted),
+        ``confusion_normalized`` (K x K fractions of each true class; a row without images is 0),
+        ``per_class``: one dict per class with ``class``, ``images``, ``correct``, ``accuracy``
+        (recall; NaN-free: null when the class has no images) and ``predicted`` (how often it was
+        predicted), and ``most_confused``: up to ``top_pairs`` dicts ``{true, pred, count,
+        fraction}`` (fraction of the true class's images), sorted by count, then by fraction;
+        only pairs that occurred.
+
+    Raises:
+        LrlabError: when ``len(classes)`` differs from the number of classes K in ``pred``.
+    """
+    k = pred.num_classes
+    if len(classes) != k:
+        raise LrlabError(f"per-class summary got {len(classes)} class names for {k} classes; give one name per class")
+    m = confusion_matrix(pred, k)
+    rows = m.sum(1)
+    frac = torch.where(rows[:, None] > 0, m.double() / rows.clamp_min(1)[:, None].double(), torch.zeros_like(m, dtype=torch.float64))
+    per_class = [
+        {"class": name, "images": int(rows[i]), "correct": int(m[i, i]),
+         "accuracy": float(frac[i, i]) if rows[i] > 0 else None, "predicted": int(m[:, i].sum())}
+        for i, name in enumerate(classes)
+    ]
+    pairs = [(int(m[t, p]), float(frac[t, p]), t, p) for t in range(k) for p in range(k) if t != p and m[t, p] > 0]
+    pairs.sort(key=lambda q: (-q[0], -q[1], q[2], q[3]))
+    return {
+        "num_images": len(pred),
+        "accuracy": pred.accuracy,
+        "classes": list(classes),
+        "confusion": m.tolist(),
+        "confusion_normalized": [[round(v, 6) for v in row] for row in frac.tolist()],
+        "per_class": per_class,
+        "most_confused": [{"true": classes[t], "pred": classes[p], "count": c, "fraction": round(f, 6)}
+                          for c, f, t, p in pairs[:top_pairs]],
+    }
 
 
 # --------------------------------------------------------------------------- activation maps
@@ -252,7 +314,25 @@ def _cam_class(method: str):
         "gradcampp": cams.GradCAMpp,
         "xgradcam": cams.XGradCAM,
         "layercam": cams.LayerCAM,
+        "scorecam": cams.ScoreCAM,
     }[method]
+
+
+def target_layers(model: nn.Module, target_layer: str | Sequence[str]) -> list[str]:
+    """The layer name(s) ``target_layer`` as a checked, non-empty list (order kept, duplicates dropped).
+
+    Raises:
+        LrlabError: a name that is not in :func:`layer_names` (the message lists the valid names),
+            or an empty list.
+    """
+    names = [target_layer] if isinstance(target_layer, str) else list(target_layer)
+    if not names:
+        raise LrlabError("target layer list is empty; give one layer name or a list of them")
+    valid = layer_names(model)
+    for name in names:
+        if not isinstance(name, str) or name not in valid:
+            raise LrlabError(f"target layer {name!r} does not exist; valid layers: {', '.join(valid)}")
+    return list(dict.fromkeys(names))
 
 
 def class_activation_maps(
@@ -260,42 +340,50 @@ def class_activation_maps(
     images: torch.Tensor,
     class_idx: torch.Tensor | Sequence[int],
     *,
-    target_layer: str,
+    target_layer: str | Sequence[str],
     method: str = "gradcam",
     device: torch.device | str | None = None,
     batch_size: int = 64,
 ) -> torch.Tensor:
     """Class activation maps of ``images`` for the classes ``class_idx``, at image resolution.
 
-    Uses torchcam's gradient-based extractors: "gradcam" (Selvaraju et al. 2017,
-    arXiv:1610.02391), "gradcampp", "xgradcam", "layercam". The model runs in float32 (autocast
-    off) and in eval mode; its train/eval flags and its parameters' ``requires_grad`` flags are
-    restored afterwards, parameter ``.grad`` is not touched, and every hook is removed even when
-    an error is raised.
+    Uses torchcam's extractors: "gradcam" (Selvaraju et al. 2017, arXiv:1610.02391),
+    "gradcampp" (Chattopadhyay et al. 2018, arXiv:1710.11063), "xgradcam" (Fu et al. 2020,
+    arXiv:2008.02312), "layercam" (Jiang et al. 2021) and the gradient-free "scorecam" (Wang et
+    al. 2020, arXiv:1910.01279; one forward pass per channel of each target layer and image,
+    with the channel's upsampled activation as a mask on the input). The model runs in float32
+    (autocast off) and in eval mode; its train/eval flags and its parameters' ``requires_grad``
+    flags are restored afterwards, parameter ``.grad`` is not touched, and every hook is removed
+    even when an error is raised.
+
+    Several target layers are fused: each layer's map is upsampled to (H, W) and min-max
+    normalised, then the pixel-wise maximum is taken and normalised again (so a coarse deep
+    layer and a finer shallow one both count, whatever their raw scales).
 
     Args:
         model: a classifier returning (B, K) logits.
         images: (N, 3, H, W) float, normalised as the model expects.
         class_idx: (N,) int64, the class each map explains (e.g. the predicted class).
-        target_layer: a name from :func:`layer_names` whose output is (B, C, h, w).
+        target_layer: a name from :func:`layer_names` whose output is (B, C, h, w), or a list
+            of such names to fuse.
         method: one of :data:`CAM_METHODS`.
         device: where to run; default the device of the model's parameters.
-        batch_size: images per forward/backward pass.
+        batch_size: images per forward/backward pass (Score-CAM: images whose C masked copies
+            are scored together, 256 masked images per forward pass).
 
     Returns:
         (N, H, W) float32 maps on the CPU, bilinearly upsampled from (h, w) and min-max
         normalised to [0, 1] per image (a constant map gives zeros); always finite.
 
     Raises:
-        LrlabError: unknown ``target_layer`` or ``method``; a layer whose output is not a
-            spatial feature map or is not used for the scores; a class index out of range.
+        LrlabError: unknown ``target_layer`` or ``method`` (the message lists the valid ones);
+            a layer whose output is not a spatial feature map or is not used for the scores; a
+            class index out of range.
         ValueError: ``images`` and ``class_idx`` shapes do not match.
     """
     if method not in CAM_METHODS:
         raise LrlabError(f"CAM method {method!r} is not known; valid methods: {', '.join(CAM_METHODS)}")
-    valid = layer_names(model)
-    if target_layer not in valid:
-        raise LrlabError(f"target layer {target_layer!r} does not exist; valid layers: {', '.join(valid)}")
+    layers = target_layers(model, target_layer)
     images = torch.as_tensor(images)
     class_idx = torch.as_tensor(class_idx, dtype=torch.int64).flatten()
     if images.ndim != 4 or len(class_idx) != len(images):
@@ -310,6 +398,9 @@ def class_activation_maps(
         return torch.zeros(0, height, width, dtype=torch.float32)
     device = torch.device(device) if device is not None else _model_device(model)
     extractor_cls = _cam_class(method)
+    options = {"batch_size": 256} if method == "scorecam" else {}
+    # Score-CAM needs no gradients; the gradient methods need a graph from input to scores.
+    grad_mode = torch.no_grad if method == "scorecam" else torch.enable_grad
 
     parts: list[torch.Tensor] = []
     params = list(model.parameters())
@@ -323,9 +414,9 @@ def class_activation_maps(
         with (
             _eval_mode(model),
             torch.inference_mode(False),
-            torch.enable_grad(),
+            grad_mode(),
             torch.autocast(device.type, enabled=False),
-            extractor_cls(model, target_layer=target_layer, enable_hooks=True) as extractor,
+            extractor_cls(model, target_layer=layers, enable_hooks=True, **options) as extractor,
         ):
             for start in range(0, n, batch_size):
                 stop = min(start + batch_size, n)
@@ -333,25 +424,28 @@ def class_activation_maps(
                 cls = class_idx[start:stop]
                 try:
                     scores = model(x)
-                    _check_scores(scores, cls, target_layer, extractor)
+                    _check_scores(scores, cls, layers, extractor)
                     cams = extractor(cls.tolist(), scores.float(), normalized=False)
                 except RuntimeError as exc:
                     if "not connected" not in str(exc):
                         raise
                     raise LrlabError(
-                        f"target layer {target_layer!r} does not feed the class scores; choose a layer "
-                        f"before the classifier head"
+                        f"target layer {', '.join(map(repr, layers))} does not feed the class scores; "
+                        f"choose a layer before the classifier head"
                     ) from None
                 finally:
                     extractor.reset_hooks()  # drop the stored activations and their graph
-                parts.append(_upsample_normalise(cams[0], (height, width)))
+                    if hasattr(extractor, "_input"):
+                        del extractor._input  # Score-CAM keeps a copy of the last input batch
+                maps = [_upsample_normalise(cam, (height, width)) for cam in cams]
+                parts.append(maps[0] if len(maps) == 1 else _renormalise(torch.stack(maps).amax(0)))
     finally:
         for p, flag in zip(params, grad_flags, strict=True):
             p.requires_grad_(flag)
     return torch.cat(parts)
 
 
-def _check_scores(scores: torch.Tensor, cls: torch.Tensor, target_layer: str, extractor) -> None:
+def _check_scores(scores: torch.Tensor, cls: torch.Tensor, layers: list[str], extractor) -> None:
     if not isinstance(scores, torch.Tensor) or scores.ndim != 2:
         raise LrlabError(f"class activation maps need a model that returns (N, K) logits, got {type(scores)}")
     bad = cls[(cls < 0) | (cls >= scores.shape[1])]
@@ -359,24 +453,29 @@ def _check_scores(scores: torch.Tensor, cls: torch.Tensor, target_layer: str, ex
         raise LrlabError(
             f"class index {bad[0].item()} is out of range; valid class indices: 0 to {scores.shape[1] - 1}"
         )
-    act = extractor.hook_a[0]
-    if act is None:
-        raise LrlabError(f"target layer {target_layer!r} is not used in the model's forward pass; pick another layer")
-    if act.ndim != 4:
-        raise LrlabError(
-            f"target layer {target_layer!r} outputs shape {tuple(act.shape)}, not a (N, C, h, w) feature map; "
-            f"choose a convolutional layer or block"
-        )
+    for name, act in zip(layers, extractor.hook_a, strict=True):
+        if act is None:
+            raise LrlabError(f"target layer {name!r} is not used in the model's forward pass; pick another layer")
+        if act.ndim != 4:
+            raise LrlabError(
+                f"target layer {name!r} outputs shape {tuple(act.shape)}, not a (N, C, h, w) feature map; "
+                f"choose a convolutional layer or block"
+            )
+
+
+def _renormalise(cam: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) -> min-max normalised to [0, 1] per map; constant maps -> zeros."""
+    lo = cam.amin(dim=(1, 2), keepdim=True)
+    span = cam.amax(dim=(1, 2), keepdim=True) - lo
+    cam = torch.where(span > 0, (cam - lo) / span.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(cam))
+    return cam.clamp_(0.0, 1.0)
 
 
 def _upsample_normalise(cam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(B, h, w) raw maps -> (B, H, W) float32 in [0, 1]; constant or non-finite maps -> zeros."""
     cam = torch.nan_to_num(cam.detach().float(), nan=0.0, posinf=0.0, neginf=0.0)
     cam = F.interpolate(cam.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
-    lo = cam.amin(dim=(1, 2), keepdim=True)
-    span = cam.amax(dim=(1, 2), keepdim=True) - lo
-    cam = torch.where(span > 0, (cam - lo) / span.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(cam))
-    return cam.clamp_(0.0, 1.0).cpu()
+    return _renormalise(cam).cpu()
 
 
 # --------------------------------------------------------------------------- display

@@ -26,7 +26,9 @@ __all__ = [
     "mistake_title",
     "plot_accuracy",
     "plot_cam_grid",
+    "plot_cam_pairs",
     "plot_confusion",
+    "plot_faithfulness",
     "plot_loss",
     "plot_lr",
     "plot_mistakes",
@@ -346,31 +348,292 @@ def plot_cam_grid(
 
 
 def plot_confusion(matrix, classes: Sequence[str], path: str | os.PathLike) -> Path:
-    """The (K, K) confusion matrix (row = true class, column = predicted), counts in the cells.
+    """The (K, K) confusion matrix (row = true class, column = predicted class), twice side by side:
+    counts (cell colour = count) and row-normalised (percent of each true class; the diagonal is
+    the per-class accuracy). The title gives the top-1 accuracy.
 
-    Cell colour is the row-normalised fraction, so classes with fewer images stay readable.
+    Args:
+        matrix: (K, K) int counts (tensor or array), e.g. ``lrlab.interpret.confusion_matrix``.
+        classes: K class names.
+        path: the PNG to write.
+
+    Raises:
+        ValueError: the matrix is not (K, K) for K = len(classes).
     """
+    fig = _confusion_figure(matrix, classes)
+    return _save(fig, path)
+
+
+def _confusion_figure(matrix, classes: Sequence[str]) -> Figure:
+    """Build (not save) the two-panel confusion figure; axes[0] counts, axes[1] row-normalised."""
     m = np.asarray(matrix.cpu() if hasattr(matrix, "cpu") else matrix, dtype=np.int64)
     k = len(classes)
     if m.shape != (k, k):
         raise ValueError(f"confusion matrix must be ({k}, {k}) for {k} classes, got {m.shape}")
     rows = m.sum(axis=1, keepdims=True)
     frac = np.divide(m, rows, out=np.zeros(m.shape, dtype=np.float64), where=rows > 0)
-    size = max(5.0, 0.6 * k + 2)
-    fig, ax = plt.subplots(figsize=(size, size * 0.9))
-    im = ax.imshow(frac, cmap="Blues", vmin=0.0, vmax=1.0)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
-    ax.set_xticks(range(k), labels=classes, rotation=45, ha="right")
-    ax.set_yticks(range(k), labels=classes)
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
+    size = max(4.5, 0.5 * k + 1.5)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1.5, size), layout="constrained")
     fontsize = 8 if k <= 12 else 6
-    if k <= 30:
-        for i in range(k):
-            for j in range(k):
-                ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=fontsize,
-                        color="white" if frac[i, j] > 0.5 else "black")
+    panels = ((axes[0], m.astype(np.float64), "counts", "Blues", lambda i, j: str(m[i, j])),
+              (axes[1], 100.0 * frac, "% of true class", "Oranges", lambda i, j: f"{100 * frac[i, j]:.0f}"))
+    for ax, values, label, cmap, text in panels:
+        vmax = float(values.max()) if values.size and values.max() > 0 else 1.0
+        im = ax.imshow(values, cmap=cmap, vmin=0.0, vmax=vmax)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, label=label)
+        ax.set_xticks(range(k), labels=classes, rotation=45, ha="right")
+        ax.set_yticks(range(k), labels=classes)
+        ax.set_xlabel("predicted class")
+        ax.set_ylabel("true class")
+        ax.set_title(f"Confusion matrix ({label})", fontsize=10)
+        if k <= 30:
+            for i in range(k):
+                for j in range(k):
+                    ax.text(j, i, text(i, j), ha="center", va="center", fontsize=fontsize,
+                            color="white" if values[i, j] > 0.6 * vmax else "black")
     total = m.sum()
     acc = np.trace(m) / total if total else float("nan")
-    ax.set_title(f"Confusion matrix (top-1 accuracy {100 * acc:.2f}%)")
+    fig.suptitle(f"top-1 accuracy {100 * acc:.2f}% on {total:,} test images")
+    return fig
+
+
+# --------------------------------------------------------------------------- mistakes: CAM of predicted vs true class
+
+
+def _cam_pairs_figure(
+    images: np.ndarray,
+    pred_maps: np.ndarray,
+    true_maps: np.ndarray,
+    pred_names: Sequence[str],
+    probs: Sequence[float],
+    true_names: Sequence[str],
+    *,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    ncols: int = 3,
+) -> Figure:
+    """Build (not save) the figure of :func:`plot_cam_pairs`: one subfigure per image, titled
+    with :func:`mistake_title`, holding three Axes (image, predicted-class map, true-class map)."""
+    titles = [mistake_title(p, q, t) for p, q, t in zip(pred_names, probs, true_names, strict=True)]
+    images = _check_images(images, titles)
+    maps = [np.asarray(m.detach().cpu() if hasattr(m, "detach") else m, dtype=np.float32)
+            for m in (pred_maps, true_maps)]
+    for m in maps:
+        if m.shape != images.shape[:3]:
+            raise ValueError(f"maps must be (N, H, W) = {images.shape[:3]}, got {m.shape}")
+    if ncols < 1:
+        raise ValueError(f"ncols must be >= 1, got {ncols}")
+    n = len(images)
+    ncols = min(ncols, n)
+    nrows = math.ceil(n / ncols)
+    fig = plt.figure(figsize=(4.2 * ncols, 1.85 * nrows), layout="constrained")
+    subfigs = np.atleast_1d(fig.subfigures(nrows, ncols, squeeze=False)).reshape(-1)
+    for i, sub in enumerate(subfigs):
+        if i >= n:
+            continue
+        img = images[i].squeeze(-1) if images[i].shape[-1] == 1 else images[i]
+        gray = "gray" if images[i].shape[-1] == 1 else None
+        axes = sub.subplots(1, 3)
+        captions = ("image", f"why it said {pred_names[i]}", f"where the {true_names[i]} was")
+        for j, (ax, caption) in enumerate(zip(axes, captions, strict=True)):
+            ax.imshow(img, interpolation="nearest", cmap=gray)
+            if j:
+                ax.imshow(maps[j - 1][i], cmap=cmap, alpha=alpha, vmin=0.0, vmax=1.0, interpolation="bilinear")
+            ax.set_xlabel(caption, fontsize=7, labelpad=2)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        sub.suptitle(titles[i], fontsize=8)
+    return fig
+
+
+def plot_cam_pairs(
+    images_uint8: np.ndarray,
+    pred_maps: np.ndarray,
+    true_maps: np.ndarray,
+    pred_names: Sequence[str],
+    probs: Sequence[float],
+    true_names: Sequence[str],
+    path: str | os.PathLike,
+    *,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    ncols: int = 3,
+) -> Path:
+    """Each mistake as image | map of the predicted class | map of the true class.
+
+    "Why it said cat / where the dog was": for every image, titled "pred: cat (0.71) / true:
+    dog", the class activation map of the predicted class and the one of the true class are
+    drawn side by side over the image, next to the plain image.
+
+    Args:
+        images_uint8: (N, H, W, 3) uint8.
+        pred_maps, true_maps: (N, H, W) float in [0, 1], maps of the predicted and of the true
+            class (from ``lrlab.interpret.class_activation_maps``).
+        pred_names, true_names: N class names; probs: N probabilities of the predicted class.
+        path: the PNG to write.
+        alpha: opacity of the heatmaps; cmap: their matplotlib colormap.
+        ncols: images (triplets) per row.
+
+    Raises:
+        ValueError: mismatched lengths or shapes.
+    """
+    return _save(_cam_pairs_figure(images_uint8, pred_maps, true_maps, pred_names, probs, true_names,
+                                   alpha=alpha, cmap=cmap, ncols=ncols), path)
+
+
+# --------------------------------------------------------------------------- CAM faithfulness
+
+
+def plot_faithfulness(
+    fractions: Sequence[float],
+    keep: Mapping[str, Sequence[float]],
+    delete: Mapping[str, Sequence[float]],
+    path: str | os.PathLike,
+    *,
+    intact: float | None = None,
+    baseline: str = "random",
+) -> Path:
+    """Keep and delete curves of each CAM method (see ``lrlab.faithfulness``), two panels.
+
+    Args:
+        fractions: (F,) shares of pixels in [0, 1] (drawn in percent).
+        keep: name -> (F,) mean probability of the predicted class when only the top pixels of
+            the map are kept (higher is better).
+        delete: name -> (F,) the same when the top pixels are removed (lower is better).
+        path: the PNG to write.
+        intact: mean probability on the intact images, drawn as a dotted line.
+        baseline: the key of the random baseline, drawn dashed in black.
+    """
+    x = 100.0 * _finite(fractions)
+    for name, ys in [*keep.items(), *delete.items()]:
+        if len(ys) != len(x):
+            raise ValueError(f"curve {name!r} has {len(ys)} points for {len(x)} fractions")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
+    panels = ((axes[0], keep, "only the top x% of the map kept (higher is better)"),
+              (axes[1], delete, "the top x% of the map removed (lower is better)"))
+    for ax, curves, title in panels:
+        for name, ys in curves.items():
+            y = _finite(ys)
+            if name == baseline:
+                ax.plot(x, y, "--", color="black", linewidth=1.5, label=f"{name} map (same area)")
+            else:
+                ax.plot(x, y, marker="o", markersize=3, linewidth=1.5, label=name)
+        if intact is not None and math.isfinite(intact):
+            ax.axhline(intact, color="gray", linestyle=":", linewidth=1, label="intact image")
+        ax.set_xlabel("pixels (% of the image, ranked by the map)")
+        ax.set_ylabel("probability of the predicted class")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlim(0, 100)
+        ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=8, loc="lower right")
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- plateaus, per-step lr, comparisons
+
+
+_LINESTYLES = ("-", "--", "-.", ":")  # overlapping runs stay visible
+
+
+def shade_plateaus(ax, epochs: np.ndarray, spans: Sequence[tuple[int, int]], *, label: bool = True) -> None:
+    """Shade each plateau span (0-based inclusive indices into ``epochs``, from
+    ``lrlab.plateau.find_plateaus``) on ``ax`` as a grey band from its first to its last epoch."""
+    for k, (start, end) in enumerate(spans):
+        ax.axvspan(epochs[start], epochs[end], color="0.5", alpha=0.18, linewidth=0,
+                   label="plateau" if label and k == 0 else None)
+
+
+def plot_plateaus(history: Sequence[Mapping], spans: Sequence[tuple[int, int]], path: str | os.PathLike) -> Path:
+    """Loss (left) and top-1 accuracy (right) against epoch, train and test, with the plateaus
+    of the test loss shaded.
+
+    Args:
+        history: one dict per epoch with keys epoch, train_loss, test_loss, train_acc, test_acc.
+        spans: (start, end) 0-based inclusive epoch indices, e.g. from
+            ``lrlab.plateau.find_plateaus`` on the test losses.
+        path: the PNG to write.
+    """
+    epochs = _epochs(history)
+    marker = "o" if len(epochs) <= 30 else None
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), layout="constrained")
+    for ax, (key, ylabel, scale) in zip(axes, (("loss", "cross-entropy loss", 1.0), ("acc", "top-1 accuracy (%)", 100.0))):
+        for split, color in (("train", "tab:blue"), ("test", "tab:orange")):
+            y = scale * _series(history, f"{split}_{key}")
+            if np.isfinite(y).any():
+                ax.plot(epochs, y, marker=marker, markersize=3, color=color, label=split)
+        shade_plateaus(ax, epochs, spans)
+        _epoch_axis(ax, epochs)
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Plateaus of the test loss ({len(spans)} found)" if spans else "No plateau of the test loss found")
+    return _save(fig, path)
+
+
+def plot_lr_steps(runs: Mapping[str, tuple[Sequence[float], Sequence[int] | None]], path: str | os.PathLike) -> Path:
+    """The lr of every optimizer step against the step (log y-axis when all lrs are > 0), one
+    line per run; below it the batch size against the step when any run's batch size changes.
+
+    Args:
+        runs: label -> (lrs, batch_sizes): lrs (S,) per-step learning rates; batch_sizes (S,)
+            images per batch at each step, or None.
+        path: the PNG to write.
+    """
+    if not runs:
+        raise ValueError("no runs to plot")
+    ramps = any(bs is not None and len(set(bs)) > 1 for _, bs in runs.values())
+    fig, axes = plt.subplots(2 if ramps else 1, 1, figsize=(8, 6.5 if ramps else 4), sharex=True,
+                             squeeze=False, layout="constrained")
+    ax = axes[0, 0]
+    positive = True
+    for k, (label, (lrs, _)) in enumerate(runs.items()):
+        y = _finite(lrs)
+        positive &= bool(np.isfinite(y).any() and np.nanmin(y) > 0)
+        ax.plot(np.arange(len(y)), y, linewidth=1.2, linestyle=_LINESTYLES[k % 4], label=label or None)
+    if positive:
+        ax.set_yscale("log")
+    ax.set_ylabel("learning rate (per step)")
+    ax.set_title("Learning rate of every step")
+    ax.grid(True, alpha=0.3)
+    if len(runs) > 1 or any(runs):
+        ax.legend(fontsize=8)
+    if ramps:
+        bax = axes[1, 0]
+        for k, (label, (_, bs)) in enumerate(runs.items()):
+            if bs is not None:
+                bax.step(np.arange(len(bs)), bs, where="post", linewidth=1.2, linestyle=_LINESTYLES[k % 4],
+                         label=label or None)
+        bax.set_ylabel("batch size")
+        bax.grid(True, alpha=0.3)
+    axes[-1, 0].set_xlabel("optimizer step")
+    return _save(fig, path)
+
+
+def plot_compare(histories: Mapping[str, Sequence[Mapping]], key: str, path: str | os.PathLike) -> Path:
+    """One metric of several runs against epoch on one set of axes (``lrlab compare``).
+
+    Args:
+        histories: label -> the run's History records (one dict per epoch).
+        key: "test_acc" (drawn in %, each run's best marked with a star), "test_loss", or any
+            other record key.
+        path: the PNG to write.
+    """
+    if not histories:
+        raise ValueError("no runs to plot")
+    is_acc = key.endswith("_acc")
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for k, (label, records) in enumerate(histories.items()):
+        epochs = _epochs(records)
+        y = (100.0 if is_acc else 1.0) * _series(records, key)
+        line, = ax.plot(epochs, y, marker="o" if len(epochs) <= 30 else None, markersize=3,
+                        linestyle=_LINESTYLES[k % 4], label=label)
+        if is_acc and np.isfinite(y).any():
+            best = int(np.nanargmax(y))
+            ax.plot([epochs[best]], [y[best]], "*", color=line.get_color(), markersize=11, zorder=3)
+    _epoch_axis(ax, _epochs(max(histories.values(), key=len)))
+    names = {"test_acc": "test top-1 accuracy (%)", "test_loss": "test loss (cross-entropy)",
+             "train_acc": "train top-1 accuracy (%)", "train_loss": "train loss (cross-entropy)"}
+    ax.set_ylabel(names.get(key, key))
+    ax.set_title(names.get(key, key).split(" (")[0].capitalize())
+    ax.legend(fontsize=8, loc="lower right" if is_acc else "upper right")
     return _save(fig, path)

@@ -17,17 +17,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from lrlab import plots
-from lrlab.config import Config, save_config
+from lrlab.config import Config, load_config, save_config
 from lrlab.data import BatchLoader, Dataset, Split, load_dataset
 from lrlab.device import autocast_dtype, pick_device
 from lrlab.engine import History, Precision, fit
 from lrlab.errors import LrlabError
-from lrlab.interpret import class_activation_maps, layer_names, predict, select_misclassified
+from lrlab.faithfulness import cam_faithfulness
+from lrlab.interpret import (Predictions, class_activation_maps, layer_names, per_class_summary, predict,
+                             select_misclassified)
 from lrlab.io import write_json
 from lrlab.lr_finder import RangeTestResult, range_test
 from lrlab.models import build_model
-from lrlab.optim import build_optimizer
-from lrlab.schedules import build_schedule
+from lrlab.optim import GradientNoise, build_optimizer
+from lrlab.plateau import find_plateaus
+from lrlab.report import write_report
+from lrlab.scalars import TensorBoardScalars
+from lrlab.schedules import batch_sizes, build_schedule, check_batch_sizes, check_lr_source, schedule_lr
 
 
 @dataclass
@@ -99,6 +104,9 @@ def new_model(config: Config, data: Dataset, precision: Precision) -> nn.Module:
     """The configured model, freshly initialised from ``config.seed``, on the device."""
     torch.manual_seed(config.seed)
     model = build_model(config.model.name, len(data.classes), **config.model.kwargs)
+    if hasattr(model, "init_from_data"):  # data-dependent initialisation, e.g. patch whitening
+        sample = data.train.subset(min(len(data.train), 5000), seed=config.seed)
+        model.init_from_data(next(iter(eval_loader(sample, data, Precision(torch.device("cpu")), len(sample))))[0])
     return precision.prepare(model)
 
 
@@ -129,62 +137,148 @@ def find_lr(config: Config, data: Dataset, model: nn.Module, precision: Precisio
 
 def train(config: Config, data: Dataset, model: nn.Module, precision: Precision, lr: float,
           run_dir: Path, callbacks: Callbacks = Callbacks()) -> History:
-    """Train ``model`` with SGD at (peak) learning rate ``lr`` and the configured schedule;
-    write history.csv/json, loss.png, accuracy.png, lr.png and checkpoints/ into ``run_dir``."""
+    """Train ``model`` with the configured optimizer, schedule (``lr``: the peak for onecycle
+    and cyclic, else the initial lr, per step), batch-size schedule and gradient noise; write
+    history.csv/json, lr_steps.csv, loss.png, accuracy.png, lr.png, lr_steps.png, plateaus.png
+    and checkpoints/ into ``run_dir``."""
     cfg = config.train
-    loader = train_loader(config, data, precision, cfg.batch_size)
+    sizes = batch_sizes(cfg)
+    loader = train_loader(config, data, precision, sizes[0])
+    steps = []
+    for bs in sizes:  # optimizer steps of each epoch (the loader drops the last partial batch)
+        loader.batch_size = bs
+        steps.append(len(loader))
+    loader.batch_size = sizes[0]
     optimizer = build_optimizer(cfg, model, lr)
-    schedule = build_schedule(cfg, optimizer, lr, len(loader))
+    if cfg.grad_noise.eta > 0:
+        GradientNoise(cfg.grad_noise.eta, cfg.grad_noise.gamma, seed=config.seed).attach(optimizer)
+    schedule = build_schedule(cfg, optimizer, lr, steps)
     extra = {"config": config.model_dump(mode="json"), "classes": data.classes,
              "mean": data.mean, "std": data.std}
-    callbacks.stage("train", cfg.epochs * len(loader))
-    history = fit(model, loader, eval_loader(data.test, data, precision), optimizer, schedule, cfg.epochs,
-                  precision, label_smoothing=cfg.label_smoothing, tta=cfg.tta,
-                  checkpoint_dir=run_dir / "checkpoints", checkpoint_extra=extra,
-                  on_step=callbacks.on_step, on_epoch=callbacks.on_epoch)
+    callbacks.stage("train", sum(steps))
+    with TensorBoardScalars(run_dir / "tensorboard") as tensorboard:
+        def on_epoch(record: dict) -> None:
+            tensorboard(record)
+            if callbacks.on_epoch is not None:
+                callbacks.on_epoch(record)
+
+        history = fit(model, loader, eval_loader(data.test, data, precision), optimizer, schedule, cfg.epochs,
+                      precision, label_smoothing=cfg.label_smoothing, tta=cfg.tta,
+                      checkpoint_dir=run_dir / "checkpoints", checkpoint_extra=extra,
+                      on_step=callbacks.on_step, on_epoch=on_epoch,
+                      batch_sizes=sizes if cfg.batch_size_milestones else None)
     history.save(run_dir)
+    pd = cfg.plateau_detect
+    spans = find_plateaus([r["test_loss"] for r in history.records], pd.window, pd.rel_threshold)
+    plots.plot_plateaus(history.records, spans, run_dir / "plateaus.png")
+    step_batch_sizes = [r["batch_size"] for r in history.records for _ in range(r["steps"])]
+    plots.plot_lr_steps({config.name: (history.step_lrs, step_batch_sizes)}, run_dir / "lr_steps.png")
     plots.plot_loss(history.records, run_dir / "loss.png")
     plots.plot_accuracy(history.records, run_dir / "accuracy.png")
     plots.plot_lr(history.records, run_dir / "lr.png")
     return history
 
 
-def cam_layer(config: Config, model: nn.Module) -> str:
-    """The Grad-CAM target layer: ``explain.target_layer`` or the model's default.
+def cam_layer(config: Config, model: nn.Module) -> str | list[str]:
+    """The CAM target layer(s): ``explain.target_layer`` (a name or a list of names to fuse)
+    or the model's default.
 
     Raises:
-        LrlabError: the layer does not exist (the message lists the valid names).
+        LrlabError: a layer does not exist (the message lists the valid names).
     """
     layer = config.explain.target_layer or getattr(model, "default_cam_layer", None)
-    if layer not in layer_names(model):
-        raise LrlabError(f"explain.target_layer {layer!r} does not exist in {config.model.name}; "
-                         f"valid layers: {', '.join(layer_names(model))}")
+    valid = layer_names(model)
+    for name in layer if isinstance(layer, list) else [layer]:
+        if name not in valid:
+            raise LrlabError(f"explain.target_layer {name!r} does not exist in {config.model.name}; "
+                             f"valid layers: {', '.join(valid)}")
     return layer
 
 
-def explain(config: Config, data: Dataset, model: nn.Module, precision: Precision, run_dir: Path) -> dict:
-    """Find the misclassified test images; write misclassified.png (titled
-    "pred: <class> (<prob>) / true: <class>") and gradcam.png (Grad-CAM of the predicted
-    class) for the ``explain.num_images`` highest-loss mistakes. Returns their details."""
+def predict_test_set(config: Config, data: Dataset, model: nn.Module, precision: Precision) -> Predictions:
+    """Class probabilities of ``model`` on the whole test split (with flip TTA when
+    ``train.tta``, so the accuracy matches the training history's)."""
+    return predict(model, eval_loader(data.test, data, precision), device=precision.device,
+                   autocast_dtype=precision.dtype, channels_last=precision.channels_last, tta=config.train.tta)
+
+
+def explain(config: Config, data: Dataset, model: nn.Module, precision: Precision, run_dir: Path,
+            pred: Predictions | None = None) -> dict:
+    """Study the mistakes of ``model`` (the best checkpoint) on the test split; write into ``run_dir``:
+
+    predictions.pt (probabilities and labels of every test image, reused by later commands),
+    per_class.json + confusion.png (confusion counts and row-normalised, per-class accuracy,
+    most-confused pairs), and for the ``explain.num_images`` mistakes chosen by
+    ``explain.select``: misclassified.png (titled "pred: <class> (<prob>) / true: <class>"),
+    gradcam.png (the ``explain.method`` map of the predicted class), gradcam_pred_true.png
+    (image | map of the predicted class | map of the true class) and mistakes.json; with
+    ``explain.faithfulness_images`` > 0 also faithfulness.json/.png (lrlab.faithfulness).
+
+    Args:
+        pred: the test-set predictions of this very model, when already computed
+            (``predict_test_set``); None computes them.
+
+    Returns:
+        dict with target_layer, method, select, test_accuracy and the mistakes' details.
+    """
     cfg = config.explain
     layer = cam_layer(config, model)
-    pred = predict(model, eval_loader(data.test, data, precision), device=precision.device,
-                   autocast_dtype=precision.dtype, channels_last=precision.channels_last)
-    idx = select_misclassified(pred, cfg.num_images, by="loss")
-    shown = Split(data.test.images[idx], data.test.labels[idx])
-    x = torch.cat([xb for xb, _ in eval_loader(shown, data, precision)])
+    if pred is None:
+        pred = predict_test_set(config, data, model, precision)
+    pred.save(run_dir / "predictions.pt")
     classes = data.classes
-    titles = [plots.mistake_title(classes[p], pred.probs[i, p].item(), classes[t])
-              for i, p, t in zip(idx.tolist(), pred.preds[idx].tolist(), pred.targets[idx].tolist())]
-    images = shown.images.numpy()
-    plots.plot_mistakes(images, titles, run_dir / "misclassified.png")
-    maps = class_activation_maps(model, x, pred.preds[idx], target_layer=layer, device=precision.device)
-    plots.plot_cam_grid(images, maps.cpu().numpy(), titles, run_dir / "gradcam.png", alpha=cfg.alpha)
-    mistakes = [{"index": i, "pred": classes[p], "prob": pred.probs[i, p].item(), "true": classes[t]}
-                for i, p, t in zip(idx.tolist(), pred.preds[idx].tolist(), pred.targets[idx].tolist())]
-    write_json(run_dir / "mistakes.json", {"target_layer": layer, "test_accuracy": pred.accuracy,
-                                           "mistakes": mistakes})
-    return {"target_layer": layer, "mistakes": mistakes}
+    per_class = per_class_summary(pred, classes)
+    write_json(run_dir / "per_class.json", per_class)
+    plots.plot_confusion(per_class["confusion"], classes, run_dir / "confusion.png")
+
+    idx = select_misclassified(pred, cfg.num_images, by=cfg.select)
+    rows = list(zip(idx.tolist(), pred.preds[idx].tolist(), pred.targets[idx].tolist()))
+    mistakes = [{"index": i, "pred": classes[p], "prob": pred.probs[i, p].item(), "true": classes[t],
+                 "prob_true": pred.probs[i, t].item(), "loss": pred.losses[i].item()} for i, p, t in rows]
+    if mistakes:
+        shown = Split(data.test.images[idx], data.test.labels[idx])
+        x = torch.cat([xb for xb, _ in eval_loader(shown, data, precision)])
+        titles = [plots.mistake_title(m["pred"], m["prob"], m["true"]) for m in mistakes]
+        images = shown.images.numpy()
+        plots.plot_mistakes(images, titles, run_dir / "misclassified.png")
+        cam = dict(target_layer=layer, method=cfg.method, device=precision.device)
+        maps_pred = class_activation_maps(model, x, pred.preds[idx], **cam).numpy()
+        maps_true = class_activation_maps(model, x, pred.targets[idx], **cam).numpy()
+        plots.plot_cam_grid(images, maps_pred, titles, run_dir / "gradcam.png", alpha=cfg.alpha, cmap=cfg.colormap)
+        plots.plot_cam_pairs(images, maps_pred, maps_true, [m["pred"] for m in mistakes],
+                             [m["prob"] for m in mistakes], [m["true"] for m in mistakes],
+                             run_dir / "gradcam_pred_true.png", alpha=cfg.alpha, cmap=cfg.colormap)
+    if cfg.faithfulness_images:
+        sample = data.test.subset(min(cfg.faithfulness_images, len(data.test)), seed=config.seed)
+        xs = torch.cat([xb for xb, _ in eval_loader(sample, data, precision)]).contiguous()
+        result = cam_faithfulness(model, xs, target_layer=layer, device=precision.device,
+                                  autocast_dtype=precision.dtype, channels_last=precision.channels_last,
+                                  seed=config.seed)
+        result.save(run_dir / "faithfulness.json")
+        plots.plot_faithfulness(result.fractions, result.keep, result.delete, run_dir / "faithfulness.png",
+                                intact=result.intact_confidence)
+    details = {"target_layer": layer, "method": cfg.method, "select": cfg.select, "test_accuracy": pred.accuracy}
+    write_json(run_dir / "mistakes.json", {**details, "mistakes": mistakes})
+    return {**details, "mistakes": mistakes}
+
+
+def source_predictions(source: Path, config: Config, data: Dataset) -> Predictions | None:
+    """The earlier run's ``predictions.pt`` (made from its best.pt), if it is valid for ``config``:
+    the run's config.yaml has the same data, model, device, precision and TTA settings, and the
+    labels match ``data.test``. None otherwise (then the caller predicts again)."""
+    path = source / "predictions.pt"
+    if not path.is_file():
+        return None
+    try:
+        earlier = load_config(source / "config.yaml")
+        pred = Predictions.load(path)
+    except LrlabError:
+        return None
+    same = (earlier.data == config.data and earlier.model == config.model and earlier.device == config.device
+            and earlier.train.tta == config.train.tta and earlier.train.precision == config.train.precision)
+    if not same or len(pred) != len(data.test) or pred.num_classes != len(data.classes):
+        return None
+    return pred if torch.equal(pred.targets, data.test.labels.to(torch.int64)) else None
 
 
 def run_pipeline(config: Config, out: str | Path, callbacks: Callbacks = Callbacks(),
@@ -201,9 +295,12 @@ def run_pipeline(config: Config, out: str | Path, callbacks: Callbacks = Callbac
     model = new_model(config, data, precision)
     if "explain" in steps:
         cam_layer(config, model)
+    if "train" in steps:
+        check_lr_source(config.train, "find-lr" in steps and config.lr_finder.enabled)
+        check_batch_sizes(config.train, len(data.train))
     run_dir = new_run_dir(out, config.name)
     save_config(config, run_dir / "config.yaml")
-    lr = config.train.lr
+    lr, found = config.train.lr, None
     summary: dict = {"run_dir": str(run_dir), "device": str(precision.device),
                      "autocast": str(precision.dtype).removeprefix("torch.") if precision.dtype else "float32",
                      "train_images": len(data.train), "test_images": len(data.test),
@@ -214,7 +311,9 @@ def run_pipeline(config: Config, out: str | Path, callbacks: Callbacks = Callbac
         if result.suggestion is None:
             raise LrlabError(f"the range test stopped after {len(result.lrs)} steps ({result.stop_reason}) "
                              f"without a suggestion; widen lr_finder.start_lr/end_lr or set lr_finder.enabled=false")
-        lr = result.suggestion * config.lr_finder.lr_factor
+        lr = found = result.suggestion * config.lr_finder.lr_factor
+    if "train" in steps:
+        lr = schedule_lr(config.train, found)  # onecycle/cyclic: train.max_lr wins over the range test
     summary["lr"] = lr
     if "train" in steps:
         history = train(config, data, model, precision, lr, run_dir, callbacks)
@@ -229,12 +328,14 @@ def run_pipeline(config: Config, out: str | Path, callbacks: Callbacks = Callbac
         explain(config, data, model, precision, run_dir)
     summary["wall_seconds"] = time.perf_counter() - start
     write_json(run_dir / "summary.json", summary)
+    write_report(run_dir)
     return summary
 
 
 def explain_run(source: Path, config: Config, out: str | Path) -> dict:
     """Mistakes + Grad-CAM of the best checkpoint of the earlier run ``source``, written
-    into a new run folder under ``out`` (``source`` is only read). Returns the summary."""
+    into a new run folder under ``out`` with its report.html (``source`` is only read; its
+    predictions.pt is reused when valid, see ``source_predictions``). Returns the summary."""
     ckpt_path = source / "checkpoints" / "best.pt"
     if not ckpt_path.is_file():
         raise LrlabError(f"{source} has no checkpoints/best.pt; pass the folder of a run that trained")
@@ -245,7 +346,9 @@ def explain_run(source: Path, config: Config, out: str | Path) -> dict:
     cam_layer(config, model)
     run_dir = new_run_dir(out, f"{config.name}-explain")
     save_config(config, run_dir / "config.yaml")
-    summary = {"run_dir": str(run_dir), "source_run": str(source),
-               **explain(config, data, model, precision, run_dir)}
+    pred = source_predictions(source, config, data)
+    summary = {"run_dir": str(run_dir), "source_run": str(source), "predictions_reused": pred is not None,
+               **explain(config, data, model, precision, run_dir, pred)}
     write_json(run_dir / "summary.json", summary)
+    write_report(run_dir)
     return summary

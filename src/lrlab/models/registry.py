@@ -41,3 +41,14 @@ def build_model(name: str, num_classes: int, **kwargs) -> nn.Module:
         return _MODELS[name](num_classes, **kwargs)
     except TypeError as e:
         raise LrlabError(f"model {name!r} does not accept the options {sorted(kwargs)}: {e}") from None
+
+
+def check_dropout(**probabilities: float) -> None:
+    """Raise unless every dropout probability (keyword = the model.kwargs key) is in [0, 1).
+
+    Raises:
+        LrlabError: naming the key and value.
+    """
+    for key, p in probabilities.items():
+        if not 0 <= p < 1:
+            raise LrlabError(f"model.kwargs {key}={p!r} is not valid; use a probability in [0, 1) (0: off)")

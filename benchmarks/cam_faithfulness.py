@@ -1,0 +1,91 @@
+"""Which class activation map points at what the model uses? Keep / delete test per CAM method.
+
+    python benchmarks/cam_faithfulness.py RUN_DIR [--images 200] [--methods gradcam,scorecam]
+        [--layer block2] [--data PATH] [--out DIR] [section.key=value ...]
+
+Loads RUN_DIR's config.yaml and checkpoints/best.pt (RUN_DIR is only read), takes a
+class-balanced subset of ``--images`` test images (seed 0) and, for each CAM method, ranks the
+pixels by the map of the predicted class. It prints a Markdown table: the drop in the mean
+probability of the predicted class (percentage points) when only the top 10/25/50% of the
+pixels are kept (the rest set to the dataset mean), the areas under the keep curve (higher is
+better) and the delete curve (lower is better), and the map time per image; the last row is a
+random smooth map of the same area. See lrlab/faithfulness.py for the method and references.
+With ``--out DIR`` the curves are also written as DIR/faithfulness.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lrlab import plots
+from lrlab.config import load_config
+from lrlab.faithfulness import cam_faithfulness, format_table
+from lrlab.interpret import CAM_METHODS, predict
+from lrlab.runner import cam_layer, eval_loader, load_data, new_model, precision_for
+
+
+def load_best(model: torch.nn.Module, path: Path) -> dict:
+    """Load ``path``'s model state. A checkpoint written before a layer gained a bias loads with
+    that bias at zero, which is the same function (said on stderr); anything else must match."""
+    state = torch.load(path, map_location="cpu")
+    missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    if unexpected or any(not k.endswith(".bias") for k in missing):
+        model.load_state_dict(state["model"])  # raises with torch's full message
+    current = model.state_dict()
+    for key in missing:
+        current[key].zero_()
+    if missing:
+        print(f"note: {path} predates the bias(es) {', '.join(missing)}; loaded them as zeros", file=sys.stderr)
+    return state
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--images", type=int, default=200, help="test images (class-balanced subset, seed 0)")
+    parser.add_argument("--methods", default=",".join(CAM_METHODS), help="comma-separated CAM methods")
+    parser.add_argument("--layer", help="target layer (comma-separated to fuse); default: the run's")
+    parser.add_argument("--data", type=Path, help="data path instead of the run's data.path")
+    parser.add_argument("--out", type=Path, help="also write faithfulness.json/.png into this folder")
+    args, overrides = parser.parse_known_args()
+    if args.data is not None:
+        overrides.append(f"data.path={args.data.resolve()}")
+    if args.layer:
+        layers = args.layer.split(",")
+        overrides.append(f"explain.target_layer={layers[0] if len(layers) == 1 else '[' + ', '.join(layers) + ']'}")
+    config = load_config(args.run_dir / "config.yaml", overrides)
+    start = time.perf_counter()
+    precision = precision_for(config)
+    data = load_data(config)
+    model = new_model(config, data, precision)
+    state = load_best(model, args.run_dir / "checkpoints" / "best.pt")
+    layer = cam_layer(config, model)
+    sample = data.test.subset(min(args.images, len(data.test)), seed=0)
+    x = torch.cat([xb for xb, _ in eval_loader(sample, data, precision)]).contiguous()
+    pred = predict(model, eval_loader(sample, data, precision), device=precision.device,
+                   autocast_dtype=precision.dtype, channels_last=precision.channels_last)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    result = cam_faithfulness(model, x, target_layer=layer, methods=methods, device=precision.device,
+                              autocast_dtype=precision.dtype, channels_last=precision.channels_last,
+                              progress=lambda m: print(f"measuring {m} ...", file=sys.stderr))
+    wall = time.perf_counter() - start
+    print(f"run {args.run_dir} (best.pt, epoch {state.get('epoch', '?')}); {len(x)} test images "
+          f"({100 * pred.accuracy:.1f}% top-1 on them, no TTA); layer {layer}; {precision.device}, "
+          f"autocast {precision.dtype}; torch {torch.__version__}; {torch.get_num_threads()} threads; "
+          f"mean p(predicted) on intact images {result.intact_confidence:.3f}; {wall:.0f} s")
+    print()
+    print(format_table(result))
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        result.save(args.out / "faithfulness.json")
+        plots.plot_faithfulness(result.fractions, result.keep, result.delete, args.out / "faithfulness.png",
+                                intact=result.intact_confidence)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,337 @@
+"""``lrlab compare``: train variants of one recipe and put them on the same axes.
+
+    lrlab compare RECIPE --vary train.optimizer=sgd,adam --vary train.lr=0.01,0.1
+
+Each ``--vary KEY=V1,V2,...`` is an axis (values are YAML, split at top-level commas, so
+``train.multistep.milestones=[3,6],[5,8]`` has two values); several axes make a grid. Each
+``--variant "[LABEL:] KEY=V KEY=V ..."`` adds one variant with several keys set together
+(e.g. plain SGD: ``"sgd: train.optimizer=sgd train.momentum=0"``); the runs are the
+explicit variants first, then the grid. Every variant is the recipe plus the common
+overrides plus its own, with the same seed, so the same initial weights and (at the same
+batch size) the same data order.
+
+All keys are checked and every variant's config validated before any training: a key that
+does not exist or an invalid value is a one-line error. A variant that fails while running
+is recorded in the table with its error, and the others still run.
+
+The compare folder ``<out>/<name>-compare-<stamp>/`` holds one run folder per variant and:
+
+    accuracy.png  loss.png   test top-1 accuracy / test loss of every variant against epoch
+    lr.png                   the lr of every step of every variant (and the batch size)
+    results.csv results.md   variant, best test accuracy, its epoch, final accuracy, lr, wall time
+    compare.json             the recipe, overrides, variants and results
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import re
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from lrlab import plots
+from lrlab.config import Config, load_config
+from lrlab.errors import LrlabError
+from lrlab.io import atomic_write_text, write_json
+from lrlab.schedules import check_lr_source
+
+
+@dataclass
+class Variant:
+    """One variant: a label for tables and legends and its ``section.key=value`` overrides."""
+
+    label: str
+    overrides: list[str]
+
+
+@dataclass
+class VariantResult:
+    """The outcome of one variant; metrics are None when it failed (see ``error``)."""
+
+    label: str
+    overrides: list[str]
+    status: str  # "ok" or "failed"
+    best_test_acc: float | None = None
+    best_epoch: int | None = None
+    final_test_acc: float | None = None
+    epochs: int | None = None
+    lr: float | None = None
+    wall_seconds: float | None = None
+    run_dir: str | None = None
+    error: str | None = None
+    history: list[dict] = field(default_factory=list, repr=False)
+    step_lrs: list[float] = field(default_factory=list, repr=False)
+    step_batch_sizes: list[int] = field(default_factory=list, repr=False)
+
+
+def split_values(text: str) -> list[str]:
+    """Split ``text`` at commas outside brackets, braces and quotes: ``"[3,6],[5,8]"`` ->
+    ``["[3,6]", "[5,8]"]``."""
+    parts, depth, quote, current = [], 0, None, []
+    for ch in text:
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append("".join(current).strip())
+            current = []
+            continue
+        current.append(ch)
+    parts.append("".join(current).strip())
+    return parts
+
+
+def split_words(text: str) -> list[str]:
+    """Split ``text`` at whitespace outside brackets, braces and quotes; quotes outside
+    brackets are removed as a shell would: ``"a={x: 1} b='c d'"`` -> ``["a={x: 1}", "b=c d"]``.
+
+    Raises:
+        LrlabError: an unclosed quote or bracket.
+    """
+    words, depth, quote, current, started = [], 0, None, [], False
+    for ch in text:
+        if quote:
+            if ch == quote:
+                quote = None
+                if depth == 0:
+                    continue
+            current.append(ch)
+        elif ch in "'\"":
+            quote, started = ch, True
+            if depth:
+                current.append(ch)
+        elif ch.isspace() and depth == 0:
+            if started:
+                words.append("".join(current))
+            current, started = [], False
+        else:
+            depth += ch in "[{("
+            depth -= ch in "]})"
+            current.append(ch)
+            started = True
+    if quote or depth:
+        raise LrlabError(f"{text!r} has an unclosed {'quote' if quote else 'bracket'}")
+    if started:
+        words.append("".join(current))
+    return words
+
+
+def check_key(key: str, flag: str = "--vary") -> None:
+    """Raise unless ``key`` (``section.key``) is a key of the experiment config; anything
+    below a free-form mapping (``model.kwargs.*``) is accepted.
+
+    Raises:
+        LrlabError: naming the key and listing the valid keys at the level it left the config.
+    """
+    parts = key.split(".")
+    model: type[BaseModel] = Config
+    for i, part in enumerate(parts):
+        fields = model.model_fields
+        where = f" in {'.'.join(parts[:i])}" if i else ""
+        if part not in fields:
+            raise LrlabError(f"{flag} key {key!r} does not exist; valid keys{where}: {', '.join(fields)}")
+        annotation = fields[part].annotation
+        last = i == len(parts) - 1
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            if last:
+                raise LrlabError(f"{flag} key {key!r} is a section; vary one of its keys: "
+                                 f"{', '.join(annotation.model_fields)}")
+            model = annotation
+        elif typing.get_origin(annotation) is dict or annotation is dict:
+            return
+        elif not last:
+            raise LrlabError(f"{flag} key {key!r} does not exist; {'.'.join(parts[:i + 1])} is a value, not a section")
+
+
+def _short(key: str) -> str:
+    """``train.optimizer`` -> ``optimizer`` for labels (the section name dropped)."""
+    return key.split(".", 1)[1] if "." in key else key
+
+
+def parse_vary(text: str) -> tuple[str, list[str]]:
+    """``"KEY=V1,V2"`` -> (KEY, [V1, V2]), the key checked with :func:`check_key`.
+
+    Raises:
+        LrlabError: no ``=``, no values, or a key that does not exist.
+    """
+    key, sep, values = text.partition("=")
+    key = key.strip()
+    if not sep or not key or not values.strip():
+        raise LrlabError(f"--vary {text!r} must look like section.key=value1,value2, e.g. train.optimizer=sgd,adam")
+    check_key(key)
+    return key, [v for v in split_values(values) if v]
+
+
+def parse_variant(text: str) -> Variant:
+    """``"[LABEL:] KEY=V KEY=V"`` -> Variant (entries split by :func:`split_words`; the label
+    defaults to the overrides without their section names).
+
+    Raises:
+        LrlabError: an entry without ``=`` or a key that does not exist.
+    """
+    label = None
+    head, colon, rest = text.partition(":")
+    if colon and "=" not in head:
+        label, text = head.strip(), rest
+    overrides = split_words(text)
+    if not overrides:
+        raise LrlabError(f"--variant {text!r} sets nothing; give KEY=VALUE pairs, e.g. \"train.optimizer=sgd train.momentum=0\"")
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        if not sep or not key.strip():
+            raise LrlabError(f"--variant entry {item!r} must look like section.key=value")
+        check_key(key.strip(), "--variant")
+    return Variant(label or " ".join(_short(o) for o in overrides), overrides)
+
+
+def build_variants(varies: Sequence[str] = (), variants: Sequence[str] = ()) -> list[Variant]:
+    """The explicit ``--variant`` variants, then the grid of the ``--vary`` axes.
+
+    Raises:
+        LrlabError: malformed input, a key that does not exist or is varied twice, no
+            variant at all, or two variants with the same label.
+    """
+    result = [parse_variant(v) for v in variants]
+    axes = [parse_vary(v) for v in varies]
+    keys = [k for k, _ in axes]
+    if len(set(keys)) != len(keys):
+        raise LrlabError(f"--vary names the same key twice ({', '.join(keys)}); give all its values in one --vary")
+    if axes:
+        for combo in itertools.product(*[values for _, values in axes]):
+            overrides = [f"{k}={v}" for k, v in zip(keys, combo)]
+            result.append(Variant(" ".join(_short(o) for o in overrides), overrides))
+    if not result:
+        raise LrlabError("compare needs at least one --vary KEY=V1,V2 or --variant \"KEY=V ...\"")
+    labels = [v.label for v in result]
+    dupes = sorted({x for x in labels if labels.count(x) > 1})
+    if dupes:
+        raise LrlabError(f"two variants are both labelled {dupes[0]!r}; give each --variant its own \"LABEL: ...\"")
+    return result
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-")[:60] or "variant"
+
+
+def _read_steps(run_dir: Path) -> tuple[list[float], list[int]]:
+    path = run_dir / "lr_steps.csv"
+    if not path.is_file():
+        return [], []
+    rows = list(csv.DictReader(path.read_text().splitlines()))
+    return [float(r["lr"]) for r in rows], [int(r["batch_size"]) if r["batch_size"] else 0 for r in rows]
+
+
+def _tables(results: list[VariantResult]) -> tuple[str, str]:
+    cols = ["variant", "status", "best_test_acc", "best_epoch", "final_test_acc", "epochs", "lr",
+            "wall_seconds", "run_dir", "error", "overrides"]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=cols)
+    writer.writeheader()
+    for r in results:
+        row = {k: v for k, v in asdict(r).items() if k in cols}
+        writer.writerow({**row, "variant": r.label, "overrides": " ".join(r.overrides)})
+    pct = lambda v: "" if v is None else f"{100 * v:.2f}"  # noqa: E731
+    lines = ["| variant | best top-1 (%) | at epoch | final top-1 (%) | lr | wall time (s) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in results:
+        if r.status == "ok":
+            lines.append(f"| {r.label} | {pct(r.best_test_acc)} | {r.best_epoch}/{r.epochs} | "
+                         f"{pct(r.final_test_acc)} | {r.lr:.3g} | {r.wall_seconds:.0f} |")
+        else:
+            lines.append(f"| {r.label} | failed: {(r.error or '').replace('|', '/')} | | | | |")
+    return buf.getvalue(), "\n".join(lines) + "\n"
+
+
+def run_compare(recipe: str | Path | None, overrides: Sequence[str], varies: Sequence[str] = (),
+                variants: Sequence[str] = (), out: str | Path = "runs", *,
+                steps: tuple[str, ...] = ("find-lr", "train"), callbacks=None,
+                on_variant: Callable[[int, int, str], None] | None = None,
+                on_result: Callable[[VariantResult], None] | None = None) -> dict:
+    """Run every variant (see the module docstring) into one new compare folder under ``out``.
+
+    Args:
+        recipe: YAML recipe (None: defaults).
+        overrides: ``section.key=value`` overrides common to every variant.
+        varies: ``KEY=V1,V2,...`` axes of the grid.
+        variants: ``"[LABEL:] KEY=V KEY=V"`` explicit variants.
+        out: parent folder of the compare folder.
+        steps: stages of each run: ("find-lr", "train") or ("train",).
+        callbacks: ``lrlab.runner.Callbacks`` passed to each run (progress bars).
+        on_variant: called as (index from 1, number of variants, label) before each run.
+        on_result: called with each VariantResult when its run ends.
+
+    Returns:
+        {"compare_dir", "variants": [result dicts without the curves], "failed": count,
+        "best": label of the best test accuracy or None}; also written to compare.json.
+
+    Raises:
+        LrlabError: bad input found before any training (see :func:`build_variants`), a
+            variant whose config is invalid, or a one-cycle / cyclic variant without a max_lr.
+    """
+    from lrlab.runner import Callbacks, new_run_dir, run_pipeline
+
+    todo = build_variants(varies, variants)
+    configs: list[Config] = []
+    for v in todo:
+        try:
+            config = load_config(recipe, list(overrides) + v.overrides + [f"name={_slug(v.label)}"])
+            if "train" in steps:
+                check_lr_source(config.train, "find-lr" in steps and config.lr_finder.enabled)
+        except LrlabError as e:
+            raise LrlabError(f"variant {v.label!r}: {e}") from None
+        configs.append(config)
+    base = load_config(recipe, list(overrides))
+    compare_dir = new_run_dir(out, f"{base.name}-compare")
+    results: list[VariantResult] = []
+    for i, (v, config) in enumerate(zip(todo, configs), start=1):
+        if on_variant is not None:
+            on_variant(i, len(todo), v.label)
+        try:
+            summary = run_pipeline(config, compare_dir, callbacks or Callbacks(), steps)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as e:  # a failed variant is reported, not fatal
+            message = str(e) if isinstance(e, LrlabError) else f"{type(e).__name__}: {e}"
+            dirs = sorted(compare_dir.glob(f"{_slug(v.label)}-[0-9]*"))
+            result = VariantResult(v.label, v.overrides, "failed", error=message.splitlines()[0] if message else "",
+                                   run_dir=str(dirs[-1]) if dirs else None)
+        else:
+            run_dir = Path(summary["run_dir"])
+            history = json.loads((run_dir / "history.json").read_text()) if "train" in steps else []
+            lrs, sizes = _read_steps(run_dir)
+            result = VariantResult(v.label, v.overrides, "ok", summary.get("best_test_acc"), summary.get("best_epoch"),
+                                   summary.get("final_test_acc"), summary.get("epochs"), summary.get("lr"),
+                                   summary.get("wall_seconds"), str(run_dir), history=history,
+                                   step_lrs=lrs, step_batch_sizes=sizes)
+        results.append(result)
+        if on_result is not None:
+            on_result(result)
+
+    done = [r for r in results if r.status == "ok" and r.history]
+    if done:
+        plots.plot_compare({r.label: r.history for r in done}, "test_acc", compare_dir / "accuracy.png")
+        plots.plot_compare({r.label: r.history for r in done}, "test_loss", compare_dir / "loss.png")
+        plots.plot_lr_steps({r.label: (r.step_lrs, r.step_batch_sizes) for r in done}, compare_dir / "lr.png")
+    csv_text, md_text = _tables(results)
+    atomic_write_text(compare_dir / "results.csv", csv_text)
+    atomic_write_text(compare_dir / "results.md", md_text)
+    best = max(done, key=lambda r: r.best_test_acc or 0.0).label if done else None
+    rows = [{k: v for k, v in asdict(r).items() if k not in ("history", "step_lrs", "step_batch_sizes")}
+            for r in results]
+    summary = {"compare_dir": str(compare_dir), "recipe": str(recipe) if recipe else None,
+               "overrides": list(overrides), "steps": list(steps), "variants": rows,
+               "failed": sum(r.status != "ok" for r in results), "best": best}
+    write_json(compare_dir / "compare.json", summary)
+    return summary

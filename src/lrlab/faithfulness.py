@@ -1,0 +1,299 @@
+"""Do the class activation maps point at what the model uses? Keep / delete tests per CAM method.
+
+For each image, the pixels are ranked by the map of the predicted class. Two curves of the
+model's probability for that (originally predicted) class are measured, each as a function of
+the share ``f`` of pixels:
+
+- **keep** ("insertion" with a mean baseline): only the top-``f`` pixels of the map stay, the
+  others are set to the dataset mean (0 after normalisation). A faithful map keeps the
+  confidence high with few pixels; the *drop* ``p(intact) - p(kept)`` is small. This is the
+  "Average Drop" idea of Chattopadhyay et al. 2018 (Grad-CAM++, arXiv:1710.11063) with a hard
+  top-k mask.
+- **delete**: the top-``f`` pixels are set to the mean, the rest stay. A faithful map makes
+  the confidence fall fast (Petsiuk et al. 2018, RISE, arXiv:1806.07421, "deletion").
+
+The baseline is a *random map of the same area and smoothness*: uniform noise at the target
+layer's resolution (e.g. 8x8), upsampled bilinearly to the image like a CAM, so the random
+regions are blobs of the same size as the CAM's, not scattered pixels (scattered pixels keep
+a low-resolution copy of the whole image and would make a poor, flattering baseline).
+
+Example::
+
+    result = cam_faithfulness(model, x, target_layer="block2", methods=("gradcam", "scorecam"))
+    print(format_table(result))
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lrlab.device import autocast
+from lrlab.errors import LrlabError
+from lrlab.interpret import CAM_METHODS, _eval_mode, _model_device, class_activation_maps, target_layers
+from lrlab.io import write_json
+
+__all__ = ["FRACTIONS", "FaithfulnessResult", "cam_faithfulness", "format_table", "keep_masks", "random_maps"]
+
+FRACTIONS = (0.0, 0.05, 0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+"""Default shares of pixels at which the keep and delete curves are measured."""
+
+RANDOM = "random"
+"""Key of the random-map baseline in :class:`FaithfulnessResult` curves."""
+
+TABLE_AT = (0.1, 0.25, 0.5)
+"""Shares of kept pixels reported in :func:`format_table`."""
+
+
+@dataclass
+class FaithfulnessResult:
+    """Mean confidence curves per CAM method and for the random baseline.
+
+    Attributes:
+        fractions: (F,) shares of pixels in [0, 1], increasing.
+        methods: the CAM methods measured (keys of the curves besides ``"random"``).
+        keep: method or "random" -> (F,) mean probability of the originally predicted class
+            when only the top-f pixels of the map are kept (the rest set to the mean).
+        delete: method or "random" -> (F,) the same when the top-f pixels are set to the mean.
+        intact_confidence: mean probability of the predicted class on the intact images.
+        cam_seconds_per_image: method -> wall seconds per image to compute its maps.
+        num_images: N, the number of images averaged over.
+        target_layer: the layer name(s) the maps were computed on.
+        random_grid: (h, w) resolution of the random baseline maps.
+    """
+
+    fractions: list[float]
+    methods: list[str]
+    keep: dict[str, list[float]]
+    delete: dict[str, list[float]]
+    intact_confidence: float
+    cam_seconds_per_image: dict[str, float]
+    num_images: int
+    target_layer: list[str]
+    random_grid: list[int]
+
+    def drop_at(self, name: str, fraction: float) -> float:
+        """Mean drop in confidence (probability, 0..1) when only the top ``fraction`` is kept."""
+        i = self._index(fraction)
+        return self.intact_confidence - self.keep[name][i]
+
+    def auc(self, name: str, curve: str) -> float:
+        """Area under the ``curve`` ("keep" or "delete") of ``name`` over the fractions (trapezoid)."""
+        ys = (self.keep if curve == "keep" else self.delete)[name]
+        xs = self.fractions
+        return float(sum((xs[i + 1] - xs[i]) * (ys[i + 1] + ys[i]) / 2 for i in range(len(xs) - 1)))
+
+    def _index(self, fraction: float) -> int:
+        for i, f in enumerate(self.fractions):
+            if abs(f - fraction) < 1e-9:
+                return i
+        raise LrlabError(f"fraction {fraction:g} was not measured; measured: {', '.join(f'{f:g}' for f in self.fractions)}")
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict (``save`` writes it; ``from_dict`` reads it back)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> FaithfulnessResult:
+        return cls(**data)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the result as JSON to ``path`` atomically; return the Path."""
+        write_json(path, self.to_dict())
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> FaithfulnessResult:
+        """Read what :meth:`save` wrote (raises OSError / ValueError / TypeError when it is not one)."""
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _ranks(maps: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """(N, H, W) maps -> (N, H*W) int64 rank of each pixel, 0 = highest value.
+
+    Ties (e.g. the zero region of a ReLU'd map) are broken at random, not by pixel position,
+    so that equal pixels are not always taken from the top of the image first.
+    """
+    flat = maps.flatten(1)
+    shuffle = torch.argsort(torch.rand(flat.shape, generator=generator), dim=1)
+    # A stable sort of randomly shuffled pixels: equal values end up in random order.
+    order = shuffle.gather(1, torch.sort(flat.gather(1, shuffle), dim=1, descending=True, stable=True).indices)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(flat.shape[1]).expand_as(order).contiguous())
+    return ranks
+
+
+def keep_masks(maps: torch.Tensor, fraction: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(N, 1, H, W) float32 masks with exactly ``round(fraction * H * W)`` ones per image: the
+    pixels where ``maps`` (N, H, W) is highest (ties broken at random with ``generator``).
+
+    Raises:
+        ValueError: ``fraction`` outside [0, 1] or ``maps`` not (N, H, W).
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    if maps.ndim != 3:
+        raise ValueError(f"maps must be (N, H, W), got {tuple(maps.shape)}")
+    n, h, w = maps.shape
+    ranks = _ranks(maps.detach().cpu(), generator or torch.Generator().manual_seed(0))
+    return (ranks < round(fraction * h * w)).float().view(n, 1, h, w)
+
+
+def random_maps(n: int, size: tuple[int, int], grid: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    """(n, H, W) float32 random maps: uniform noise on a ``grid`` (h, w), upsampled bilinearly to
+    ``size`` (H, W), i.e. random blobs as smooth as a CAM of a layer with that resolution."""
+    noise = torch.rand(n, 1, *grid, generator=generator)
+    return F.interpolate(noise, size=size, mode="bilinear", align_corners=False).squeeze(1)
+
+
+def _layer_grid(model: nn.Module, layers: list[str], x: torch.Tensor) -> tuple[int, int]:
+    """Spatial (h, w) of the finest of ``layers`` for input ``x`` (one forward pass, hooks removed)."""
+    sizes: list[tuple[int, int]] = []
+    modules = dict(model.named_modules())
+    handles = [modules[name].register_forward_hook(lambda m, i, o: sizes.append(tuple(o.shape[-2:])))
+               for name in layers]
+    try:
+        with _eval_mode(model), torch.inference_mode():
+            model(x[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return max(sizes, key=lambda s: s[0] * s[1]) if sizes else tuple(x.shape[-2:])
+
+
+def _confidence(model, x, cls, device, autocast_dtype, batch_size, channels_last) -> torch.Tensor:
+    """(N,) float32 probability of class ``cls`` for each image of ``x`` (N, 3, H, W)."""
+    out = []
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    with _eval_mode(model), torch.inference_mode():
+        for s in range(0, len(x), batch_size):
+            xb = x[s:s + batch_size].to(device, memory_format=memory_format)
+            with autocast(device, autocast_dtype):
+                p = torch.softmax(model(xb).float(), dim=1)
+            out.append(p.gather(1, cls[s:s + batch_size].to(device).view(-1, 1)).squeeze(1).cpu())
+    return torch.cat(out)
+
+
+def cam_faithfulness(
+    model: nn.Module,
+    images: torch.Tensor,
+    *,
+    target_layer: str | Sequence[str],
+    methods: Sequence[str] = CAM_METHODS,
+    fractions: Sequence[float] = FRACTIONS,
+    device: torch.device | str | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    batch_size: int = 500,
+    random_repeats: int = 3,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> FaithfulnessResult:
+    """Keep and delete curves of the predicted class's confidence for each CAM method.
+
+    Args:
+        model: a classifier returning (B, K) logits (eval mode during the call, restored after).
+        images: (N, 3, H, W) float, normalised (so 0 is the dataset mean, the fill value).
+        target_layer: layer name or list of names (see ``lrlab.interpret.layer_names``).
+        methods: CAM methods from ``lrlab.interpret.CAM_METHODS``.
+        fractions: shares of pixels in [0, 1] at which to measure the curves.
+        device: where to run; default the device of the model's parameters.
+        autocast_dtype: dtype of the confidence forward passes (e.g. torch.bfloat16, as the
+            model is evaluated in training); the maps themselves are computed in float32.
+        channels_last: feed the confidence passes in channels_last memory format.
+        batch_size: images per confidence forward pass.
+        random_repeats: random maps per image for the baseline (averaged).
+        seed: seed of the random maps and of the tie-breaking.
+        progress: called with the name of each method before it is measured.
+
+    Returns:
+        A :class:`FaithfulnessResult`. Wall times include only the map computation.
+
+    Raises:
+        LrlabError: unknown method or layer (lists the valid ones); a fraction outside [0, 1].
+    """
+    for m in methods:
+        if m not in CAM_METHODS:
+            raise LrlabError(f"CAM method {m!r} is not known; valid methods: {', '.join(CAM_METHODS)}")
+    fractions = sorted(float(f) for f in fractions)
+    if not fractions or fractions[0] < 0 or fractions[-1] > 1:
+        raise LrlabError(f"faithfulness fractions must lie in [0, 1], got {fractions}")
+    layers = target_layers(model, target_layer)
+    device = torch.device(device) if device is not None else _model_device(model)
+    x = torch.as_tensor(images).detach().float().cpu()
+    n, _, h, w = x.shape
+    conf = lambda xs, c: _confidence(model, xs, c, device, autocast_dtype, batch_size, channels_last)  # noqa: E731
+
+    with _eval_mode(model), torch.inference_mode():
+        mf = torch.channels_last if channels_last else torch.contiguous_format
+        with autocast(device, autocast_dtype):
+            preds = torch.cat([model(x[s:s + batch_size].to(device, memory_format=mf)).argmax(1).cpu()
+                               for s in range(0, n, batch_size)])
+    intact = conf(x, preds)
+    gen = torch.Generator().manual_seed(seed)
+
+    ks = torch.tensor([round(f * h * w) for f in fractions]).view(-1, 1, 1, 1, 1)  # (F, 1, 1, 1, 1)
+
+    def curves(maps_list: list[torch.Tensor]) -> tuple[list[float], list[float]]:
+        """Mean keep / delete confidence per fraction, averaged over the maps in ``maps_list``."""
+        keep, delete = torch.zeros(len(fractions)), torch.zeros(len(fractions))
+        cls = preds.repeat(len(fractions))
+        for mp in maps_list:
+            ranks = _ranks(mp, gen).view(1, n, 1, h, w)
+            kept = (ranks < ks).float()  # (F, N, 1, H, W): one masked copy of every image per fraction
+            for sign, acc in ((kept, keep), (1.0 - kept, delete)):
+                p = conf((x.unsqueeze(0) * sign).flatten(0, 1), cls).view(len(fractions), n)
+                acc += p.mean(1) / len(maps_list)
+        return keep.tolist(), delete.tolist()
+
+    keep_curves: dict[str, list[float]] = {}
+    delete_curves: dict[str, list[float]] = {}
+    seconds: dict[str, float] = {}
+    for method in methods:
+        if progress is not None:
+            progress(method)
+        # One image first, untimed, so that one-off warm-up costs do not count for the first method.
+        class_activation_maps(model, x[:1], preds[:1], target_layer=layers, method=method, device=device)
+        start = time.perf_counter()
+        maps = class_activation_maps(model, x, preds, target_layer=layers, method=method, device=device)
+        seconds[method] = (time.perf_counter() - start) / max(n, 1)
+        keep_curves[method], delete_curves[method] = curves([maps])
+    grid = _layer_grid(model, layers, x.to(device))
+    rand = [random_maps(n, (h, w), grid, gen) for _ in range(max(1, random_repeats))]
+    keep_curves[RANDOM], delete_curves[RANDOM] = curves(rand)
+    return FaithfulnessResult(fractions=fractions, methods=list(methods), keep=keep_curves, delete=delete_curves,
+                              intact_confidence=intact.mean().item(), cam_seconds_per_image=seconds,
+                              num_images=n, target_layer=layers, random_grid=list(grid))
+
+
+def table_rows(result: FaithfulnessResult, at: Sequence[float] = TABLE_AT) -> list[list[str]]:
+    """Header + one row per method + the random baseline, as strings (see :func:`format_table`)."""
+    header = ["method"] + [f"drop, top {100 * f:g}% kept" for f in at] + ["keep AUC (higher better)",
+                                                                          "deletion AUC (lower better)",
+                                                                          "ms / image"]
+    rows = [header]
+    for name in [*result.methods, RANDOM]:
+        label = f"random map ({result.random_grid[0]}x{result.random_grid[1]}, same area)" if name == RANDOM else name
+        ms = result.cam_seconds_per_image.get(name)
+        rows.append([label] + [f"{100 * result.drop_at(name, f):.1f} pp" for f in at]
+                    + [f"{result.auc(name, 'keep'):.3f}", f"{result.auc(name, 'delete'):.3f}",
+                       "-" if ms is None else f"{1000 * ms:.1f}"])
+    return rows
+
+
+def format_table(result: FaithfulnessResult, at: Sequence[float] = TABLE_AT) -> str:
+    """A Markdown table: per method, the drop in the predicted class's mean probability (in
+    percentage points) when only the top 10/25/50% of pixels are kept, the areas under the keep
+    and delete curves, and the map time per image; the random baseline last."""
+    rows = table_rows(result, at)
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    return "\n".join(lines)

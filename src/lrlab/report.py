@@ -1,0 +1,393 @@
+"""One self-contained HTML page per run folder: ``report.html``.
+
+The page reads only the files of the run folder (config.yaml, summary.json, history.json,
+lr_finder.json, per_class.json, mistakes.json, faithfulness.json and the PNG figures), so it
+needs no model and no second pass over the data. Figures are embedded as base64 ``data:``
+URIs (re-encoded as 256-colour PNGs, at most :data:`MAX_WIDTH` pixels wide, to keep the page
+light); there is no JavaScript and no external CSS, so the page reads the same offline, from
+a file:// URL, in any browser. Every section is always present: when its files are missing
+(e.g. a find-lr-only run) it says so in one sentence instead.
+
+    lrlab report runs/cifar10-quick-20261122-052508     # rebuilds report.html in that folder
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from lrlab.errors import LrlabError
+from lrlab.io import atomic_write_text
+
+__all__ = ["MAX_WIDTH", "REPORT_NAME", "SECTIONS", "build_report", "embed_png", "write_report"]
+
+REPORT_NAME = "report.html"
+MAX_WIDTH = 1400
+"""Embedded figures wider than this many pixels are scaled down (aspect ratio kept)."""
+
+SECTIONS = (
+    ("summary", "Summary"),
+    ("config", "Config"),
+    ("range-test", "LR range test"),
+    ("curves", "Loss and accuracy"),
+    ("lr-schedule", "Learning-rate schedule"),
+    ("confusion", "Confusion and per-class accuracy"),
+    ("mistakes", "Mistakes and class activation maps"),
+    ("faithfulness", "CAM faithfulness"),
+    ("files", "Files"),
+)
+"""(id, heading) of every section of the page, in order."""
+
+CSS = """
+body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;color:#1d2430;
+background:#f6f7f9;margin:0}
+main{max-width:1180px;margin:0 auto;padding:8px 20px 40px}
+header{background:#1f3a5f;color:#fff;padding:18px 20px}
+header h1{margin:0 0 4px;font-size:24px}header p{margin:0;opacity:.85}
+nav{max-width:1180px;margin:0 auto;padding:8px 20px;font-size:14px}
+nav a{margin-right:14px;color:#1f3a5f}
+section{background:#fff;border:1px solid #dde2ea;border-radius:8px;margin:18px 0;padding:6px 20px 16px}
+h2{font-size:19px;border-bottom:1px solid #e6e9ef;padding-bottom:6px}
+h3{font-size:15px;margin:18px 0 6px}
+img{max-width:100%;height:auto;display:block;margin:8px 0}
+.row{display:flex;flex-wrap:wrap;gap:12px}.row figure{flex:1 1 480px;margin:0}
+figure{margin:8px 0}figcaption{font-size:13px;color:#5a6472}
+table{border-collapse:collapse;font-size:14px;margin:8px 0}
+th,td{border:1px solid #dde2ea;padding:3px 9px;text-align:left}th{background:#f0f2f6}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
+pre{background:#f4f5f8;border:1px solid #e1e4ea;padding:10px;overflow:auto;max-height:420px;font-size:13px}
+.missing{color:#7a5a00;background:#fff8e1;border:1px solid #f3e2a9;padding:8px 12px;border-radius:6px}
+.big{font-size:30px;font-weight:600;color:#1f3a5f}
+.note{font-size:13px;color:#5a6472}
+"""
+
+
+# --------------------------------------------------------------------------- reading the run folder
+
+
+def _read_json(path: Path) -> Any:
+    """The parsed JSON file, or None when it is missing or unreadable (a section then degrades)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def embed_png(path: str | os.PathLike, max_width: int = MAX_WIDTH) -> str | None:
+    """A ``data:image/png;base64,...`` URI of the image at ``path``, or None if it is unreadable.
+
+    The image is flattened onto white, scaled down to at most ``max_width`` pixels wide
+    (Lanczos) and re-encoded as a 256-colour PNG (fast octree palette, no dithering): about 3x
+    smaller than matplotlib's RGBA output, at little visible cost for plots and heatmaps.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("RGBA", "LA", "P"):
+                rgba = im.convert("RGBA")
+                rgb = Image.new("RGB", rgba.size, (255, 255, 255))
+                rgb.paste(rgba, mask=rgba.getchannel("A"))
+            else:
+                rgb = im.convert("RGB")
+    except (OSError, UnidentifiedImageError):
+        return None
+    if rgb.width > max_width:
+        rgb = rgb.resize((max_width, round(rgb.height * max_width / rgb.width)), Image.Resampling.LANCZOS)
+    small = rgb.quantize(colors=256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
+    buf = io.BytesIO()
+    small.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+# --------------------------------------------------------------------------- HTML helpers
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _pct(value: Any, digits: int = 2) -> str:
+    return f"{100 * value:.{digits}f}%" if isinstance(value, (int, float)) and math.isfinite(value) else "-"
+
+
+def _num(value: Any, fmt: str = ".3g") -> str:
+    return format(value, fmt) if isinstance(value, (int, float)) and math.isfinite(value) else "-"
+
+
+def _missing(text: str) -> str:
+    return f'<p class="missing">{_e(text)}</p>'
+
+
+def _table(header: list[str], rows: list[list[str]], numeric: set[int] = frozenset()) -> str:
+    """An HTML table; cells are escaped here; columns in ``numeric`` are right-aligned."""
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f'<td class="num">{_e(c)}</td>' if j in numeric else f"<td>{_e(c)}</td>"
+                                    for j, c in enumerate(r)) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _figure(run_dir: Path, name: str, caption: str) -> str | None:
+    """A <figure> embedding ``run_dir/name``, or None when the file is missing or unreadable."""
+    uri = embed_png(run_dir / name) if (run_dir / name).is_file() else None
+    if uri is None:
+        return None
+    return (f'<figure><img src="{uri}" alt="{_e(caption)}" title="{_e(name)}">'
+            f"<figcaption>{_e(caption)} ({_e(name)})</figcaption></figure>")
+
+
+def _figures(run_dir: Path, items: list[tuple[str, str]], row: bool = False) -> str:
+    figs = [f for f in (_figure(run_dir, n, c) for n, c in items) if f]
+    if not figs:
+        return ""
+    return f'<div class="row">{"".join(figs)}</div>' if row else "".join(figs)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _best(summary: dict, history: list | None) -> tuple[float | None, int | None, int | None]:
+    """(top test accuracy, its epoch, number of epochs) from summary.json, else history.json."""
+    if "best_test_acc" in summary:
+        return summary.get("best_test_acc"), summary.get("best_epoch"), summary.get("epochs")
+    if history:
+        best = max(history, key=lambda r: (r.get("test_acc") or -1, -r.get("epoch", 0)))
+        return best.get("test_acc"), best.get("epoch"), len(history)
+    return None, None, None
+
+
+def _summary_section(run_dir: Path, ctx: dict) -> str:
+    summary, history = ctx["summary"], ctx["history"]
+    if not summary and not history:
+        return _missing("summary.json and history.json are missing: this run did not finish.")
+    acc, epoch, epochs = _best(summary, history)
+    parts = []
+    if acc is not None:
+        parts.append(f'<p><span class="big">{_pct(acc)}</span> top-1 test accuracy, reached at epoch '
+                     f"{_e(epoch)} of {_e(epochs)}.</p>")
+    else:
+        parts.append("<p>No training in this run (no test accuracy).</p>")
+    rows = []
+    labels = [("final_test_acc", "final test accuracy", _pct), ("lr", "learning rate (peak / initial, per step)", _num),
+              ("lr_suggestion", "range-test suggestion", _num), ("train_images", "training images", str),
+              ("test_images", "test images", str), ("device", "device", str), ("autocast", "autocast dtype", str),
+              ("train_seconds", "training time (s)", lambda v: _num(v, ".0f")),
+              ("wall_seconds", "wall time, whole command (s)", lambda v: _num(v, ".0f")),
+              ("source_run", "explained run", str)]
+    for key, label, fmt in labels:
+        if summary.get(key) is not None:
+            rows.append([label, fmt(summary[key])])
+    if rows:
+        parts.append(_table(["", "value"], rows))
+    return "".join(parts)
+
+
+def _config_section(run_dir: Path, ctx: dict) -> str:
+    text = _read_text(run_dir / "config.yaml")
+    if text is None:
+        return _missing("config.yaml is missing.")
+    return f'<p class="note">The fully resolved config of this run (config.yaml).</p><pre>{_e(text)}</pre>'
+
+
+def _range_test_section(run_dir: Path, ctx: dict) -> str:
+    data = _read_json(run_dir / "lr_finder.json")
+    fig = _figure(run_dir, "lr_finder.png", "training loss against learning rate during the range test")
+    if data is None and fig is None:
+        return _missing("No LR range test in this run (lr_finder.json not found).")
+    parts = [fig or _missing("lr_finder.png is missing.")]
+    if isinstance(data, dict):
+        rows = []
+        sugg = data.get("suggestion")
+        rows.append([f"{data.get('method', 'steepest')} descent of the smoothed loss (used)",
+                     _num(sugg) if sugg is not None else "none"])
+        smoothed = [v for v in (data.get("smoothed") or []) if isinstance(v, (int, float)) and math.isfinite(v)]
+        lrs = data.get("lrs") or []
+        if smoothed and len(lrs) == len(data.get("smoothed")):
+            i = min(range(len(lrs)), key=lambda k: data["smoothed"][k] if data["smoothed"][k] is not None
+                    and math.isfinite(data["smoothed"][k]) else math.inf)
+            rows.append(["minimum of the smoothed loss / 10 (rule of thumb)", _num(lrs[i] / 10)])
+        rows.append(["range tested", f"{_num(data.get('start_lr'))} to {_num(data.get('end_lr'))}, "
+                                     f"{len(lrs)} steps ({data.get('stop_reason', '?')})"])
+        parts.append(_table(["suggestion", "learning rate"], rows))
+    return "".join(parts)
+
+
+def _curves_section(run_dir: Path, ctx: dict) -> str:
+    figs = _figures(run_dir, [("loss.png", "train and test loss per epoch"),
+                              ("accuracy.png", "train and test top-1 accuracy per epoch")], row=True)
+    history = ctx["history"]
+    if not figs and not history:
+        return _missing("No training in this run (history.json and the curves are missing).")
+    parts = [figs]
+    if history:
+        rows = [[r.get("epoch"), _num(r.get("train_loss"), ".4f"), _pct(r.get("train_acc")),
+                 _num(r.get("test_loss"), ".4f"), _pct(r.get("test_acc")), _num(r.get("lr")),
+                 _num(r.get("seconds"), ".1f")] for r in history]
+        parts.append("<h3>Per epoch</h3>" + _table(
+            ["epoch", "train loss", "train acc", "test loss", "test acc", "lr", "seconds"], rows, set(range(7))))
+    return "".join(parts)
+
+
+def _lr_section(run_dir: Path, ctx: dict) -> str:
+    figs = _figures(run_dir, [("lr.png", "learning rate at the end of each epoch"),
+                              ("lr_steps.png", "learning rate (and batch size) at every optimizer step"),
+                              ("plateaus.png", "test-loss plateaus")])
+    return figs or _missing("No training in this run (lr.png not found).")
+
+
+def _confusion_section(run_dir: Path, ctx: dict) -> str:
+    data = _read_json(run_dir / "per_class.json")
+    fig = _figure(run_dir, "confusion.png", "confusion matrix: counts and percent of each true class")
+    if data is None and fig is None:
+        return _missing("No confusion matrix in this run (per_class.json not found; it is written by explain).")
+    parts = [fig or ""]
+    if isinstance(data, dict):
+        parts.append(f"<p>Top-1 accuracy {_pct(data.get('accuracy'))} on {_e(data.get('num_images'))} test images "
+                     f"(the predictions of the best checkpoint, saved in predictions.pt).</p>")
+        per_class = sorted(data.get("per_class", []), key=lambda c: (c.get("accuracy") is None, c.get("accuracy")))
+        rows = [[c.get("class"), _pct(c.get("accuracy"), 1), c.get("correct"), c.get("images"), c.get("predicted")]
+                for c in per_class]
+        pairs = [[p.get("true"), p.get("pred"), p.get("count"), _pct(p.get("fraction"), 1)]
+                 for p in data.get("most_confused", [])]
+        parts.append('<div class="row"><div><h3>Per-class accuracy (worst first)</h3>'
+                     + _table(["class", "accuracy", "correct", "images", "times predicted"], rows, {1, 2, 3, 4})
+                     + "</div><div><h3>Most-confused pairs</h3>"
+                     + (_table(["true class", "predicted as", "images", "% of true class"], pairs, {2, 3})
+                        if pairs else "<p>No mistakes.</p>") + "</div></div>")
+    return "".join(parts)
+
+
+def _mistakes_section(run_dir: Path, ctx: dict) -> str:
+    data = _read_json(run_dir / "mistakes.json")
+    if not isinstance(data, dict):
+        return _missing("No mistakes studied in this run (mistakes.json not found; it is written by explain).")
+    mistakes = data.get("mistakes", [])
+    layer = data.get("target_layer")
+    layer = ", ".join(layer) if isinstance(layer, list) else layer
+    method = data.get("method", "gradcam")
+    select = {"loss": "highest loss first", "confidence": "most confident wrong first",
+              "first": "in test-set order"}.get(data.get("select", "loss"), data.get("select"))
+    parts = [f"<p>{len(mistakes)} misclassified test images, {_e(select)}; class activation maps by "
+             f"<b>{_e(method)}</b> on layer <b>{_e(layer)}</b>. Left: the image; middle: where the map of the "
+             f"predicted class is high (why it said so); right: the map of the true class.</p>"]
+    if not mistakes:
+        parts.append("<p>The model made no mistakes on the test set.</p>")
+        return "".join(parts)
+    fig = (_figure(run_dir, "gradcam_pred_true.png", "image | map of the predicted class | map of the true class")
+           or _figure(run_dir, "gradcam.png", "class activation map of the predicted class")
+           or _figure(run_dir, "misclassified.png", "misclassified test images"))
+    parts.append(fig or _missing("The mistake figures are missing."))
+    rows = [[k + 1, m.get("index"), m.get("pred"), _num(m.get("prob"), ".2f"), m.get("true"),
+             _num(m.get("prob_true"), ".2f") if "prob_true" in m else "-"] for k, m in enumerate(mistakes)]
+    parts.append("<h3>The images</h3>" + _table(
+        ["#", "test index", "predicted", "p(predicted)", "true", "p(true)"], rows, {0, 1, 3, 5}))
+    return "".join(parts)
+
+
+def _faithfulness_section(run_dir: Path, ctx: dict) -> str:
+    data = _read_json(run_dir / "faithfulness.json")
+    if not isinstance(data, dict):
+        return _missing("Not measured in this run (set explain.faithfulness_images=200 to compare the CAM methods, "
+                        "or run benchmarks/cam_faithfulness.py on this folder).")
+    from lrlab.faithfulness import FaithfulnessResult, table_rows
+
+    try:
+        result = FaithfulnessResult.from_dict(data)
+        rows = table_rows(result)
+    except (TypeError, KeyError, ValueError, LrlabError):
+        return _missing("faithfulness.json could not be read.")
+    parts = [f"<p>On {result.num_images} test images: the probability of the predicted class when only the "
+             f"top-k% pixels of its map are kept (the rest set to the dataset mean), against a random smooth map "
+             f"of the same area; and when those pixels are removed instead. Intact images: "
+             f"{_pct(result.intact_confidence, 1)} mean confidence. A small drop and a low deletion AUC "
+             f"mean the map points at what the model uses.</p>",
+             _figure(run_dir, "faithfulness.png", "keep and delete curves per CAM method") or "",
+             _table(rows[0], rows[1:], set(range(1, len(rows[0]))))]
+    return "".join(parts)
+
+
+def _files_section(run_dir: Path, ctx: dict) -> str:
+    names = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*")
+                   if p.is_file() and not p.name.startswith(".") and p.name != REPORT_NAME)
+    if not names:
+        return _missing("The run folder is empty.")
+    items = "".join(f'<li><a href="{_e(n)}">{_e(n)}</a></li>' for n in names)
+    return f'<p class="note">Everything in the run folder, next to this page:</p><ul>{items}</ul>'
+
+
+_BUILDERS = {
+    "summary": _summary_section,
+    "config": _config_section,
+    "range-test": _range_test_section,
+    "curves": _curves_section,
+    "lr-schedule": _lr_section,
+    "confusion": _confusion_section,
+    "mistakes": _mistakes_section,
+    "faithfulness": _faithfulness_section,
+    "files": _files_section,
+}
+
+
+# --------------------------------------------------------------------------- the page
+
+
+def build_report(run_dir: str | os.PathLike) -> str:
+    """The HTML text of the report of ``run_dir`` (nothing is written).
+
+    Every section of :data:`SECTIONS` is present, as ``<section id="...">`` with an ``<h2>``;
+    one whose files are missing holds a ``<p class="missing">`` sentence instead.
+
+    Raises:
+        LrlabError: ``run_dir`` is not a folder.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise LrlabError(f"run folder {run_dir} does not exist; pass the folder of a run (it holds config.yaml)")
+    summary = _read_json(run_dir / "summary.json")
+    history = _read_json(run_dir / "history.json")
+    ctx = {"summary": summary if isinstance(summary, dict) else {},
+           "history": history if isinstance(history, list) else None}
+    name = run_dir.name
+    body = []
+    for sid, heading in SECTIONS:
+        try:
+            content = _BUILDERS[sid](run_dir, ctx)
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:  # a malformed file
+            content = _missing(f"This section could not be built ({type(exc).__name__}: {exc}).")
+        body.append(f'<section id="{sid}"><h2>{_e(heading)}</h2>{content}</section>')
+    nav = "".join(f'<a href="#{sid}">{_e(h)}</a>' for sid, h in SECTIONS)
+    stamp = datetime.now().strftime("%Y-%m-%d %H:%M")
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>lrlab report: {_e(name)}</title><style>{CSS}</style></head><body>"
+            f"<header><h1>{_e(name)}</h1><p>lrlab run report, built {_e(stamp)} from the files of "
+            f"{_e(run_dir.resolve())}</p></header><nav>{nav}</nav><main>{''.join(body)}</main></body></html>\n")
+
+
+def write_report(run_dir: str | os.PathLike) -> Path:
+    """Build the report of ``run_dir`` and write it to ``run_dir/report.html`` atomically
+    (temporary file, then rename); return its Path. Rebuilding replaces only report.html.
+
+    Raises:
+        LrlabError: ``run_dir`` is not a folder.
+    """
+    # ASCII with character references: the page reads right whatever the file system's encoding.
+    text = build_report(run_dir).encode("ascii", "xmlcharrefreplace").decode("ascii")
+    path = Path(run_dir) / REPORT_NAME
+    atomic_write_text(path, text)
+    return path
