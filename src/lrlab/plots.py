@@ -438,7 +438,7 @@ def _cam_pairs_figure(
         for j, (ax, caption) in enumerate(zip(axes, captions, strict=True)):
             ax.imshow(img, interpolation="nearest", cmap=gray)
             if j:
-                ax.imshow(maps[j - 1][i], cmap=cmap, alpha=alpha, vmin=0.0, vmax=1.0, interpolation="bilinear")
+                ax.imshow(maps[j - 1][i], cmap=cmap, alpha=alpha, vmin=0.0, vmax=1.0, interpolation="nearest")
             ax.set_xlabel(caption, fontsize=7, labelpad=2)
             ax.set_xticks([])
             ax.set_yticks([])

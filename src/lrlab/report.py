@@ -29,7 +29,7 @@ from lrlab.io import atomic_write_text
 __all__ = ["MAX_WIDTH", "REPORT_NAME", "SECTIONS", "build_report", "embed_png", "write_report"]
 
 REPORT_NAME = "report.html"
-MAX_WIDTH = 1400
+MAX_WIDTH = 1600
 """Embedded figures wider than this many pixels are scaled down (aspect ratio kept)."""
 
 SECTIONS = (
