@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
 from lrlab.errors import LrlabError
@@ -26,23 +25,7 @@ from lrlab.interpret import (
     select_misclassified,
 )
 
-CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-MEAN = (0.4914, 0.4822, 0.4465)
-STD = (0.2470, 0.2435, 0.2616)
-
-
-def load_images(root, split: str, per_class: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    """Decode the first ``per_class`` JPEGs of each class: normalised (N,3,32,32), labels, uint8."""
-    raw, labels = [], []
-    for c, name in enumerate(CLASSES):
-        for i in range(per_class):
-            with Image.open(root / split / name / f"{i:04d}.jpg") as im:
-                raw.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
-            labels.append(c)
-    u8 = np.stack(raw)
-    x = torch.from_numpy(u8).permute(0, 3, 1, 2).float().div(255)
-    x = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
-    return x.contiguous(), torch.tensor(labels, dtype=torch.int64), u8
+from conftest import CLASSES, MEAN, STD, load_images
 
 
 def small_cnn() -> nn.Sequential:

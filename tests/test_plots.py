@@ -16,30 +16,17 @@ from torch import nn
 from lrlab import plots
 from lrlab.interpret import class_activation_maps, confusion_matrix, denormalize, predict, select_misclassified
 
-CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-MEAN = (0.4914, 0.4822, 0.4465)
-STD = (0.2470, 0.2435, 0.2616)
+from conftest import CLASSES, MEAN, STD, load_images
+
 TITLE = re.compile(r"^pred: (\w+) \((\d\.\d\d)\) / true: (\w+)$")
-
-
-def load_images(root, split: str, per_class: int):
-    raw, labels = [], []
-    for c, name in enumerate(CLASSES):
-        for i in range(per_class):
-            with Image.open(root / split / name / f"{i:04d}.jpg") as im:
-                raw.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
-            labels.append(c)
-    x = torch.from_numpy(np.stack(raw)).permute(0, 3, 1, 2).float().div(255)
-    x = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
-    return x.contiguous(), torch.tensor(labels)
 
 
 @pytest.fixture(scope="module")
 def mistakes(cifar_dir):
     """25 truly misclassified test images of a small CNN trained one epoch on 600 real images."""
     torch.manual_seed(0)
-    xtr, ytr = load_images(cifar_dir, "train", 60)
-    xte, yte = load_images(cifar_dir, "test", 20)
+    xtr, ytr, _ = load_images(cifar_dir, "train", 60)
+    xte, yte, _ = load_images(cifar_dir, "test", 20)
     model = nn.Sequential(OrderedDict(
         c1=nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)),
         c2=nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)),

@@ -342,7 +342,11 @@ def explain_run(source: Path, config: Config, out: str | Path) -> dict:
     precision = precision_for(config)
     data = load_data(config)
     model = new_model(config, data, precision)
-    model.load_state_dict(torch.load(ckpt_path, map_location=precision.device)["model"])
+    try:
+        model.load_state_dict(torch.load(ckpt_path, map_location=precision.device)["model"])
+    except (RuntimeError, KeyError, EOFError) as e:
+        raise LrlabError(f"checkpoint {ckpt_path} does not fit model {config.model.name} "
+                         f"{config.model.kwargs} of this lrlab version ({str(e).splitlines()[0]})") from None
     cam_layer(config, model)
     run_dir = new_run_dir(out, f"{config.name}-explain")
     save_config(config, run_dir / "config.yaml")
