@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image, ImageStat
+from conftest import REPO
 from test_cli import snapshot, write_recipe
 
 from lrlab import runner
@@ -35,11 +36,15 @@ NEW_FILES = ["report.html", "predictions.pt", "per_class.json", "confusion.png",
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, small_tree, cache_dir):
-    """One finished tiny `lrlab run` (flip TTA on, faithfulness of all CAM methods on 20 images)."""
+    """One finished `lrlab run` of the quick recipe (flip TTA on), shrunk to the 500/200-image tree
+    and 2 epochs, with the faithfulness of all CAM methods on 20 images."""
     root = tmp_path_factory.mktemp("report")
     recipe = write_recipe(root / "tiny.yaml", cache_dir, train={"tta": True}, explain={"faithfulness_images": 20})
     out = root / "runs"
-    assert main(["run", str(recipe), "--data", str(small_tree), "--out", str(out), "--quiet"]) == 0
+    shrink = [f"data.cache_dir={cache_dir}", "train.epochs=2", "train.batch_size=50", "lr_finder.num_iter=30",
+              "lr_finder.skip_start=5", "explain.num_images=9", "explain.faithfulness_images=20"]
+    quick = str(REPO / "recipes" / "cifar10-quick.yaml")
+    assert main(["run", quick, "--data", str(small_tree), "--out", str(out), "--quiet", *shrink]) == 0
     (run_dir,) = out.iterdir()
     return {"root": root, "recipe": recipe, "out": out, "run": run_dir, "data": small_tree}
 
