@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,8 +189,9 @@ def fit(model: nn.Module, train_loader, test_loader, optimizer, schedule, epochs
         if checkpoint_dir is not None:
             extra = {"epoch": epoch, **(checkpoint_extra or {})}
             save_checkpoint(checkpoint_dir / "last.pt", model, optimizer, schedule, history, extra)
-            if history.best() is record:
-                save_checkpoint(checkpoint_dir / "best.pt", model, optimizer, schedule, history, extra)
+            if history.best() is record:  # the same state: copy the file rather than serialise twice
+                with atomic_path(checkpoint_dir / "best.pt") as tmp:
+                    shutil.copyfile(checkpoint_dir / "last.pt", tmp)
         if on_epoch is not None:
             on_epoch(record)
     return history

@@ -100,11 +100,14 @@ def eval_loader(split: Split, data: Dataset, precision: Precision, batch_size: i
                        device=precision.device, channels_last=precision.channels_last)
 
 
-def new_model(config: Config, data: Dataset, precision: Precision) -> nn.Module:
-    """The configured model, freshly initialised from ``config.seed``, on the device."""
+def new_model(config: Config, data: Dataset, precision: Precision, init_from_data: bool = True) -> nn.Module:
+    """The configured model, freshly initialised from ``config.seed``, on the device.
+
+    ``init_from_data=False`` skips data-dependent initialisation (e.g. patch whitening) for a
+    model whose weights come from a checkpoint next."""
     torch.manual_seed(config.seed)
     model = build_model(config.model.name, len(data.classes), **config.model.kwargs)
-    if hasattr(model, "init_from_data"):  # data-dependent initialisation, e.g. patch whitening
+    if init_from_data and hasattr(model, "init_from_data"):
         sample = data.train.subset(min(len(data.train), 5000), seed=config.seed)
         model.init_from_data(next(iter(eval_loader(sample, data, Precision(torch.device("cpu")), len(sample))))[0])
     return precision.prepare(model)
@@ -341,7 +344,7 @@ def explain_run(source: Path, config: Config, out: str | Path) -> dict:
         raise LrlabError(f"{source} has no checkpoints/best.pt; pass the folder of a run that trained")
     precision = precision_for(config)
     data = load_data(config)
-    model = new_model(config, data, precision)
+    model = new_model(config, data, precision, init_from_data=False)
     try:
         model.load_state_dict(torch.load(ckpt_path, map_location=precision.device)["model"])
     except (RuntimeError, KeyError, EOFError) as e:
