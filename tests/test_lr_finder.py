@@ -1,4 +1,4 @@
-"""LR range test: schedule law, bit-exact restore, stop rules, suggestion, errors, JSON.
+"""LR range test: schedule law, bit-exact restore, stop rules, suggestions, errors, JSON, plot.
 
 Real CIFAR-10 images (decoded here with PIL, independent of lrlab.data) and a small
 Conv-BN-ReLU network, so every run below takes well under a second on a CPU.
@@ -17,12 +17,18 @@ from PIL import Image
 from torch import nn
 
 from lrlab.errors import LrlabError
+from lrlab.lr_finder.suggest import steepest
 from lrlab.lr_finder import (
+    METHODS,
     MIN_POINTS,
+    LRRangeTest,
     RangeTestResult,
+    Suggestion,
+    group_schedules,
     lr_schedule,
     range_test,
     steepest_descent,
+    suggest,
 )
 
 from conftest import CIFAR_DIR, CLASSES
@@ -194,6 +200,9 @@ def test_nan_loss_stops_and_is_excluded(batches):
     assert result.suggestion is not None and math.isfinite(result.suggestion)
     assert result.suggestion < schedule[30]
     assert result.lrs[result.suggestion_index] == result.suggestion
+    assert result.stop_index == 30 and result.stop_lr == schedule[30]
+    for s in result.suggestions.values():
+        assert math.isfinite(s.lr) and s.lr < schedule[30], s
     assert len(seen) == 31 and math.isnan(seen[-1][2])  # progress sees the NaN step too
 
 
@@ -203,7 +212,8 @@ def test_divergence_stops_a_real_run(batches):
     result = range_test(model, optimizer, nn.functional.cross_entropy, batches,
                         start_lr=1e-4, end_lr=1e4, num_iter=100)
     assert result.stop_reason == "diverged"
-    assert len(result.lrs) < 100
+    assert len(result.lrs) < 100 and result.stop_index == len(result.lrs) - 1
+    assert result.stop_lr == result.lrs[-1]
     assert result.smoothed[-1] > 5.0 * min(result.smoothed)
     # no earlier point (after the skip_start warm-up of the EMA) met the stop rule
     assert all(s <= 5.0 * min(result.smoothed[:k + 1])
@@ -242,6 +252,78 @@ def test_steepest_descent_too_few_points():
         steepest_descent(lrs, smoothed, skip_start=10, skip_end=6)
     msg = str(info.value)
     assert "only 4" in msg and f"at least {MIN_POINTS}" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_needs_enough_points_and_a_descent(method):
+    lrs = lr_schedule(1e-3, 1.0, 20, "exp")
+    with pytest.raises(LrlabError) as info:
+        suggest(method, lrs, np.linspace(2, 1, 20), skip_start=10, skip_end=6)
+    assert "only 4" in str(info.value) and method in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(LrlabError, match="does not fall|never falls"):
+        suggest(method, lrs, np.linspace(1, 2, 20), skip_start=2, skip_end=2)  # the loss only rises
+
+
+def grid(n: int = 101) -> tuple[np.ndarray, np.ndarray]:
+    """lrs 1e-4 .. 1 exponentially (x = log10 lr in steps of 0.04), and x."""
+    lrs = np.array(lr_schedule(1e-4, 1.0, n, "exp"))
+    return lrs, np.log10(lrs)
+
+
+def close_in_log(a: float, b: float, tol: float = 0.021) -> bool:
+    return abs(math.log10(a) - math.log10(b)) <= tol
+
+
+def test_steepest_band_is_where_the_slope_is_half_the_steepest():
+    lrs, x = grid()
+    s = steepest(lrs, -np.tanh(3 * (x + 2)), skip_start=0, skip_end=0)
+    assert s.lr == lrs[50] and s.index == 50
+    u = math.acosh(math.sqrt(2)) / 3  # sech^2(3u) = 1/2
+    assert close_in_log(s.low, 10 ** (-2 - u), 0.04) and close_in_log(s.high, 10 ** (-2 + u), 0.04)
+
+
+def test_valley_is_the_middle_of_the_longest_descent():
+    lrs, x = grid()
+    x = np.round(x, 9)
+    y = np.where(x <= -3, 1.0 + 0.01 * (x + 4), 1.0 - (x + 3) / 2)  # slow rise, then a fall from -3 to -1
+    y = np.where(x > -1, (x + 1) * 3, y)  # rises again after the minimum at -1
+    y[5:8] = [1.0, 0.99, 0.98]  # a short earlier dip must not win
+    s = suggest("valley", lrs, y, skip_start=0, skip_end=0)
+    assert close_in_log(s.lr, 1e-2)
+    assert close_in_log(s.low, 10 ** -2.5, 0.04) and close_in_log(s.high, 10 ** -1.5, 0.04)
+
+
+def test_min10_is_a_tenth_of_the_minimum():
+    lrs, x = grid()
+    s = suggest("min10", lrs, (x + 1) ** 2, skip_start=3, skip_end=3)  # minimum at lr 0.1 (index 75)
+    assert s.lr == pytest.approx(0.01, rel=1e-9) and s.index == 50
+    assert s.low == pytest.approx(0.1 / 30) and s.high == pytest.approx(0.1 / 3)
+
+
+def test_descent_is_three_quarters_of_the_way_down():
+    lrs, x = grid()
+    y = np.where(x <= -3, 1.0, 1.0 - (x + 3) / 2)  # falls linearly in log10 lr from 1 at -3 to 0 at -1
+    y = np.where(x > -1, (x + 1) * 5, y)
+    s = suggest("descent", lrs, y, skip_start=0, skip_end=0)
+    assert close_in_log(s.lr, 10 ** -1.5, 1e-9)  # level 0.25 crossed exactly there (interpolated)
+    assert close_in_log(s.low, 1e-2, 1e-9) and close_in_log(s.high, 10 ** -1.2, 1e-9)
+
+
+def test_max_lr_is_the_last_clear_fall_before_the_minimum():
+    lrs, x = grid()
+    s = suggest("max_lr", lrs, -np.tanh(3 * (x + 2)), skip_start=0, skip_end=0)
+    u = math.acosh(2) / 3  # slope = 1/4 of the steepest
+    assert close_in_log(s.lr, 10 ** (-2 + u), 0.04)
+    assert s.low == lrs[50] and s.high == lrs[-1]
+
+
+def test_suggestions_are_real_recorded_points_or_near_them():
+    lrs, x = grid()
+    y = -np.tanh(3 * (x + 2)) + np.where(x > -1, (x + 1) ** 2 * 20, 0)
+    for name in METHODS:
+        s = suggest(name, lrs, y, skip_start=5, skip_end=5)
+        assert s.method == name and s.low <= s.lr <= s.high
+        assert close_in_log(lrs[s.index], s.lr, 0.02 + 1e-9)
 
 
 # ---------------------------------------------------------------- errors
@@ -297,7 +379,7 @@ def test_json_round_trip(tmp_path, batches):
 def test_json_nonfinite_becomes_null(tmp_path):
     result = RangeTestResult(lrs=[1e-3, 1e-2], losses=[2.3, math.nan], smoothed=[2.3, math.inf],
                              mode="exp", start_lr=1e-3, end_lr=1e-2, num_iter=2,
-                             stop_reason="non-finite loss", suggestion=None, suggestion_index=None)
+                             stop_reason="non-finite loss", stop_index=1, stop_lr=1e-2)
     path = result.save_json(tmp_path / "r.json")
     raw = json.loads(path.read_text())  # strict JSON: no NaN/Infinity tokens
     assert raw["losses"] == [2.3, None] and raw["smoothed"] == [2.3, None]
@@ -343,3 +425,217 @@ def test_bf16_channels_last_run_restores(batches):
                         channels_last=True)
     assert len(result.lrs) > 0 and all(math.isfinite(v) for v in result.losses)
     assert_restored(model, optimizer, before)
+
+
+# ---------------------------------------------------------------- context manager, scheduler
+
+
+def sched_state(scheduler) -> dict:
+    return copy.deepcopy(scheduler.state_dict())
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, nesterov=True),
+    lambda ps: torch.optim.Adam(ps, lr=1e-3),
+], ids=["sgd-momentum", "adam"])
+def test_context_manager_restores_model_optimizer_and_scheduler(batches, make_opt):
+    model = make_model()
+    optimizer = make_opt(model.parameters())
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=50)
+    for _ in range(3):
+        train_steps(model, optimizer, batches, 1)
+        scheduler.step()
+    before, before_sched = snapshot(model, optimizer), sched_state(scheduler)
+    with LRRangeTest(model, optimizer, scheduler) as finder:
+        first = finder.run(batches, nn.functional.cross_entropy, start_lr=1e-5, end_lr=1.0, num_iter=30)
+        assert_restored(model, optimizer, before)  # each run restores on its own
+        scheduler.step()  # even user changes inside the block are undone on exit
+        second = finder.run(batches, nn.functional.cross_entropy, start_lr=1e-5, end_lr=1.0, num_iter=30)
+    assert_restored(model, optimizer, before)
+    assert_same(before_sched, scheduler.state_dict(), "scheduler")
+    assert first.lrs == second.lrs and len(first.lrs) > 10
+
+
+def test_restored_when_the_loop_raises_midway_with_a_scheduler(batches):
+    model = make_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+    train_steps(model, optimizer, batches, 2)
+    scheduler.step()
+    before, before_sched = snapshot(model, optimizer), sched_state(scheduler)
+
+    class Failing:
+        def __iter__(self):
+            yield from batches[:3]
+            raise RuntimeError("disk went away")
+
+    with pytest.raises(RuntimeError, match="disk went away"):
+        with LRRangeTest(model, optimizer, scheduler) as finder:
+            finder.run(Failing(), nn.functional.cross_entropy, start_lr=1e-4, end_lr=1.0, num_iter=30)
+    assert_restored(model, optimizer, before)
+    assert_same(before_sched, scheduler.state_dict(), "scheduler")
+
+
+def test_user_error_inside_the_block_still_restores(batches):
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    train_steps(model, optimizer, batches, 2)
+    before = snapshot(model, optimizer)
+    with pytest.raises(KeyError):
+        with LRRangeTest(model, optimizer):
+            train_steps(model, optimizer, batches, 2)  # the user trains inside the block, then fails
+            raise KeyError("boom")
+    assert_restored(model, optimizer, before)
+
+
+def test_run_outside_the_block_is_an_error(batches):
+    model = make_model()
+    finder = LRRangeTest(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(LrlabError, match="with-block"):
+        finder.run(batches, nn.functional.cross_entropy)
+
+
+# ---------------------------------------------------------------- sweeps, optimizers, batches
+
+
+def test_per_group_lrs_are_applied_and_other_options_untouched(batches):
+    model = make_model()
+    groups = [{"params": list(model[0].parameters()) + list(model[1].parameters())},
+              {"params": [p for m in list(model)[2:] for p in m.parameters()]}]
+    optimizer = torch.optim.Adam(groups, lr=1e-3, betas=(0.8, 0.95))
+    seen = []
+    hook = optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: seen.append([(g["lr"], g["betas"]) for g in opt.param_groups]))
+    try:
+        result = range_test(model, optimizer, nn.functional.cross_entropy, batches, start_lr=[1e-5, 1e-4],
+                            end_lr=[1e-2, 1.0], num_iter=25, skip_start=5, mode="exp")
+    finally:
+        hook.remove()
+    expected = group_schedules([1e-5, 1e-4], [1e-2, 1.0], 2, 25, "exp")
+    assert [[lr for lr, _ in step] for step in seen] == expected[:len(seen)] and len(seen) >= 10
+    assert all(b == (0.8, 0.95) for step in seen for _, b in step)
+    assert result.lrs == [e[0] for e in expected[:len(result.lrs)]]  # the recorded axis is group 0's
+    assert expected[-1] == [1e-2, 1.0] and expected[0] == [1e-5, 1e-4]
+    assert [g["lr"] for g in optimizer.param_groups] == [1e-3, 1e-3]
+
+
+def test_exp_and_linear_group_sweeps_are_exact():
+    exp = group_schedules(1e-4, 1.0, 3, 9, "exp")
+    assert all(step == [step[0]] * 3 for step in exp)
+    assert [s[0] for s in exp] == pytest.approx([10 ** (-4 + i / 2) for i in range(9)], rel=1e-12)
+    lin = group_schedules([0.0 + 0.1, 1.0], [0.9, 2.0], 2, 5, "linear")
+    assert [s[0] for s in lin] == pytest.approx([0.1, 0.3, 0.5, 0.7, 0.9], rel=1e-12)
+    assert [s[1] for s in lin] == pytest.approx([1.0, 1.25, 1.5, 1.75, 2.0], rel=1e-12)
+
+
+def test_dict_batches_and_a_custom_batch_fn(batches):
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    dicts = [{"image": x, "label": y, "index": torch.arange(len(y))} for x, y in batches]
+    as_dicts = range_test(model, optimizer, nn.functional.cross_entropy, dicts, start_lr=1e-4, end_lr=1.0,
+                          num_iter=20)
+    as_tuples = range_test(model, optimizer, nn.functional.cross_entropy, batches, start_lr=1e-4, end_lr=1.0,
+                           num_iter=20)
+    assert as_dicts.losses == as_tuples.losses and len(as_dicts.lrs) == 20
+    custom = [{"pixels": x, "cls": y} for x, y in batches]
+    with pytest.raises(LrlabError) as info:
+        range_test(model, optimizer, nn.functional.cross_entropy, custom, num_iter=20)
+    assert "['cls', 'pixels']" in str(info.value) and "batch_fn" in str(info.value)
+    r = range_test(model, optimizer, nn.functional.cross_entropy, custom, num_iter=20, start_lr=1e-4,
+                   end_lr=1.0, batch_fn=lambda b: (b["pixels"], b["cls"]))
+    assert r.losses == as_tuples.losses
+
+
+def mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+def test_gradient_accumulation_equals_one_big_batch(images):
+    x, y = images
+    big = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 128, 32)]
+    small = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 128, 16)]
+    runs = {}
+    for name, loader, k in (("big", big, 1), ("accumulated", small, 2)):
+        model = mlp()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        grads = []
+        optimizer.register_step_pre_hook(
+            lambda opt, a, kw: grads.append([p.grad.clone() for g in opt.param_groups for p in g["params"]]))
+        runs[name] = (range_test(model, optimizer, nn.functional.cross_entropy, loader, start_lr=1e-3,
+                                 end_lr=1e-1, num_iter=6, skip_start=0, skip_end=0, accumulation_steps=k), grads)
+    (big_r, big_g), (acc_r, acc_g) = runs["big"], runs["accumulated"]
+    assert len(acc_r.lrs) == len(big_r.lrs) == 6 and acc_r.lrs == big_r.lrs  # one point per optimizer step
+    assert len(acc_g) == len(big_g) == 6
+    assert acc_r.losses == pytest.approx(big_r.losses, rel=1e-5)
+    for step_a, step_b in zip(acc_g, big_g):
+        for ga, gb in zip(step_a, step_b):
+            torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)
+
+
+def test_validation_loss_every_k_steps_in_eval_mode(batches):
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    modes = []
+    handle = model.register_forward_hook(lambda m, i, o: modes.append((len(i[0]), m.training)))
+    val = [(b[0][:8], b[1][:8]) for b in batches[:2]]  # 8 images: tells validation and training apart
+    try:
+        result = range_test(model, optimizer, nn.functional.cross_entropy, batches, start_lr=1e-4, end_lr=1.0,
+                            num_iter=30, val_batches=val, val_every=3, skip_start=3, skip_end=3)
+    finally:
+        handle.remove()
+    schedule = lr_schedule(1e-4, 1.0, 30, "exp")
+    assert result.loss == "val" and result.val_every == 3
+    assert result.lrs == schedule[2::3][:len(result.lrs)]
+    n = len(result.lrs)
+    assert n == 10 or result.stop_reason != "completed"
+    assert [t for size, t in modes if size == 8] == [False] * (2 * n)  # eval mode, two batches per point
+    assert all(t for size, t in modes if size == BATCH)
+    assert (result.skip_start, result.skip_end) == (1, 1)
+    assert all(math.isfinite(v) for v in result.losses)
+
+
+def test_bad_val_and_group_settings_are_one_sentence(batches):
+    model = make_model()
+    optimizer = torch.optim.SGD([{"params": model[0].parameters()}, {"params": model[1].parameters()}], lr=0.1)
+    cases = [
+        (dict(start_lr=[1e-4, 1e-3, 1e-2]), "start_lr has 3 values but the optimizer has 2 parameter group"),
+        (dict(start_lr=[1e-4, 1.0], end_lr=[1.0, 0.5]), "start_lr (1.0) must be below end_lr (0.5) for parameter group 1"),
+        (dict(val_batches=[]), "val_batches must be a non-empty list"),
+        (dict(val_batches=batches[:1], val_every=5, num_iter=39), "need at least 40"),
+        (dict(accumulation_steps=0), "accumulation_steps (0)"),
+        (dict(method="fastest"), "'fastest' is not a suggestion method"),
+    ]
+    for kwargs, needle in cases:
+        with pytest.raises(LrlabError) as info:
+            range_test(model, optimizer, nn.functional.cross_entropy, batches, **kwargs)
+        assert needle in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+# ---------------------------------------------------------------- result: chosen method, plot, JSON
+
+
+def test_result_method_plot_and_json(tmp_path, batches):
+    import matplotlib.pyplot as plt
+
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    result = range_test(model, optimizer, nn.functional.cross_entropy, batches, start_lr=1e-5, end_lr=10.0,
+                        num_iter=60, method="min10")
+    assert result.method == "min10" and result.suggestion == result.suggestions["min10"].lr
+    assert result.max_lr == result.suggestions["max_lr"].lr
+    assert isinstance(result.get("valley"), Suggestion)
+    with pytest.raises(LrlabError, match="unknown suggestion method"):
+        result.get("nope")
+    fig = result.plot()
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log" and len(ax.patches) == 1  # the chosen method's band
+    assert len(ax.get_lines()) >= 2 + len(result.suggestions)
+    fig2, ax2 = plt.subplots()
+    assert result.plot(ax=ax2, methods=list(result.suggestions)) is fig2 and len(ax2.patches) == len(result.suggestions)
+    plt.close(fig)
+    plt.close(fig2)
+    back = RangeTestResult.load_json(result.save_json(tmp_path / "lr.json"))
+    assert back == result and back.suggestion == result.suggestion
+    raw = json.loads((tmp_path / "lr.json").read_text())
+    assert raw["suggestion"] == result.suggestion and set(raw["suggestions"]) == set(result.suggestions)

@@ -33,6 +33,7 @@ __all__ = [
     "plot_lr",
     "plot_mistakes",
     "plot_range_test",
+    "range_test_figure",
 ]
 
 DPI = 120
@@ -60,39 +61,55 @@ def _finite(values: Sequence[float] | np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- LR range test
 
 
-def plot_range_test(
+RANGE_TEST_COLORS = {"steepest": "tab:red", "valley": "tab:green", "min10": "tab:purple",
+                     "descent": "tab:orange", "max_lr": "tab:brown"}
+
+
+def range_test_figure(
     lrs: Sequence[float],
     losses: Sequence[float],
     smoothed: Sequence[float],
-    suggestion: float | None,
-    path: str | os.PathLike,
+    suggestions: Mapping[str, tuple[float, float, float]] | None = None,
     *,
+    chosen: str | None = None,
+    bands: Sequence[str] | None = None,
+    ax=None,
     log_x: bool = True,
-) -> Path:
-    """The LR range test (Smith 2015, arXiv:1506.01186): training loss against learning rate.
+    ylabel: str = "training loss",
+) -> Figure:
+    """The LR range test (Smith 2015, arXiv:1506.01186): loss against learning rate.
 
     Args:
-        lrs: (S,) learning rate (per step) at each step of the test.
-        losses: (S,) raw training loss per step (drawn faint; NaN/inf are left out).
+        lrs: (S,) learning rate (per step) of each recorded point.
+        losses: (S,) raw loss per point (drawn faint; NaN/inf are left out).
         smoothed: (S,) smoothed loss (drawn solid).
-        suggestion: suggested learning rate, marked with a vertical line and
-            "suggested lr = 3.2e-02"; None draws no marker.
-        path: the PNG to write.
+        suggestions: method name -> (lr, low, high); each lr gets a marker on the smoothed
+            curve and a legend entry "name: 3.2e-02" ("(used)" for ``chosen``).
+        chosen: the method whose lr is used; its marker is larger and its band shaded by default.
+        bands: the methods whose [low, high] band is shaded; default ``[chosen]``.
+        ax: the Axes to draw into; None makes a new figure.
         log_x: logarithmic learning-rate axis.
+        ylabel: the y-axis label.
 
     Returns:
-        the Path written.
+        the Figure (open; the caller saves or closes it).
+
+    Raises:
+        ValueError: the three sequences differ in length.
     """
     lrs_a, raw, smooth = _finite(lrs), _finite(losses), _finite(smoothed)
     if not (len(lrs_a) == len(raw) == len(smooth)):
         raise ValueError(f"lrs, losses and smoothed differ in length: {len(lrs_a)}, {len(raw)}, {len(smooth)}")
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+    else:
+        fig = ax.figure
     ax.plot(lrs_a, raw, color="tab:blue", alpha=0.3, linewidth=1, label="loss")
     ax.plot(lrs_a, smooth, color="tab:blue", linewidth=2, label="smoothed loss")
     if log_x and np.nanmin(lrs_a, initial=np.inf) > 0:
         ax.set_xscale("log")
     ax.set_xlabel("learning rate (per step)")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel(ylabel)
     ax.set_title("LR range test")
     ax.grid(True, which="major", alpha=0.3)
 
@@ -101,24 +118,54 @@ def plot_range_test(
     if ylim is not None:
         ax.set_ylim(*ylim)
 
-    if suggestion is not None and math.isfinite(suggestion):
-        ax.axvline(suggestion, color="tab:red", linestyle="--", linewidth=1.2)
-        ok = np.isfinite(lrs_a) & np.isfinite(smooth)
-        y = float(np.interp(suggestion, lrs_a[ok], smooth[ok])) if ok.sum() >= 1 and _increasing(lrs_a[ok]) else None
+    suggestions = dict(suggestions or {})
+    shade = list(bands) if bands is not None else ([chosen] if chosen else [])
+    ok = np.isfinite(lrs_a) & np.isfinite(smooth)
+    for k, (name, (lr, low, high)) in enumerate(suggestions.items()):
+        if lr is None or not math.isfinite(lr):
+            continue
+        color = RANGE_TEST_COLORS.get(name, f"C{(k + 3) % 10}")
+        if name in shade and low is not None and high is not None:
+            ax.axvspan(low, high, color=color, alpha=0.12, linewidth=0)
+        used = name == chosen
+        y = float(np.interp(lr, lrs_a[ok], smooth[ok])) if ok.sum() >= 1 and _increasing(lrs_a[ok]) else None
+        label = f"{name}: {lr:.1e}" + (" (used)" if used else "")
+        if used:
+            ax.axvline(lr, color=color, linestyle="--", linewidth=1.2)
         if y is not None:
-            ax.plot([suggestion], [y], "o", color="tab:red", markersize=6, zorder=3)
-        ax.annotate(
-            f"suggested lr = {suggestion:.1e}",
-            xy=(suggestion, 0.92),
-            xycoords=("data", "axes fraction"),
-            xytext=(6, 0),
-            textcoords="offset points",
-            color="tab:red",
-            fontsize=10,
-            ha="left",
-            bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.8},
-        )
-    ax.legend(loc="lower left")
+            ax.plot([lr], [y], "o", color=color, markersize=8 if used else 5, zorder=3, label=label,
+                    markeredgecolor="black" if used else color)
+    ax.legend(loc="lower left", fontsize=8)
+    return fig
+
+
+def plot_range_test(
+    lrs: Sequence[float],
+    losses: Sequence[float],
+    smoothed: Sequence[float],
+    suggestion: float | None,
+    path: str | os.PathLike,
+    *,
+    log_x: bool = True,
+    suggestions: Mapping[str, tuple[float, float, float]] | None = None,
+    chosen: str | None = None,
+    bands: Sequence[str] | None = None,
+    ylabel: str = "training loss",
+) -> Path:
+    """:func:`range_test_figure` saved as ``path`` (PNG, atomic).
+
+    Args:
+        suggestion: a single suggested lr, drawn as "suggested" when ``suggestions`` is None
+            (None: no marker).
+        suggestions, chosen, bands, log_x, ylabel: as :func:`range_test_figure`.
+
+    Returns:
+        the Path written.
+    """
+    if suggestions is None and suggestion is not None:
+        suggestions, chosen = {"suggested": (suggestion, None, None)}, "suggested"
+    fig = range_test_figure(lrs, losses, smoothed, suggestions, chosen=chosen, bands=bands, log_x=log_x,
+                            ylabel=ylabel)
     return _save(fig, path)
 
 
