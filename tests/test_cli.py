@@ -96,6 +96,23 @@ def test_explain_and_find_lr_write_new_folders(workspace, capsys):
     assert snapshot(workspace["run"]) == before
 
 
+def test_find_lr_prints_the_suggestion_table(workspace, capsys):
+    out = workspace["root"] / "find"
+    assert main(["find-lr", str(workspace["recipe"]), "--data", str(workspace["data"]), "--out", str(out),
+                 "lr_finder.method=min10"]) == 0
+    (find_dir,) = out.iterdir()
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split()[:2] == ["method", "lr"] and len(lines) == 7  # header, 5 methods, final line
+    rows = {line.split()[0]: line for line in lines[1:6]}
+    assert set(rows) == {"steepest", "valley", "min10", "descent", "max_lr"}
+    assert rows["min10"].endswith("<- used") and sum("<- used" in r for r in rows.values()) == 1
+    data = json.loads((find_dir / "lr_finder.json").read_text())
+    assert data["method"] == "min10" and data["suggestion"] == data["suggestions"]["min10"]["lr"]
+    assert f"{data['suggestion']:.2e}" in rows["min10"]
+    assert lines[-1].startswith(f"suggested lr {data['suggestion']:.3g} (min10)")
+    assert (find_dir / "lr_finder.png").stat().st_size > 0
+
+
 def bad_inputs(ws: dict, tmp: Path) -> dict[str, tuple[list[str], str]]:
     """name -> (argv, expected fragment of the error line)."""
     recipe, data = str(ws["recipe"]), str(ws["data"])
@@ -121,6 +138,8 @@ def bad_inputs(ws: dict, tmp: Path) -> dict[str, tuple[list[str], str]]:
         "lr <= 0": (["train", recipe, "--data", data, "train.lr=0"], "train.lr"),
         "start_lr >= end_lr": (["find-lr", recipe, "--data", data, "lr_finder.start_lr=20"],
                                "start_lr (20) must be below end_lr (10)"),
+        "unknown suggestion method": (["find-lr", recipe, "--data", data, "lr_finder.method=fastest"],
+                                      "lr_finder.method"),
         "unknown Grad-CAM layer": (["run", recipe, "--data", data, "explain.target_layer=layer9"],
                                    "valid layers: stem"),
         "explain of a missing layer": (["explain", str(ws["run"]), "explain.target_layer=nope"], "block2"),
@@ -129,7 +148,7 @@ def bad_inputs(ws: dict, tmp: Path) -> dict[str, tuple[list[str], str]]:
 
 @pytest.mark.parametrize("case", ["missing data path", "tree without test/", "empty class folder",
                                   "file that is not an image", "unknown config key", "lr <= 0",
-                                  "start_lr >= end_lr", "unknown Grad-CAM layer", "explain of a missing layer"])
+                                  "start_lr >= end_lr", "unknown suggestion method", "unknown Grad-CAM layer", "explain of a missing layer"])
 def test_bad_input_is_one_line_error_and_touches_nothing(case, workspace, tmp_path, capsys):
     argv, fragment = bad_inputs(workspace, tmp_path)[case]
     before = snapshot(workspace["out"])

@@ -105,7 +105,7 @@ def _final_line(command: str, summary: dict) -> str:
                 f"{summary['best_epoch']}/{summary['epochs']} (lr {summary['lr']:.3g}, "
                 f"{summary['wall_seconds']:.0f}s): {where}")
     if command == "find-lr":
-        return f"suggested lr {summary['lr']:.3g}: {where}"
+        return f"suggested lr {summary['lr']:.3g} ({summary.get('lr_method', 'steepest')}): {where}"
     layer = summary["target_layer"]
     layer = "+".join(layer) if isinstance(layer, list) else layer
     return f"{len(summary['mistakes'])} mistakes explained with {summary.get('method', 'gradcam')} on {layer}: {where}"
@@ -154,8 +154,24 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if progress is not None:
             progress.close()
+    if args.command == "find-lr" and not args.quiet:
+        print(suggestion_table_text(summary.get("lr_suggestions") or []))
     print(_final_line(args.command, summary))
     return 0
+
+
+def suggestion_table_text(rows: list[dict]) -> str:
+    """The range test's suggestions as a small text table: method, lr, range of good lrs, and
+    "<- used" on the method that sets train.lr; a method without a suggestion says why."""
+    lines = [f"{'method':<10}{'lr':>10}   {'range of good lrs':<21}"]
+    for r in rows:
+        if r["lr"] is None:
+            note = r.get("note", "").split(": ", 1)[-1]
+            lines.append(f"{r['method']:<10}{'-':>10}   none: {note}" + ("   <- used" if r["used"] else ""))
+            continue
+        band = f"{r['low']:.2e} - {r['high']:.2e}"
+        lines.append(f"{r['method']:<10}{r['lr']:>10.2e}   {band:<21}" + ("   <- used" if r["used"] else ""))
+    return "\n".join(lines)
 
 
 def _report(parser: argparse.ArgumentParser, run_dir: Path, extra: list[str]) -> int:

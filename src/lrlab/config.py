@@ -29,7 +29,7 @@ class DataConfig(_Section):
     test_subset: int | None = Field(None, gt=0)
     augment: Literal["tensor", "albumentations", "none"] = "tensor"
     crop_padding: int = Field(4, ge=0)  # pad-and-random-crop (translation) in pixels
-    flip: bool = True  # random horizontal flip
+    flip: bool | Literal["alternate"] = True  # random horizontal flip; alternate: every other epoch
     cutout: int = Field(16, ge=0)  # side of the one square Cutout hole in pixels; 0: off
     rotate: float = Field(0.0, ge=0, le=180)  # random rotation limit in degrees (albumentations only)
 
@@ -52,7 +52,16 @@ class LRFinderConfig(_Section):
     skip_start: int = Field(10, ge=0)  # points left out of the suggestion at each end
     skip_end: int = Field(5, ge=0)
     batch_size: int | None = Field(None, gt=0)  # None: train.batch_size
+    accumulation_steps: int = Field(1, ge=1)  # micro-batches per optimizer step of the sweep
+    # which suggestion becomes train.lr (lrlab.lr_finder.suggest: steepest, valley, min10,
+    # descent, max_lr); every method's lr and band are saved and shown either way
+    method: Literal["steepest", "valley", "min10", "descent", "max_lr"] = "steepest"
     lr_factor: float = Field(1.0, gt=0)  # train.lr = suggestion x lr_factor
+    # "val": Smith's validation loss on val_images class-balanced test images, evaluated every
+    # val_every steps (cost: val_images / batch_size forward passes per val_every steps)
+    loss: Literal["train", "val"] = "train"
+    val_images: int = Field(1000, gt=0)
+    val_every: int = Field(5, ge=1)
 
     @model_validator(mode="after")
     def _range(self):
@@ -156,7 +165,8 @@ class TrainConfig(_Section):
     batch_size_milestones: list[int] = Field(default_factory=list)
     batch_size_factor: float = Field(2.0, ge=1)
     grad_noise: GradNoiseConfig = Field(default_factory=GradNoiseConfig)
-    tta: bool = False  # evaluate on image + its mirror image (flip test-time augmentation)
+    tta: bool = False  # final evaluation on image + its mirror image (flip test-time augmentation)
+    tta_shift: int = Field(0, ge=0, le=8)  # with tta: also both views translated by +-this many pixels
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
 
     @model_validator(mode="after")

@@ -211,19 +211,27 @@ def _range_test_section(run_dir: Path, ctx: dict) -> str:
         return _missing("No LR range test in this run (lr_finder.json not found).")
     parts = [fig or _missing("lr_finder.png is missing.")]
     if isinstance(data, dict):
+        chosen = data.get("method")
+        suggestions = data.get("suggestions") if isinstance(data.get("suggestions"), dict) else {}
+        errors = data.get("suggestion_errors") if isinstance(data.get("suggestion_errors"), dict) else {}
         rows = []
-        sugg = data.get("suggestion")
-        rows.append([f"{data.get('method', 'steepest')} descent of the smoothed loss (used)",
-                     _num(sugg) if sugg is not None else "none"])
-        smoothed = [v for v in (data.get("smoothed") or []) if isinstance(v, (int, float)) and math.isfinite(v)]
+        for name in dict.fromkeys([*suggestions, *errors]):
+            s = suggestions.get(name)
+            used = " (used)" if name == chosen else ""
+            if isinstance(s, dict):
+                rows.append([name + used, _num(s.get("lr")), f"{_num(s.get('low'))} to {_num(s.get('high'))}"])
+            else:
+                rows.append([name + used, "none", str(errors.get(name, ""))])
+        if not rows:
+            rows.append(["(none)", _num(data.get("suggestion")) if data.get("suggestion") is not None else "none", ""])
         lrs = data.get("lrs") or []
-        if smoothed and len(lrs) == len(data.get("smoothed")):
-            i = min(range(len(lrs)), key=lambda k: data["smoothed"][k] if data["smoothed"][k] is not None
-                    and math.isfinite(data["smoothed"][k]) else math.inf)
-            rows.append(["minimum of the smoothed loss / 10 (rule of thumb)", _num(lrs[i] / 10)])
-        rows.append(["range tested", f"{_num(data.get('start_lr'))} to {_num(data.get('end_lr'))}, "
-                                     f"{len(lrs)} steps ({data.get('stop_reason', '?')})"])
-        parts.append(_table(["suggestion", "learning rate"], rows))
+        loss = "validation" if data.get("loss") == "val" else "training"
+        parts.append(_table(["suggestion method", "learning rate", "range of good lrs"], rows))
+        parts.append(f'<p class="note">Range tested: {_e(_num(data.get("start_lr")))} to '
+                     f'{_e(_num(data.get("end_lr")))}, {len(lrs)} points of the {loss} loss, stopped: '
+                     f'{_e(str(data.get("stop_reason", "?")))} at lr {_e(_num(data.get("stop_lr")))}. '
+                     f'The band of the method used is shaded in the figure; the methods are described in '
+                     f'lrlab.lr_finder.suggest.</p>')
     return "".join(parts)
 
 

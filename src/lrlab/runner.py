@@ -115,11 +115,21 @@ def new_model(config: Config, data: Dataset, precision: Precision, init_from_dat
 
 def find_lr(config: Config, data: Dataset, model: nn.Module, precision: Precision, run_dir: Path,
             callbacks: Callbacks = Callbacks()) -> RangeTestResult:
-    """Run the LR range test on ``model`` (restored afterwards) and save
-    ``lr_finder.json`` and ``lr_finder.png`` into ``run_dir``."""
+    """Run the LR range test on ``model`` (restored afterwards) with the ``lr_finder`` settings
+    and save ``lr_finder.json`` and ``lr_finder.png`` (every suggestion marked, the band of
+    ``lr_finder.method`` shaded) into ``run_dir``.
+
+    With ``lr_finder.loss: val`` the validation points use ``lr_finder.val_images``
+    class-balanced images of the test split (without augmentation), as the training history's
+    test loss does. Returns the result; ``result.suggestion`` is ``lr_finder.method``'s lr."""
     cfg = config.lr_finder
     optimizer = build_optimizer(config.train, model, cfg.start_lr)
-    loader = train_loader(config, data, precision, cfg.batch_size or config.train.batch_size)
+    batch_size = cfg.batch_size or config.train.batch_size
+    loader = train_loader(config, data, precision, batch_size)
+    val_batches = None
+    if cfg.loss == "val":
+        held_out = data.test.subset(min(cfg.val_images, len(data.test)), seed=config.seed)
+        val_batches = list(eval_loader(held_out, data, precision, batch_size))
 
     def loss_fn(logits, y):
         return F.cross_entropy(logits, y, label_smoothing=config.train.label_smoothing)
@@ -129,13 +139,31 @@ def find_lr(config: Config, data: Dataset, model: nn.Module, precision: Precisio
     result = range_test(model, optimizer, loss_fn, loader, start_lr=cfg.start_lr, end_lr=cfg.end_lr,
                         num_iter=cfg.num_iter, mode=cfg.mode, smooth=cfg.smooth,
                         diverge_factor=cfg.diverge_factor, skip_start=cfg.skip_start,
-                        skip_end=cfg.skip_end, device=precision.device,
-                        autocast_dtype=precision.dtype, channels_last=precision.channels_last,
+                        skip_end=cfg.skip_end, accumulation_steps=cfg.accumulation_steps,
+                        val_batches=val_batches, val_every=cfg.val_every, method=cfg.method,
+                        device=precision.device, autocast_dtype=precision.dtype,
+                        channels_last=precision.channels_last,
                         progress=(lambda i, lr, loss: step(i, loss)) if step else None)
     result.save_json(run_dir / "lr_finder.json")
-    plots.plot_range_test(result.lrs, result.losses, result.smoothed, result.suggestion,
-                          run_dir / "lr_finder.png")
+    plots.plot_range_test(result.lrs, result.losses, result.smoothed, result.suggestion, run_dir / "lr_finder.png",
+                          suggestions={k: (s.lr, s.low, s.high) for k, s in result.suggestions.items()},
+                          chosen=result.method,
+                          ylabel="validation loss" if result.loss == "val" else "training loss")
     return result
+
+
+def suggestion_table(result: RangeTestResult) -> list[dict]:
+    """One row per suggestion method: method, lr, low, high (None when the method gave none),
+    used (the method ``train.lr`` comes from) and note (why a method gave none)."""
+    from lrlab.lr_finder import METHODS
+
+    rows = []
+    for name in METHODS:
+        s = result.suggestions.get(name)
+        rows.append({"method": name, "lr": s.lr if s else None, "low": s.low if s else None,
+                     "high": s.high if s else None, "used": name == result.method,
+                     "note": "" if s else result.suggestion_errors.get(name, "")})
+    return rows
 
 
 def train(config: Config, data: Dataset, model: nn.Module, precision: Precision, lr: float,
@@ -166,7 +194,7 @@ def train(config: Config, data: Dataset, model: nn.Module, precision: Precision,
                 callbacks.on_epoch(record)
 
         history = fit(model, loader, eval_loader(data.test, data, precision), optimizer, schedule, cfg.epochs,
-                      precision, label_smoothing=cfg.label_smoothing, tta=cfg.tta,
+                      precision, label_smoothing=cfg.label_smoothing, tta=cfg.tta, tta_shift=cfg.tta_shift,
                       checkpoint_dir=run_dir / "checkpoints", checkpoint_extra=extra,
                       on_step=callbacks.on_step, on_epoch=on_epoch,
                       batch_sizes=sizes if cfg.batch_size_milestones else None)
@@ -202,7 +230,8 @@ def predict_test_set(config: Config, data: Dataset, model: nn.Module, precision:
     """Class probabilities of ``model`` on the whole test split (with flip TTA when
     ``train.tta``, so the accuracy matches the training history's)."""
     return predict(model, eval_loader(data.test, data, precision), device=precision.device,
-                   autocast_dtype=precision.dtype, channels_last=precision.channels_last, tta=config.train.tta)
+                   autocast_dtype=precision.dtype, channels_last=precision.channels_last, tta=config.train.tta,
+                   tta_shift=config.train.tta_shift)
 
 
 def explain(config: Config, data: Dataset, model: nn.Module, precision: Precision, run_dir: Path,
@@ -278,7 +307,8 @@ def source_predictions(source: Path, config: Config, data: Dataset) -> Predictio
     except LrlabError:
         return None
     same = (earlier.data == config.data and earlier.model == config.model and earlier.device == config.device
-            and earlier.train.tta == config.train.tta and earlier.train.precision == config.train.precision)
+            and earlier.train.tta == config.train.tta
+            and earlier.train.tta_shift == config.train.tta_shift and earlier.train.precision == config.train.precision)
     if not same or len(pred) != len(data.test) or pred.num_classes != len(data.classes):
         return None
     return pred if torch.equal(pred.targets, data.test.labels.to(torch.int64)) else None
@@ -311,9 +341,13 @@ def run_pipeline(config: Config, out: str | Path, callbacks: Callbacks = Callbac
     if "find-lr" in steps and config.lr_finder.enabled:
         result = find_lr(config, data, model, precision, run_dir, callbacks)
         summary["lr_suggestion"] = result.suggestion
+        summary["lr_method"] = result.method
+        summary["lr_suggestions"] = suggestion_table(result)
         if result.suggestion is None:
-            raise LrlabError(f"the range test stopped after {len(result.lrs)} steps ({result.stop_reason}) "
-                             f"without a suggestion; widen lr_finder.start_lr/end_lr or set lr_finder.enabled=false")
+            why = result.suggestion_errors.get(result.method, "")
+            raise LrlabError(f"the range test stopped after {len(result.lrs)} points ({result.stop_reason}) "
+                             f"without a {result.method!r} suggestion ({why}); widen lr_finder.start_lr/end_lr, "
+                             f"pick another lr_finder.method or set lr_finder.enabled=false")
         lr = found = result.suggestion * config.lr_finder.lr_factor
     if "train" in steps:
         lr = schedule_lr(config.train, found)  # onecycle/cyclic: train.max_lr wins over the range test
