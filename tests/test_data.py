@@ -276,6 +276,29 @@ def test_loader_normalises_and_covers_every_image_once(small):
         loader.batch_size = 0
 
 
+def test_alternating_flip_flips_each_image_every_other_epoch(small):
+    ids = Split(small.train.images, torch.arange(len(small.train)))
+    loader = BatchLoader(ids, 128, mean=small.mean, std=small.std, shuffle=True, augment="tensor",
+                         crop_padding=0, flip="alternate", cutout=0, seed=3)
+    plain = BatchLoader(ids, 500, mean=small.mean, std=small.std, shuffle=False)
+    originals = next(iter(plain))[0]
+    flipped = []
+    for _ in range(3):
+        state = torch.zeros(len(ids), dtype=torch.bool)
+        for x, y in loader:
+            for image, i in zip(x, y.tolist()):
+                if torch.equal(image, torch.flip(originals[i], [2])) and not torch.equal(image, originals[i]):
+                    state[i] = True
+                else:
+                    assert torch.equal(image, originals[i])
+        flipped.append(state)
+    assert 0.4 < flipped[0].float().mean() < 0.6  # random in the first epoch
+    assert torch.equal(flipped[1], ~flipped[0]) and torch.equal(flipped[2], flipped[0])
+    with pytest.raises(LrlabError, match="alternate"):
+        BatchLoader(ids, 8, mean=small.mean, std=small.std, shuffle=True, augment="albumentations",
+                    flip="alternate")
+
+
 # ------------------------------------------------------------------------------- errors
 
 

@@ -31,6 +31,7 @@ from torch import nn
 from lrlab.device import autocast
 from lrlab.errors import LrlabError
 from lrlab.io import atomic_path
+from lrlab.tta import tta_probs
 
 __all__ = [
     "CAM_METHODS",
@@ -169,6 +170,7 @@ def predict(
     autocast_dtype: torch.dtype | None = None,
     channels_last: bool = False,
     tta: bool = False,
+    tta_shift: int = 0,
 ) -> Predictions:
     """Softmax probabilities of ``model`` on every batch of ``loader``, in loader order.
 
@@ -181,9 +183,11 @@ def predict(
         autocast_dtype: e.g. torch.bfloat16 to run under ``torch.autocast``; None for float32.
             Probabilities are always computed and returned in float32.
         channels_last: move inputs in ``torch.channels_last`` memory format.
-        tta: flip test-time augmentation: the probabilities are the mean of the softmax over
-            the image and over its horizontal mirror image (as ``lrlab.engine.evaluate``), so
-            the accuracy matches the one recorded during training with ``train.tta``.
+        tta: test-time augmentation: the probabilities are the mean of the softmax over the
+            image and its horizontal mirror image (with ``tta_shift`` s > 0 also both translated
+            by +-s pixels; :func:`lrlab.tta.tta_probs`), as ``lrlab.engine.evaluate`` does, so
+            the accuracy matches the final one recorded during training with ``train.tta``.
+        tta_shift: translation in pixels of the extra TTA views (0: flip only).
 
     Returns:
         Predictions with probs (N, K) float32 and targets (N,) int64, both on the CPU.
@@ -198,9 +202,7 @@ def predict(
         for x, y in loader:
             x = x.to(device, non_blocking=True, memory_format=memory_format)
             with autocast(device, autocast_dtype):
-                p = torch.softmax(model(x).float(), dim=1)
-                if tta:
-                    p = (p + torch.softmax(model(torch.flip(x, dims=[3])).float(), dim=1)) / 2
+                p = tta_probs(model, x, tta_shift) if tta else torch.softmax(model(x).float(), dim=1)
             probs.append(p.cpu())
             targets.append(torch.as_tensor(y).to("cpu", torch.int64))
     if not probs:

@@ -194,7 +194,7 @@ def train(config: Config, data: Dataset, model: nn.Module, precision: Precision,
                 callbacks.on_epoch(record)
 
         history = fit(model, loader, eval_loader(data.test, data, precision), optimizer, schedule, cfg.epochs,
-                      precision, label_smoothing=cfg.label_smoothing, tta=cfg.tta,
+                      precision, label_smoothing=cfg.label_smoothing, tta=cfg.tta, tta_shift=cfg.tta_shift,
                       checkpoint_dir=run_dir / "checkpoints", checkpoint_extra=extra,
                       on_step=callbacks.on_step, on_epoch=on_epoch,
                       batch_sizes=sizes if cfg.batch_size_milestones else None)
@@ -230,7 +230,8 @@ def predict_test_set(config: Config, data: Dataset, model: nn.Module, precision:
     """Class probabilities of ``model`` on the whole test split (with flip TTA when
     ``train.tta``, so the accuracy matches the training history's)."""
     return predict(model, eval_loader(data.test, data, precision), device=precision.device,
-                   autocast_dtype=precision.dtype, channels_last=precision.channels_last, tta=config.train.tta)
+                   autocast_dtype=precision.dtype, channels_last=precision.channels_last, tta=config.train.tta,
+                   tta_shift=config.train.tta_shift)
 
 
 def explain(config: Config, data: Dataset, model: nn.Module, precision: Precision, run_dir: Path,
@@ -306,7 +307,8 @@ def source_predictions(source: Path, config: Config, data: Dataset) -> Predictio
     except LrlabError:
         return None
     same = (earlier.data == config.data and earlier.model == config.model and earlier.device == config.device
-            and earlier.train.tta == config.train.tta and earlier.train.precision == config.train.precision)
+            and earlier.train.tta == config.train.tta
+            and earlier.train.tta_shift == config.train.tta_shift and earlier.train.precision == config.train.precision)
     if not same or len(pred) != len(data.test) or pred.num_classes != len(data.classes):
         return None
     return pred if torch.equal(pred.targets, data.test.labels.to(torch.int64)) else None

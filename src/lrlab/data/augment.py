@@ -91,7 +91,7 @@ def build_albumentations(crop_padding: int = 4, flip: bool = True, cutout: int =
     return A.Compose(steps, seed=seed)
 
 
-def batch_augment(x: torch.Tensor, crop_padding: int, flip: bool, cutout: int,
+def batch_augment(x: torch.Tensor, crop_padding: int, flip: bool | torch.Tensor, cutout: int,
                   generator: torch.Generator | None = None, *,
                   pad_fill: float | Sequence[float] | torch.Tensor = 0.0,
                   cutout_fill: float | Sequence[float] | torch.Tensor = 0.0) -> torch.Tensor:
@@ -117,7 +117,8 @@ def batch_augment(x: torch.Tensor, crop_padding: int, flip: bool, cutout: int,
     Args:
         x: (N, C, H, W) float or uint8 batch on any device; channels_last input is fine.
         crop_padding: p in pixels (0 = no crop).
-        flip: flip a random half of the images horizontally.
+        flip: True flips a random half of the images horizontally; a bool tensor of shape
+            (N,) gives the flip of each image instead (alternating flips, see BatchLoader).
         cutout: side c of the Cutout square in pixels (0 = no Cutout), at most min(H, W).
         generator: torch.Generator for the random draws (its device is used for the draws;
             None = the global RNG).
@@ -136,7 +137,10 @@ def batch_augment(x: torch.Tensor, crop_padding: int, flip: bool, cutout: int,
     n, c, h, w = x.shape
     p, k = int(crop_padding), int(cutout)
     _check_args(p, k, h, w)
-    if n == 0 or (p == 0 and not flip and k == 0):
+    flips = flip if isinstance(flip, torch.Tensor) else None
+    if flips is not None and flips.shape != (n,):
+        raise ValueError(f"flip tensor has shape {tuple(flips.shape)}; expected ({n},), one per image")
+    if n == 0 or (p == 0 and flips is None and not flip and k == 0):
         return x
     dev = x.device
     gdev = generator.device if generator is not None else dev
@@ -161,9 +165,10 @@ def batch_augment(x: torch.Tensor, crop_padding: int, flip: bool, cutout: int,
 
     rows = torch.arange(h, device=dev).expand(n, h)                          # (N, H)
     cols = torch.arange(w, device=dev).expand(n, w)                          # (N, W)
-    if flip:
+    if flips is not None or flip:
         # output column j reads crop column W-1-j: the reversed row of this image's crop
-        cols = torch.where(randint(2).bool()[:, None], cols.flip(1), cols)
+        flips = randint(2).bool() if flips is None else flips.to(dev, torch.bool)
+        cols = torch.where(flips[:, None], cols.flip(1), cols)
     if p > 0:
         # crop offset (dy, dx) in {0..2p}^2 of the padded image = shift by (dy-p, dx-p)
         rows = rows + (randint(2 * p + 1) - p)[:, None]

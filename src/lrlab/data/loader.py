@@ -78,7 +78,10 @@ class BatchLoader:
         shuffle: new random order every epoch (else the split's order).
         augment: "none", "tensor" or "albumentations".
         crop_padding: padding p in pixels of the random crop (0 = none).
-        flip: random horizontal flip with probability 1/2.
+        flip: True: random horizontal flip with probability 1/2; "alternate": alternating
+            flips (Jordan 2024, arXiv:2404.00498, section 3.6), each image flipped at random
+            in epoch 0 and then flipped in every other epoch, so consecutive epochs always
+            show both orientations (tensor path only); False: no flip.
         cutout: side in pixels of the Cutout square (0 = none).
         rotate: maximum rotation in degrees (albumentations only).
         device: where batches are delivered.
@@ -96,7 +99,7 @@ class BatchLoader:
 
     def __init__(self, split: Split, batch_size: int, *, mean: Sequence[float],
                  std: Sequence[float], shuffle: bool, augment: str = "none",
-                 crop_padding: int = 4, flip: bool = True, cutout: int = 0, rotate: float = 0.0,
+                 crop_padding: int = 4, flip: bool | str = True, cutout: int = 0, rotate: float = 0.0,
                  device: torch.device | str = torch.device("cpu"), channels_last: bool = False,
                  drop_last: bool = False, seed: int = 0):
         if augment not in AUGMENT_MODES:
@@ -104,6 +107,11 @@ class BatchLoader:
         if augment == "tensor" and rotate:
             raise LrlabError(f"rotate={rotate} needs augment 'albumentations'; the 'tensor' path "
                              f"does crop, flip and Cutout only")
+        if flip not in (True, False, "alternate"):
+            raise LrlabError(f"flip {flip!r} is not valid; use true, false or 'alternate'")
+        if augment != "tensor" and flip == "alternate":
+            raise LrlabError("flip 'alternate' needs augment 'tensor'; use flip true with "
+                             f"augment {augment!r}")
         n, h, w, c = split.images.shape
         if len(tuple(mean)) != c or len(tuple(std)) != c or min(float(s) for s in std) <= 0:
             raise LrlabError(f"mean {tuple(mean)} and std {tuple(std)} must have {c} values "
@@ -117,8 +125,12 @@ class BatchLoader:
         self.shuffle = bool(shuffle)
         self.drop_last = bool(drop_last)
         self.channels_last = bool(channels_last)
-        self.crop_padding, self.flip, self.cutout, self.rotate = int(crop_padding), bool(flip), int(cutout), float(rotate)
+        self.crop_padding, self.cutout, self.rotate = int(crop_padding), int(cutout), float(rotate)
+        self.flip = flip if flip == "alternate" else bool(flip)
         self.seed = int(seed)
+        # alternating flips: image i is flipped in epoch e iff first_flip[i] xor (e odd)
+        self._first_flip = (torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(self.seed))
+                            .bool().to(device) if flip == "alternate" else None)
         self.epoch = 0
         self.batch_size = batch_size
         self.mean = tuple(float(m) for m in mean)
@@ -165,7 +177,7 @@ class BatchLoader:
         if self.augment == "albumentations":
             self._compose.set_random_seed(self.seed + epoch)
             return self._iter_albumentations(order, bs)
-        return self._iter_tensor(order.to(self.device), bs, gen)
+        return self._iter_tensor(order.to(self.device), bs, gen, epoch)
 
     def _batches(self, order: torch.Tensor, bs: int):
         stop = (self._n // bs) * bs if self.drop_last else self._n
@@ -188,11 +200,14 @@ class BatchLoader:
         x = nhwc.reshape(b, h * w * c).to(torch.float32).mul_(self._tiles[0]).sub_(self._tiles[1])
         return x.view(b, h, w, c).permute(0, 3, 1, 2)
 
-    def _iter_tensor(self, order: torch.Tensor, bs: int, gen: torch.Generator):
+    def _iter_tensor(self, order: torch.Tensor, bs: int, gen: torch.Generator, epoch: int):
         for idx in self._batches(order, bs):
             x = self._images.index_select(0, idx).permute(0, 3, 1, 2)  # (B, C, H, W) view
             if self.augment == "tensor":
-                x = batch_augment(x, self.crop_padding, self.flip, self.cutout, gen,
+                flip = self.flip
+                if self._first_flip is not None:
+                    flip = self._first_flip.index_select(0, idx) ^ bool(epoch % 2)
+                x = batch_augment(x, self.crop_padding, flip, self.cutout, gen,
                                   pad_fill=0, cutout_fill=self._cutout_fill)
             yield self._finish(x), self._labels.index_select(0, idx)
 
