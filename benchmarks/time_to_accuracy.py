@@ -3,7 +3,7 @@
     python benchmarks/time_to_accuracy.py recipes/cifar10-quick.yaml --data ../shared/data/cifar10 [key=value ...]
 
 Prints, per epoch: wall seconds since start (data load and range test included), test top-1
-(with flip TTA when the recipe uses it), training images/s, achieved GFLOP/s (FLOPs of one
+(with the recipe's TTA at the final epoch, plain images before), training images/s, achieved GFLOP/s (FLOPs of one
 training step counted by torch.utils.flop_counter, forward + backward) and its share of this
 CPU's measured bfloat16 matrix-product peak (a 4096x4096 bf16 matmul). At the end: seconds to
 reach 85/88/90/92/93%, peak RSS, and the share of step time spent fetching and augmenting
@@ -41,9 +41,9 @@ def matmul_peak(dtype: torch.dtype, n: int = 4096, reps: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def train_flops_per_image(model, precision, batch: int = 64) -> float:
-    """FLOPs of one forward + backward pass per image (convolutions and matmuls)."""
-    x = torch.randn(batch, 3, 32, 32, device=precision.device)
+def train_flops_per_image(model, precision, size: int = 32, batch: int = 64) -> float:
+    """FLOPs of one forward + backward pass per size x size image (convolutions and matmuls)."""
+    x = torch.randn(batch, 3, size, size, device=precision.device)
     if precision.channels_last:
         x = x.to(memory_format=torch.channels_last)
     y = torch.zeros(batch, dtype=torch.long, device=precision.device)
@@ -93,8 +93,10 @@ def main() -> None:
     start = time.perf_counter()  # the peak measurement is not part of the recipe's time
     data = load_data(config)
     model = new_model(config, data, precision)
-    flops = train_flops_per_image(model, precision)
-    print(f"data loaded at {time.perf_counter() - start:.1f}s; {flops / 1e9:.3f} GFLOP per training image")
+    sizes = config.data.crop_sizes or [data.train.images.shape[1]]
+    flops = {s: train_flops_per_image(model, precision, s) for s in sorted(set(sizes))}
+    print(f"data loaded at {time.perf_counter() - start:.1f}s; GFLOP per training image: "
+          + ", ".join(f"{f / 1e9:.3f} at {s}x{s}" for s, f in flops.items()))
     lr = config.train.lr
     if config.lr_finder.enabled:
         import tempfile
@@ -113,7 +115,7 @@ def main() -> None:
         images, seconds = loader.images - last["images"], loader.epoch_seconds - last["seconds"]
         last.update(images=loader.images, seconds=loader.epoch_seconds)
         rate = images / seconds
-        gflops = rate * flops / 1e9
+        gflops = rate * flops[sizes[min(r["epoch"] - 1, len(sizes) - 1)]] / 1e9
         for t in TARGETS:
             if r["test_acc"] >= t and t not in reached:
                 reached[t] = now
@@ -121,7 +123,8 @@ def main() -> None:
               f"{gflops:6.1f} GFLOP/s = {100 * gflops / peak_bf16:.0f}% of bf16 peak", flush=True)
 
     fit(model, loader, eval_loader(data.test, data, precision), optimizer, schedule, config.train.epochs,
-        precision, label_smoothing=config.train.label_smoothing, tta=config.train.tta, on_epoch=on_epoch)
+        precision, label_smoothing=config.train.label_smoothing, tta=config.train.tta,
+        tta_shift=config.train.tta_shift, on_epoch=on_epoch)
     total = time.perf_counter() - start
     print(f"total {total:.1f}s (data load, range test, training, evaluation)")
     print("seconds to reach: " + ", ".join(

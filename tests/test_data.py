@@ -225,6 +225,23 @@ def test_batch_augment_flip_is_exact_and_fills_per_channel(small):
                    for dy in range(9) for dx in range(9))
 
 
+def test_batch_augment_smaller_crops_are_windows_of_the_padded_image(small):
+    img = small.train.images[3].permute(2, 0, 1).float()
+    out = batch_augment(img.expand(40, 3, 32, 32), crop_padding=2, flip=False, cutout=8, size=24,
+                        generator=torch.Generator().manual_seed(0))
+    assert out.shape == (40, 3, 24, 24)
+    padded = torch.nn.functional.pad(img, (2, 2, 2, 2))
+    offsets = set()
+    for o in out:
+        hole = (o == 0).all(0)  # the Cutout square, 8 x 8, fully inside the crop
+        assert hole.sum() >= 64
+        match = [(dy, dx) for dy in range(13) for dx in range(13)
+                 if torch.equal(o[:, ~hole], padded[:, dy:dy + 24, dx:dx + 24][:, ~hole])]
+        assert match
+        offsets.add(match[0])
+    assert len(offsets) > 20
+
+
 def test_batch_augment_is_seeded():
     x = torch.randn(16, 3, 32, 32)
     a = batch_augment(x, 4, True, 16, torch.Generator().manual_seed(3))
@@ -297,6 +314,15 @@ def test_alternating_flip_flips_each_image_every_other_epoch(small):
     with pytest.raises(LrlabError, match="alternate"):
         BatchLoader(ids, 8, mean=small.mean, std=small.std, shuffle=True, augment="albumentations",
                     flip="alternate")
+
+
+def test_progressive_crop_sizes_per_epoch(small):
+    loader = BatchLoader(small.train, 100, mean=small.mean, std=small.std, shuffle=True, augment="tensor",
+                         cutout=0, crop_sizes=[24, 28], channels_last=True)
+    assert [tuple(next(iter(loader))[0].shape[2:]) for _ in range(3)] == [(24, 24), (28, 28), (28, 28)]
+    with pytest.raises(LrlabError, match="crop_sizes"):
+        BatchLoader(small.train, 100, mean=small.mean, std=small.std, shuffle=True, augment="tensor",
+                    cutout=16, crop_sizes=[12])
 
 
 # ------------------------------------------------------------------------------- errors

@@ -32,6 +32,7 @@ class DataConfig(_Section):
     flip: bool | Literal["alternate"] = True  # random horizontal flip; alternate: every other epoch
     cutout: int = Field(16, ge=0)  # side of the one square Cutout hole in pixels; 0: off
     rotate: float = Field(0.0, ge=0, le=180)  # random rotation limit in degrees (albumentations only)
+    crop_sizes: list[int] = Field(default_factory=list)  # progressive resizing: crop side per epoch, last repeats
 
 
 class ModelConfig(_Section):

@@ -91,7 +91,7 @@ def train_loader(config: Config, data: Dataset, precision: Precision, batch_size
     return BatchLoader(data.train, batch_size, mean=data.mean, std=data.std, shuffle=True,
                        augment=d.augment, crop_padding=d.crop_padding, flip=d.flip, cutout=d.cutout,
                        rotate=d.rotate, device=precision.device, channels_last=precision.channels_last,
-                       drop_last=True, seed=config.seed)
+                       drop_last=True, seed=config.seed, crop_sizes=d.crop_sizes)
 
 
 def eval_loader(split: Split, data: Dataset, precision: Precision, batch_size: int = 500) -> BatchLoader:

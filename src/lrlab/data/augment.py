@@ -94,15 +94,17 @@ def build_albumentations(crop_padding: int = 4, flip: bool = True, cutout: int =
 def batch_augment(x: torch.Tensor, crop_padding: int, flip: bool | torch.Tensor, cutout: int,
                   generator: torch.Generator | None = None, *,
                   pad_fill: float | Sequence[float] | torch.Tensor = 0.0,
-                  cutout_fill: float | Sequence[float] | torch.Tensor = 0.0) -> torch.Tensor:
+                  cutout_fill: float | Sequence[float] | torch.Tensor = 0.0,
+                  size: int | None = None) -> torch.Tensor:
     """Random crop from padding, horizontal flip and Cutout on a whole batch at once.
 
     Every image gets its own random crop offset, flip coin and Cutout position, drawn in a
     handful of tensor ops with no per-image Python loop:
 
-    * crop: the output is ``padded[:, :, dy:dy+H, dx:dx+W]`` of the image padded by p on every
-      side, with dy, dx uniform in {0..2p} per image, i.e. an exact integer shift by
-      (dy - p, dx - p) with ``pad_fill`` coming in at the border (no interpolation);
+    * crop: the output is ``padded[:, :, dy:dy+S, dx:dx+S]`` of the image padded by p on every
+      side, with dy, dx uniform in {0..H-S+2p} and {0..W-S+2p} per image (S = ``size``; for
+      S = H = W an exact integer shift by (dy - p, dx - p)), ``pad_fill`` coming in at the
+      border (no interpolation);
     * flip: a random half of the images (Bernoulli(1/2) each) is exactly ``torch.flip(., [3])``
       of its crop; crop and flip are done together as one gather;
     * Cutout: a c x c square, placed uniformly *fully inside* the image (top-left corner
@@ -124,10 +126,13 @@ def batch_augment(x: torch.Tensor, crop_padding: int, flip: bool | torch.Tensor,
             None = the global RNG).
         pad_fill: value of the padding, a scalar or one value per channel.
         cutout_fill: value of the Cutout square, a scalar or one value per channel.
+        size: side S of square output crops (progressive resizing trains early epochs on
+            smaller crops, whose FLOPs scale with S^2); None: the full H x W. The crops keep
+            the pixel scale (no resampling), so objects look as large as at test time.
 
     Returns:
-        A new (N, C, H, W) tensor of x's dtype and device, contiguous (NCHW memory format).
-        With all three steps off, x itself is returned.
+        A new (N, C, S, S) tensor ((N, C, H, W) without ``size``) of x's dtype and device,
+        contiguous (NCHW memory format). With all steps off and no ``size``, x itself.
 
     Raises:
         ValueError: x is not 4-D, negative padding or cutout, or cutout larger than the image.
@@ -136,11 +141,14 @@ def batch_augment(x: torch.Tensor, crop_padding: int, flip: bool | torch.Tensor,
         raise ValueError(f"batch_augment expects an (N, C, H, W) batch, got shape {tuple(x.shape)}")
     n, c, h, w = x.shape
     p, k = int(crop_padding), int(cutout)
-    _check_args(p, k, h, w)
+    oh, ow = (h, w) if size is None else (int(size), int(size))
+    if not 0 < oh <= h or not 0 < ow <= w:
+        raise ValueError(f"crop size {size} must be between 1 and {min(h, w)} pixels")
+    _check_args(p, k, oh, ow)
     flips = flip if isinstance(flip, torch.Tensor) else None
     if flips is not None and flips.shape != (n,):
         raise ValueError(f"flip tensor has shape {tuple(flips.shape)}; expected ({n},), one per image")
-    if n == 0 or (p == 0 and flips is None and not flip and k == 0):
+    if n == 0 or (p == 0 and flips is None and not flip and k == 0 and (oh, ow) == (h, w)):
         return x
     dev = x.device
     gdev = generator.device if generator is not None else dev
@@ -163,25 +171,25 @@ def batch_augment(x: torch.Tensor, crop_padding: int, flip: bool | torch.Tensor,
     grid[:, :, :h, w] = _per_channel(pad_fill, x)
     src[:, :, hole_slot] = _per_channel(cutout_fill, x)[:, :, 0]
 
-    rows = torch.arange(h, device=dev).expand(n, h)                          # (N, H)
-    cols = torch.arange(w, device=dev).expand(n, w)                          # (N, W)
+    rows = torch.arange(oh, device=dev).expand(n, oh)                        # (N, S)
+    cols = torch.arange(ow, device=dev).expand(n, ow)                        # (N, S)
     if flips is not None or flip:
-        # output column j reads crop column W-1-j: the reversed row of this image's crop
+        # output column j reads crop column S-1-j: the reversed row of this image's crop
         flips = randint(2).bool() if flips is None else flips.to(dev, torch.bool)
         cols = torch.where(flips[:, None], cols.flip(1), cols)
-    if p > 0:
-        # crop offset (dy, dx) in {0..2p}^2 of the padded image = shift by (dy-p, dx-p)
-        rows = rows + (randint(2 * p + 1) - p)[:, None]
-        cols = cols + (randint(2 * p + 1) - p)[:, None]
+    if p > 0 or (oh, ow) != (h, w):
+        # crop offset (dy, dx) in {0..H-S+2p} x {0..W-S+2p} of the padded image
+        rows = rows + (randint(h - oh + 2 * p + 1) - p)[:, None]
+        cols = cols + (randint(w - ow + 2 * p + 1) - p)[:, None]
         rows = torch.where((rows >= 0) & (rows < h), rows, h)  # off the image: fill row
         cols = torch.where((cols >= 0) & (cols < w), cols, w)  # off the image: fill column
-    index = (rows[:, :, None] * ws + cols[:, None, :]).view(n, h * w)        # (N, H*W)
+    index = (rows[:, :, None] * ws + cols[:, None, :]).view(n, oh * ow)      # (N, S*S)
     if k > 0:
-        top, left = randint(h - k + 1), randint(w - k + 1)
-        square = (torch.arange(k, device=dev)[:, None] * w + torch.arange(k, device=dev)).view(1, k * k)
-        index.scatter_(1, (top * w + left)[:, None] + square, hole_slot)
-    index = index.view(n, 1, h * w).expand(n, c, h * w)
-    return torch.gather(src, 2, index).view(n, c, h, w)
+        top, left = randint(oh - k + 1), randint(ow - k + 1)
+        square = (torch.arange(k, device=dev)[:, None] * ow + torch.arange(k, device=dev)).view(1, k * k)
+        index.scatter_(1, (top * ow + left)[:, None] + square, hole_slot)
+    index = index.view(n, 1, oh * ow).expand(n, c, oh * ow)
+    return torch.gather(src, 2, index).view(n, c, oh, ow)
 
 
 def _per_channel(value, x: torch.Tensor) -> torch.Tensor:
