@@ -15,7 +15,9 @@ exactly what ``lrlab train`` runs, from the same seed and the same initial weigh
 
 Per setup: one range test (``lrlab.runner.find_lr``, recorded), a 7-point log grid from the
 range test's start_lr to the lr where it stopped, and every suggestion method's lr (x the
-recipe's lr_factor); identical lrs are trained once. The score is the final-epoch test top-1.
+recipe's lr_factor; the methods work on the zero-lag smoothed curve), plus "steepest-ema",
+the plain steepest-slope rule on the running EMA as other LR finders apply it; identical lrs
+are trained once. The score is the final-epoch test top-1.
 Printed: a table per setup (method, suggested lr, its top-1, best grid top-1, ratio) and the
 grid. ``--out`` saves every number as JSON after each training (and the range tests' JSON/PNG
 beside it), so a long run can be inspected while it goes. ``--smoke`` shrinks everything
@@ -26,6 +28,7 @@ script in seconds; its numbers mean nothing.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import tempfile
@@ -38,6 +41,7 @@ from lrlab.config import load_config
 from lrlab.errors import LrlabError
 from lrlab.io import write_json
 from lrlab.lr_finder import METHODS
+from lrlab.lr_finder.suggest import steepest
 from lrlab.runner import find_lr, load_data, new_model, precision_for, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,6 +53,7 @@ SETUPS = {
     "resnet18-sgd": (3, ["model.name=resnet18", "model.kwargs={}", "train.optimizer=sgd", "train.momentum=0.9",
                          "train.nesterov=false", "train.batch_size=128"]),
 }
+EMA_STEEPEST = "steepest-ema"
 COMMON = ["train.schedule=onecycle", "train.max_lr=null", "lr_finder.enabled=true", "data.train_subset=10000"]
 SMOKE = ["data.train_subset=1000", "data.test_subset=500", "lr_finder.num_iter=30", "lr_finder.skip_start=5",
          "lr_finder.skip_end=3"]
@@ -88,6 +93,8 @@ def main() -> int:
     parser.add_argument("--recipe", default=str(REPO / "recipes" / "cifar10-quick.yaml"))
     parser.add_argument("--out", type=Path, help="JSON file for every number, rewritten after each training")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes to check the script in seconds")
+    parser.add_argument("--reuse", type=Path, help="an earlier --out JSON: its trainings with the same setup, "
+                        "overrides and lr are not repeated (training does not depend on the suggestions)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="extra config overrides")
     args = parser.parse_intermixed_args()
 
@@ -105,6 +112,12 @@ def main() -> int:
     def log(text: str) -> None:
         print(f"[{time.perf_counter() - start:8.1f}s] {text}", flush=True)
 
+    earlier: dict = {}
+    if args.reuse:
+        for setup, e in json.loads(args.reuse.read_text())["setups"].items():
+            for run in e.get("runs", []):
+                if run.get("error") is None:
+                    earlier[(setup, json.dumps(e["overrides"]), e["epochs"], key(run["lr"]))] = run
     report: dict = {"smoke": args.smoke, "recipe": args.recipe, "grid_points": n_grid, "setups": {}}
     save = (lambda: write_json(args.out, report)) if args.out else (lambda: None)
     data_cache: dict = {}
@@ -137,6 +150,12 @@ def main() -> int:
         entry["range_test"] = result.to_dict()
         factor = config.lr_finder.lr_factor
         suggested = {m: s.lr * factor for m, s in result.suggestions.items()}
+        # the plain rule as other LR finders apply it: steepest slope of the running EMA
+        try:
+            suggested[EMA_STEEPEST] = steepest(result.lrs, result.smoothed, result.skip_start,
+                                               result.skip_end).lr * factor
+        except LrlabError:
+            pass
         grid = log_grid(result.start_lr, result.stop_lr, n_grid)
         entry["grid"] = grid
         entry["suggested"] = suggested
@@ -153,6 +172,13 @@ def main() -> int:
             candidates.setdefault(key(lr), []).append(m)
         scores: dict[float, float | None] = {}
         for n, (lr, labels) in enumerate(candidates.items(), 1):
+            old = earlier.get((name, json.dumps(overrides), epochs[name], lr))
+            if old is not None:
+                scores[lr] = old["final_test_acc"]
+                entry["runs"].append({**old, "labels": labels, "reused": True})
+                log(f"{name}: {n}/{len(candidates)} lr {lr:.3g} ({', '.join(labels)}) -> test top-1 "
+                    f"{100 * old['final_test_acc']:.2f}% (reused from {args.reuse})")
+                continue
             t0 = time.perf_counter()
             model = new_model(config, data, precision)  # same seed, same initial weights
             with tempfile.TemporaryDirectory() as tmp:
@@ -176,7 +202,7 @@ def main() -> int:
         best_grid = max((a for a in grid_accs if a is not None), default=None)
         entry["best_grid_acc"] = best_grid
         rows = []
-        for m in METHODS:
+        for m in [*METHODS, EMA_STEEPEST]:
             lr = suggested.get(m)
             acc = scores.get(key(lr)) if lr is not None else None
             ratio = acc / best_grid if acc is not None and best_grid else None
@@ -201,7 +227,7 @@ def print_tables(name: str, epochs: int, rows: list[dict], grid: list[float], gr
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.3f}"
         mark = "  (default)" if r["method"] == default else ""
         print(f"  {r['method']:<10}{lr:>14}{pct(r['acc']):>12}{pct(best_grid):>12}{ratio:>8}{mark}")
-    print(f"  grid:  " + "  ".join(f"{g:.3g}: {pct(a)}" for g, a in zip(grid, grid_accs)))
+    print("  grid:  " + "  ".join(f"{g:.3g}: {pct(a)}" for g, a in zip(grid, grid_accs)))
     print(flush=True)
 
 

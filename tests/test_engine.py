@@ -1,4 +1,4 @@
-"""Training on real images: a short run beats chance by a wide margin; History and checkpoints."""
+"""Training on real images: FastNet passes 60% on a 5,000-image subset in 5 epochs; History and checkpoints."""
 
 import torch
 
@@ -9,16 +9,16 @@ from lrlab.runner import eval_loader, load_data, new_model, precision_for, train
 def test_short_training_run_beats_chance(cifar_dir, cache_dir, tmp_path):
     config = load_config(None, [f"data.path={cifar_dir}", f"data.cache_dir={cache_dir}",
                                 "data.train_subset=5000", "data.test_subset=1000", "data.crop_padding=2",
-                                "data.cutout=0", "model.kwargs={width: 0.5}", "train.epochs=3",
-                                "train.batch_size=100", "train.schedule=onecycle", "train.lr=0.4",
-                                "train.nesterov=true", "train.label_smoothing=0.2"])
+                                "data.cutout=0", "data.flip=alternate", "model.kwargs={width: 0.5}",
+                                "train.epochs=5", "train.batch_size=100", "train.schedule=onecycle",
+                                "train.lr=0.4", "train.nesterov=true", "train.label_smoothing=0.2"])
     precision = precision_for(config)
     data = load_data(config)
     assert (len(data.train), len(data.test)) == (5000, 1000)
     model = new_model(config, data, precision)
     history = train(config, data, model, precision, config.train.lr, tmp_path)
     accs = [r["test_acc"] for r in history.records]
-    assert accs[-1] > 0.45  # chance is 0.10
+    assert accs[-1] > 0.60  # the fast network learns in one short run; chance is 0.10
     assert history.records[-1]["lr"] < config.train.lr / 100  # one-cycle ended near zero
     for name in ("history.csv", "history.json", "loss.png", "accuracy.png", "lr.png"):
         assert (tmp_path / name).stat().st_size > 0

@@ -639,3 +639,21 @@ def test_result_method_plot_and_json(tmp_path, batches):
     assert back == result and back.suggestion == result.suggestion
     raw = json.loads((tmp_path / "lr.json").read_text())
     assert raw["suggestion"] == result.suggestion and set(raw["suggestions"]) == set(result.suggestions)
+
+
+def test_centered_smoothing_has_no_lag_unlike_the_ema():
+    from lrlab.lr_finder.suggest import centered_smooth
+
+    rng = np.random.default_rng(0)
+    i = np.arange(60)
+    truth = 2.3 - 0.3 * np.exp(-0.5 * ((i - 40) / 6) ** 2)  # minimum at 40
+    curve = truth + rng.normal(0, 0.01, 60)
+    centered = centered_smooth(curve)
+    ema, avg = [], 0.0
+    for n, v in enumerate(curve):
+        avg = 0.98 * avg + 0.02 * v
+        ema.append(avg / (1 - 0.98 ** (n + 1)))
+    assert abs(int(np.argmin(centered)) - 40) <= 1
+    assert int(np.argmin(ema)) >= 46  # the running EMA puts the minimum many points too late
+    flat = slice(3, 18)  # where the true curve is level, the noise shrinks
+    assert np.std(centered[flat] - truth[flat]) < np.std(curve[flat] - truth[flat]) / 2

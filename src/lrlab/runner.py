@@ -145,7 +145,7 @@ def find_lr(config: Config, data: Dataset, model: nn.Module, precision: Precisio
                         channels_last=precision.channels_last,
                         progress=(lambda i, lr, loss: step(i, loss)) if step else None)
     result.save_json(run_dir / "lr_finder.json")
-    plots.plot_range_test(result.lrs, result.losses, result.smoothed, result.suggestion, run_dir / "lr_finder.png",
+    plots.plot_range_test(result.lrs, result.losses, result.centered, result.suggestion, run_dir / "lr_finder.png",
                           suggestions={k: (s.lr, s.low, s.high) for k, s in result.suggestions.items()},
                           chosen=result.method,
                           ylabel="validation loss" if result.loss == "val" else "training loss")

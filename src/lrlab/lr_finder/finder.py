@@ -13,7 +13,7 @@ from lrlab.device import autocast
 from lrlab.errors import LrlabError
 from lrlab.lr_finder.batches import cycle, default_batch_fn
 from lrlab.lr_finder.result import RangeTestResult
-from lrlab.lr_finder.suggest import METHODS, MIN_POINTS, suggest_all
+from lrlab.lr_finder.suggest import METHODS, MIN_POINTS, centered_smooth, suggest_all
 from lrlab.lr_finder.sweep import MODES, group_schedules, set_group_lrs
 from lrlab.lr_finder.state import TrainingState
 
@@ -116,7 +116,8 @@ class LRRangeTest:
         "non-finite loss"); from point ``skip_start`` on, ``smoothed > diverge_factor * best
         smoothed`` ends it with that point recorded ("diverged"; assumes a non-negative loss).
         The suggestions (every method of :data:`lrlab.lr_finder.METHODS`) are computed from the
-        finite recorded points only.
+        finite recorded points only, on the zero-lag curve ``centered``
+        (:func:`lrlab.lr_finder.suggest.centered_smooth`), not on the lagging EMA.
 
         Args:
             loader: re-iterable of batches that ``batch_fn`` understands; inputs (N, C, H, W)
@@ -206,10 +207,11 @@ class LRRangeTest:
         finally:
             self._state.restore()
 
-        found, errors = suggest_all(lrs, smoothed, *skip_pts)
+        centered = centered_smooth(losses).tolist()
+        found, errors = suggest_all(lrs, centered, *skip_pts)
         first = schedules[0][0], schedules[-1][0]
         return RangeTestResult(
-            lrs=lrs, losses=losses, smoothed=smoothed, mode=mode, start_lr=float(first[0]),
+            lrs=lrs, losses=losses, smoothed=smoothed, centered=centered, mode=mode, start_lr=float(first[0]),
             end_lr=float(first[1]), num_iter=int(num_iter), stop_reason=stop_reason, stop_index=stop_index,
             stop_lr=float(schedules[stop_index][0] if stop_index is not None else first[1]),
             suggestions=found, suggestion_errors=errors, method=method, loss="val" if val else "train",

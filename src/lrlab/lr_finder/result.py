@@ -32,7 +32,10 @@ class RangeTestResult:
         losses: raw loss of each point (mean over the batch as ``loss_fn`` returns it; with
             gradient accumulation the mean over the micro-batches; with the validation loss the
             mean over the validation batches).
-        smoothed: bias-corrected exponential moving average of ``losses``.
+        smoothed: bias-corrected exponential moving average of ``losses`` (causal; it drives
+            the divergence stop during the sweep).
+        centered: zero-lag Gaussian smoothing of ``losses``
+            (:func:`lrlab.lr_finder.suggest.centered_smooth`); the suggestions and the plot use it.
         mode: "exp" or "linear", the shape of the sweep.
         start_lr, end_lr: the ends of group 0's planned sweep.
         num_iter: the number of planned optimizer steps.
@@ -65,6 +68,7 @@ class RangeTestResult:
     stop_lr: float | None = None
     suggestions: dict[str, Suggestion] = field(default_factory=dict)
     suggestion_errors: dict[str, str] = field(default_factory=dict)
+    centered: list[float] = field(default_factory=list)
     method: str = "steepest"
     loss: str = "train"
     val_every: int = 1
@@ -114,7 +118,7 @@ class RangeTestResult:
         out: dict[str, Any] = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.name in ("lrs", "losses", "smoothed"):
+            if f.name in ("lrs", "losses", "smoothed", "centered"):
                 v = [_json_float(x) for x in v]
             elif f.name in ("start_lr", "end_lr", "stop_lr"):
                 v = _json_float(v)
@@ -149,8 +153,8 @@ class RangeTestResult:
             raise LrlabError(f"{source} lacks the field(s) {missing}; expected {names}")
         kwargs = {n: data[n] for n in names if n in data}
         try:
-            for key in ("lrs", "losses", "smoothed"):
-                kwargs[key] = [math.nan if v is None else float(v) for v in kwargs[key]]
+            for key in ("lrs", "losses", "smoothed", "centered"):
+                kwargs[key] = [math.nan if v is None else float(v) for v in kwargs.get(key, [])]
             kwargs["suggestions"] = {k: Suggestion.from_dict(v) for k, v in kwargs["suggestions"].items()}
         except (TypeError, ValueError, KeyError, AttributeError) as exc:
             raise LrlabError(f"{source} has a malformed curve or suggestion ({exc})") from None
@@ -185,7 +189,7 @@ class RangeTestResult:
         from lrlab.plots import range_test_figure
 
         bands = list(methods) if methods is not None else [self.method]
-        return range_test_figure(self.lrs, self.losses, self.smoothed,
+        return range_test_figure(self.lrs, self.losses, self.centered or self.smoothed,
                                  {k: (s.lr, s.low, s.high) for k, s in self.suggestions.items()},
                                  chosen=self.method, bands=bands, ax=ax,
                                  ylabel="validation loss" if self.loss == "val" else "training loss")

@@ -2,7 +2,11 @@
 
 Every method is a plain function ``method(lrs, smoothed, skip_start, skip_end) -> Suggestion``
 of the recorded curve: lrs (N,) per optimizer step, positive and increasing; smoothed (N,)
-the smoothed loss. The first ``skip_start`` and last ``skip_end`` points are left out, then
+the smoothed loss. The range test passes the zero-lag curve of :func:`centered_smooth`, not
+the running EMA: a bias-corrected EMA with beta 0.98 trails the raw loss by about
+min(n/2, 49) points, which in a 60-step sweep over five decades is more than a decade of lr,
+so every rule applied to it lands too high (measured in benchmarks/lr_suggestion_quality.py:
+with Adam all five EMA-based suggestions were 3-100x the best lr of the grid). The first ``skip_start`` and last ``skip_end`` points are left out, then
 non-finite points; the rest is "the analysed window". Slopes are d(smoothed loss)/d(log10 lr)
 with the real log10(lr) spacing (``np.gradient`` with coordinates), so linear sweeps are
 measured on the same axis the plot shows.
@@ -198,6 +202,30 @@ def max_lr(lrs, smoothed, skip_start: int = 10, skip_end: int = 5) -> Suggestion
         raise LrlabError("max_lr: the smoothed loss never falls before its minimum")
     pos = k + int(np.flatnonzero(s[k:] <= MAX_LR_FRACTION * s[k]).max())
     return c.make(c.at(pos), c.at(k), c.at(bottom), pos=pos)
+
+
+def centered_smooth(losses, sigma: float | None = None) -> np.ndarray:
+    """Zero-lag smoothing of a range-test curve: a Gaussian kernel over neighbouring points.
+
+    ``out[i] = sum_j w_ij * losses[j] / sum_j w_ij`` with ``w_ij = exp(-(i - j)^2 / (2 sigma^2))``
+    over the recorded points (renormalised at the ends, so no padding is invented). Unlike the
+    running EMA it looks both ways, so a descent or a rise stays where it happened. Only
+    possible after the sweep; the online divergence stop keeps using the EMA.
+
+    Args:
+        losses: (N,) raw losses, finite.
+        sigma: kernel width in points; default ``max(2, N / 20)`` (3 points for a 60-step test).
+
+    Returns:
+        float64 array (N,).
+    """
+    y = np.asarray(list(losses), dtype=np.float64)
+    if y.size == 0:
+        return y
+    sigma = max(2.0, y.size / 20) if sigma is None else float(sigma)
+    d = np.arange(y.size)
+    w = np.exp(-0.5 * ((d[:, None] - d[None, :]) / sigma) ** 2)
+    return (w @ y) / w.sum(1)
 
 
 SuggestFn = Callable[..., Suggestion]
