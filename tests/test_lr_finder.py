@@ -657,3 +657,16 @@ def test_centered_smoothing_has_no_lag_unlike_the_ema():
     assert int(np.argmin(ema)) >= 46  # the running EMA puts the minimum many points too late
     flat = slice(3, 18)  # where the true curve is level, the noise shrinks
     assert np.std(centered[flat] - truth[flat]) < np.std(curve[flat] - truth[flat]) / 2
+
+
+def test_auto_method_is_max_lr_for_sgd_and_steepest_otherwise(batches):
+    from lrlab.lr_finder import default_method
+
+    model = make_model()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    result = range_test(model, sgd, nn.functional.cross_entropy, batches, start_lr=1e-5, end_lr=1.0, num_iter=30)
+    assert result.method == "max_lr" and result.suggestion == result.suggestions["max_lr"].lr
+    params = [nn.Parameter(torch.zeros(2))]
+    assert default_method(torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True)) == "max_lr"
+    assert default_method(torch.optim.Adam(params, lr=1e-3)) == "steepest"
+    assert default_method(torch.optim.RMSprop(params, lr=1e-3)) == "steepest"

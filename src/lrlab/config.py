@@ -55,8 +55,9 @@ class LRFinderConfig(_Section):
     batch_size: int | None = Field(None, gt=0)  # None: train.batch_size
     accumulation_steps: int = Field(1, ge=1)  # micro-batches per optimizer step of the sweep
     # which suggestion becomes train.lr (lrlab.lr_finder.suggest: steepest, valley, min10,
-    # descent, max_lr); every method's lr and band are saved and shown either way
-    method: Literal["steepest", "valley", "min10", "descent", "max_lr"] = "steepest"
+    # descent, max_lr; auto: max_lr for SGD, steepest for adaptive optimizers, chosen from
+    # benchmarks/lr_suggestion_quality.py); every method's lr and band are saved either way
+    method: Literal["auto", "steepest", "valley", "min10", "descent", "max_lr"] = "auto"
     lr_factor: float = Field(1.0, gt=0)  # train.lr = suggestion x lr_factor
     # "val": Smith's validation loss on val_images class-balanced test images, evaluated every
     # val_every steps (cost: val_images / batch_size forward passes per val_every steps)

@@ -26,12 +26,12 @@ only after ``skip_start``, where the EMA is meaningful.
 """
 
 from lrlab.lr_finder.batches import INPUT_KEYS, TARGET_KEYS, default_batch_fn
-from lrlab.lr_finder.finder import LRRangeTest, range_test
+from lrlab.lr_finder.finder import LRRangeTest, default_method, range_test
 from lrlab.lr_finder.result import STOP_REASONS, RangeTestResult
 from lrlab.lr_finder.suggest import (METHODS, MIN_POINTS, Suggestion, descent, max_lr, min10, steepest,
                                      steepest_descent, suggest, suggest_all, valley)
 from lrlab.lr_finder.sweep import MODES, group_schedules, lr_schedule
 
 __all__ = ["INPUT_KEYS", "LRRangeTest", "METHODS", "MIN_POINTS", "MODES", "RangeTestResult", "STOP_REASONS",
-           "Suggestion", "TARGET_KEYS", "default_batch_fn", "descent", "group_schedules", "lr_schedule",
+           "Suggestion", "TARGET_KEYS", "default_batch_fn", "default_method", "descent", "group_schedules", "lr_schedule",
            "max_lr", "min10", "range_test", "steepest", "steepest_descent", "suggest", "suggest_all", "valley"]

@@ -86,7 +86,7 @@ class LRRangeTest:
             end_lr: float | Sequence[float] = 10.0, num_iter: int = 100, mode: str = "exp",
             smooth: float = 0.98, diverge_factor: float = 5.0, skip_start: int = 10, skip_end: int = 5,
             accumulation_steps: int = 1, val_batches: Sequence[Any] | None = None, val_every: int = 1,
-            method: str = "steepest", progress: Progress | None = None) -> RangeTestResult:
+            method: str = "auto", progress: Progress | None = None) -> RangeTestResult:
         """Sweep the learning rate over ``num_iter`` optimizer steps, record the loss, suggest lrs.
 
         Step i (0-based) sets every parameter group's lr to its i-th value (see
@@ -133,7 +133,8 @@ class LRRangeTest:
             accumulation_steps: micro-batches per optimizer step (>= 1).
             val_batches: a small fixed list of held-out batches, or None for the training loss.
             val_every: optimizer steps between validation points (>= 1).
-            method: the suggestion method the result names as "the" suggestion.
+            method: the suggestion method the result names as "the" suggestion, or "auto"
+                (:func:`default_method`: ``max_lr`` for SGD, ``steepest`` for the others).
             progress: called as ``progress(step, lr, training loss)`` after each step's
                 forward passes (the loss may be nan on the last call); the library prints nothing.
 
@@ -153,6 +154,7 @@ class LRRangeTest:
         val = val_batches is not None
         skip_pts = _validate(num_iter, mode, smooth, diverge_factor, skip_start, skip_end, accumulation_steps,
                              val_batches, val_every, method)
+        method = default_method(self.optimizer) if method == "auto" else method
         schedules = group_schedules(start_lr, end_lr, len(self.optimizer.param_groups), num_iter, mode)
         beta = smooth ** val_every if val else smooth
         lrs: list[float] = []
@@ -253,13 +255,25 @@ class LRRangeTest:
             self.model.train()
 
 
+def default_method(optimizer: torch.optim.Optimizer) -> str:
+    """The suggestion method that ``method="auto"`` uses for ``optimizer``.
+
+    ``max_lr`` (Smith 2018's one-cycle peak) for ``torch.optim.SGD`` (plain, momentum,
+    Nesterov), ``steepest`` for every other optimizer (Adam, AdamW, RMSprop, Adagrad, ...).
+    The choice is measured, not assumed: in ``benchmarks/lr_suggestion_quality.py`` (README,
+    "Which suggestion to trust") ``max_lr`` was the best rule for SGD and among the worst for
+    Adam, whose best lr sits in the middle of the descent, where ``steepest`` lands.
+    """
+    return "max_lr" if isinstance(optimizer, torch.optim.SGD) else "steepest"
+
+
 def _validate(num_iter, mode, smooth, diverge_factor, skip_start, skip_end, accumulation_steps,
               val_batches, val_every, method) -> tuple[int, int]:
     """Check the sweep's arguments; return (skip_start, skip_end) in recorded points."""
     if mode not in MODES:
         raise LrlabError(f"mode {mode!r} is not a range-test mode; use one of {list(MODES)}")
-    if method not in METHODS:
-        raise LrlabError(f"method {method!r} is not a suggestion method; use one of {list(METHODS)}")
+    if method != "auto" and method not in METHODS:
+        raise LrlabError(f"method {method!r} is not a suggestion method; use auto or one of {list(METHODS)}")
     if not 0 <= smooth < 1:
         raise LrlabError(f"smooth ({smooth}) must be an EMA factor in [0, 1)")
     if not diverge_factor > 1:
