@@ -76,8 +76,8 @@ def retain_freed_memory() -> bool:
     Training frees and re-allocates the same activation buffers (tens of MB each) every
     step. By default glibc serves blocks above its mmap threshold with fresh ``mmap``
     pages and unmaps them on free, so each step pays page faults and kernel zeroing of all
-    that memory again: on the 2-core CI machine this cost 30-40% of a FastNet step
-    (1,230-1,670 vs 2,240-2,280 images/s at batch 512, benchmarks in the README). This calls
+    that memory again: on the 2-core CI machine this cost 27% of a FastNet x0.5 step
+    (1,672-1,696 vs 2,287-2,318 images/s at batch 512, benchmarks/step_throughput.py). This calls
     ``mallopt(M_MMAP_MAX, 0)`` and ``mallopt(M_TRIM_THRESHOLD, 2**31 - 1)`` once, the
     runtime equivalents of the MALLOC_MMAP_MAX_ / MALLOC_TRIM_THRESHOLD_ environment
     variables (glibc manual, "Memory Allocation Tunables"); the price is that the resident
