@@ -209,11 +209,10 @@ class LRRangeTest:
         finally:
             self._state.restore()
 
-        centered = centered_smooth(losses).tolist()
-        found, errors = suggest_all(lrs, centered, *skip_pts)
+        found, errors = suggest_all(lrs, centered_smooth(losses), *skip_pts)
         first = schedules[0][0], schedules[-1][0]
         return RangeTestResult(
-            lrs=lrs, losses=losses, smoothed=smoothed, centered=centered, mode=mode, start_lr=float(first[0]),
+            lrs=lrs, losses=losses, smoothed=smoothed, mode=mode, start_lr=float(first[0]),
             end_lr=float(first[1]), num_iter=int(num_iter), stop_reason=stop_reason, stop_index=stop_index,
             stop_lr=float(schedules[stop_index][0] if stop_index is not None else first[1]),
             suggestions=found, suggestion_errors=errors, method=method, loss="val" if val else "train",

@@ -12,7 +12,7 @@ from typing import Any
 
 from lrlab.errors import LrlabError
 from lrlab.io import atomic_write_text
-from lrlab.lr_finder.suggest import METHODS, Suggestion
+from lrlab.lr_finder.suggest import METHODS, Suggestion, centered_smooth
 
 STOP_REASONS = ("completed", "diverged", "non-finite loss")
 
@@ -34,8 +34,6 @@ class RangeTestResult:
             mean over the validation batches).
         smoothed: bias-corrected exponential moving average of ``losses`` (causal; it drives
             the divergence stop during the sweep).
-        centered: zero-lag Gaussian smoothing of ``losses``
-            (:func:`lrlab.lr_finder.suggest.centered_smooth`); the suggestions and the plot use it.
         mode: "exp" or "linear", the shape of the sweep.
         start_lr, end_lr: the ends of group 0's planned sweep.
         num_iter: the number of planned optimizer steps.
@@ -53,7 +51,7 @@ class RangeTestResult:
         accumulation_steps: micro-batches per optimizer step.
 
     JSON: :meth:`to_dict` writes any non-finite float as ``null`` and adds the convenience keys
-    ``suggestion`` and ``max_lr``; :meth:`load_json` reads a ``null`` in the lists back as nan.
+    ``centered``, ``suggestion`` and ``max_lr``; :meth:`load_json` reads a ``null`` in the lists back as nan.
     """
 
     lrs: list[float]
@@ -68,7 +66,6 @@ class RangeTestResult:
     stop_lr: float | None = None
     suggestions: dict[str, Suggestion] = field(default_factory=dict)
     suggestion_errors: dict[str, str] = field(default_factory=dict)
-    centered: list[float] = field(default_factory=list)
     method: str = "steepest"
     loss: str = "train"
     val_every: int = 1
@@ -106,6 +103,13 @@ class RangeTestResult:
         return None if s is None else s.index
 
     @property
+    def centered(self) -> list[float]:
+        """Zero-lag Gaussian smoothing of ``losses``
+        (:func:`lrlab.lr_finder.suggest.centered_smooth`): the curve the suggestions and the
+        plot use."""
+        return centered_smooth(self.losses).tolist()
+
+    @property
     def max_lr(self) -> float | None:
         """The one-cycle peak lr (method ``max_lr``, Smith 2018), None when it gave none."""
         s = self.suggestions.get("max_lr")
@@ -118,7 +122,7 @@ class RangeTestResult:
         out: dict[str, Any] = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.name in ("lrs", "losses", "smoothed", "centered"):
+            if f.name in ("lrs", "losses", "smoothed"):
                 v = [_json_float(x) for x in v]
             elif f.name in ("start_lr", "end_lr", "stop_lr"):
                 v = _json_float(v)
@@ -127,6 +131,7 @@ class RangeTestResult:
             elif f.name == "suggestion_errors":
                 v = dict(v)
             out[f.name] = v
+        out["centered"] = [_json_float(x) for x in self.centered]
         out["suggestion"] = _json_float(self.suggestion)
         out["max_lr"] = _json_float(self.max_lr)
         return out
@@ -153,8 +158,8 @@ class RangeTestResult:
             raise LrlabError(f"{source} lacks the field(s) {missing}; expected {names}")
         kwargs = {n: data[n] for n in names if n in data}
         try:
-            for key in ("lrs", "losses", "smoothed", "centered"):
-                kwargs[key] = [math.nan if v is None else float(v) for v in kwargs.get(key, [])]
+            for key in ("lrs", "losses", "smoothed"):
+                kwargs[key] = [math.nan if v is None else float(v) for v in kwargs[key]]
             kwargs["suggestions"] = {k: Suggestion.from_dict(v) for k, v in kwargs["suggestions"].items()}
         except (TypeError, ValueError, KeyError, AttributeError) as exc:
             raise LrlabError(f"{source} has a malformed curve or suggestion ({exc})") from None
@@ -189,7 +194,7 @@ class RangeTestResult:
         from lrlab.plots import range_test_figure
 
         bands = list(methods) if methods is not None else [self.method]
-        return range_test_figure(self.lrs, self.losses, self.centered or self.smoothed,
+        return range_test_figure(self.lrs, self.losses, self.centered,
                                  {k: (s.lr, s.low, s.high) for k, s in self.suggestions.items()},
                                  chosen=self.method, bands=bands, ax=ax,
                                  ylabel="validation loss" if self.loss == "val" else "training loss")
