@@ -4,7 +4,7 @@
 
 Runs forward + backward + SGD step under the device's autocast (bf16 + channels_last on a bf16
 CPU) and prints images/s twice, each in a fresh process: with glibc's default allocator
-behaviour and with ``lrlab.device.retain_freed_memory()`` (what lrlab's training does).
+behaviour and with ``lrlab.compute.retain_freed_memory()`` (what lrlab's training does).
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import torch.nn.functional as F
 
 
 def measure(model_name: str, width: float, batch: int, steps: int, retain: bool) -> float:
-    from lrlab.device import retain_freed_memory
+    from lrlab.compute import retain_freed_memory
     from lrlab.engine import Precision
     from lrlab.models import build_model
-    from lrlab.device import autocast_dtype, pick_device
+    from lrlab.compute import autocast_dtype, pick_device
 
     if retain:
         retain_freed_memory()

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lrlab import device as dev
+from lrlab import compute as dev
 from lrlab.config import load_config
 from lrlab.errors import LrlabError
 from lrlab.runner import precision_for

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrlab.device import autocast, retain_freed_memory
+from lrlab.compute import autocast, retain_freed_memory
 from lrlab.io import atomic_path, atomic_write_text, write_json
 from lrlab.tta import tta_probs
 
@@ -70,7 +70,7 @@ class Precision:
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """Move ``model`` to the device (float32 weights) in the chosen memory format; on a
-        CPU also keep freed memory in the process (:func:`lrlab.device.retain_freed_memory`)."""
+        CPU also keep freed memory in the process (:func:`lrlab.compute.retain_freed_memory`)."""
         if self.device.type == "cpu":
             retain_freed_memory()
         model = model.to(self.device)

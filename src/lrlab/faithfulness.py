@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrlab.device import autocast
+from lrlab.compute import autocast
 from lrlab.errors import LrlabError
 from lrlab.interpret import CAM_METHODS, _eval_mode, _model_device, class_activation_maps, target_layers
 from lrlab.io import write_json

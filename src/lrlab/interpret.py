@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrlab.device import autocast
+from lrlab.compute import autocast
 from lrlab.errors import LrlabError
 from lrlab.io import atomic_path
 from lrlab.tta import tta_probs

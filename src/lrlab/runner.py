@@ -19,7 +19,7 @@ from torch import nn
 from lrlab import plots
 from lrlab.config import Config, load_config, save_config
 from lrlab.data import BatchLoader, Dataset, Split, load_dataset
-from lrlab.device import autocast_dtype, pick_device
+from lrlab.compute import autocast_dtype, pick_device
 from lrlab.engine import History, Precision, fit
 from lrlab.errors import LrlabError
 from lrlab.faithfulness import cam_faithfulness

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lrlab.device import autocast
+from lrlab.compute import autocast
 from lrlab.errors import LrlabError
 from lrlab.lr_finder.batches import cycle, default_batch_fn
 from lrlab.lr_finder.result import RangeTestResult

@@ -1,0 +1,188 @@
+"""Where and how lrlab computes: device, autocast dtype and memory layout, chosen once.
+
+:class:`Compute` is the one object the loops receive: ``Compute.choose("auto", "auto")`` picks
+CUDA when available, bfloat16 autocast + channels_last on CPUs with native bf16 (and on CUDA),
+float32 elsewhere. Its :meth:`Compute.forward_batches` is the single "run the model over batches
+in eval mode under autocast" loop behind evaluation, prediction and the CAM faithfulness test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+from lrlab.errors import LrlabError
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """Return the torch device for ``name`` ("auto", "cpu", "cuda", "cuda:1", "mps").
+
+    "auto" picks CUDA when available, else CPU.
+
+    Raises:
+        LrlabError: when the named device is not available on this machine.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise LrlabError(f"device {name!r} is not a valid torch device; use auto, cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LrlabError(f"device {name!r} was asked for but CUDA is not available; use auto or cpu")
+    return device
+
+
+@lru_cache(maxsize=None)
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bfloat16 arithmetic (x86 AVX-512 BF16 or AMX, Arm BF16)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16", " bf16"))
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device``, or None for plain float32.
+
+    precision: "auto" (bf16 on bf16-capable CPUs and on CUDA with bf16, else float32),
+    "bf16", "fp16" (CUDA only) or "fp32". Weights always stay float32; only activations
+    and matrix products run in the lower precision.
+    """
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise LrlabError("precision 'fp16' needs a CUDA device; use auto, bf16 or fp32")
+        return torch.float16
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_supports_bf16() else None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return None
+
+
+@lru_cache(maxsize=None)
+def retain_freed_memory() -> bool:
+    """Make glibc keep freed memory in the process instead of returning it to the OS.
+
+    Training frees and re-allocates the same activation buffers (tens of MB each) every
+    step. By default glibc serves blocks above its mmap threshold with fresh ``mmap``
+    pages and unmaps them on free, so each step pays page faults and kernel zeroing of all
+    that memory again: on the 2-core CI machine this cost 27% of a FastNet x0.5 step
+    (1,672-1,696 vs 2,287-2,318 images/s at batch 512, benchmarks/step_throughput.py). This calls
+    ``mallopt(M_MMAP_MAX, 0)`` and ``mallopt(M_TRIM_THRESHOLD, 2**31 - 1)`` once, the
+    runtime equivalents of the MALLOC_MMAP_MAX_ / MALLOC_TRIM_THRESHOLD_ environment
+    variables (glibc manual, "Memory Allocation Tunables"); the price is that the resident
+    size stays at its peak. Returns True when applied, False where glibc is not the
+    allocator (macOS, Windows, musl), where nothing is changed.
+    """
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every submodule of ``model`` in eval mode; restore each one's own flag on exit
+    (also after an exception), so a partly frozen model keeps its mixed modes."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+@dataclass(frozen=True)
+class Compute:
+    """Device, autocast dtype (None: float32) and memory layout of every model call.
+
+    Weights always stay float32; only activations and matrix products run in ``dtype``.
+    ``channels_last`` applies to 4-d (N, C, H, W) image batches and to the model.
+    """
+
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype | None = None
+    channels_last: bool = False
+
+    @classmethod
+    def choose(cls, device: str = "auto", precision: str = "auto") -> Compute:
+        """The choice for this machine: :func:`pick_device` and :func:`autocast_dtype`; channels_last
+        whenever autocast is on (bf16/fp16 convolutions are fastest in that layout).
+
+        Raises:
+            LrlabError: an unavailable device or fp16 without CUDA.
+        """
+        dev = pick_device(device)
+        dtype = autocast_dtype(dev, precision)
+        return cls(dev, dtype, channels_last=dtype is not None)
+
+    @property
+    def dtype_name(self) -> str:
+        """"bfloat16", "float16" or "float32", for summaries and reports."""
+        return str(self.dtype).removeprefix("torch.") if self.dtype is not None else "float32"
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Move ``model`` to the device (float32 weights) in the chosen memory format; on a
+        CPU also keep freed memory in the process (:func:`retain_freed_memory`)."""
+        if self.device.type == "cpu":
+            retain_freed_memory()
+        model = model.to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+    def autocast(self):
+        """A ``torch.autocast`` context for this dtype and device; a no-op for float32."""
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def to_device(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` on the device; a 4-d batch also in the chosen memory format."""
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+
+    def forward_batches(self, model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                        forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
+                        ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Run ``model`` over ``batches`` in eval mode, without gradients, under autocast.
+
+        Args:
+            model: the network, on this device; every submodule's train/eval flag is restored
+                when the iteration ends (or is abandoned).
+            batches: ``(x, y)`` pairs, x (B, C, H, W) float, y (B,) labels, on any device.
+            forward: ``forward(model, x) -> (B, K)`` tensor; default ``model(x)``.
+
+        Yields:
+            (out, y): ``out`` the float32 (B, K) output on the device, ``y`` on the device.
+        """
+        forward = forward or (lambda m, x: m(x))
+        with eval_mode(model), torch.inference_mode():
+            for x, y in batches:
+                with self.autocast():
+                    out = forward(model, self.to_device(x))
+                yield out.float(), torch.as_tensor(y).to(self.device, non_blocking=True)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """TEMPORARY (removed when every caller uses Compute): ``Compute(device, dtype).autocast()``."""
+    return Compute(device, dtype).autocast()
