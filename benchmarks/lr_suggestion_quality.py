@@ -10,10 +10,10 @@ Setups (each on a class-balanced 10,000-image subset of the training split, the 
     resnet18-sgd   ResNet18, SGD momentum 0.9, batch 128, 3 epochs
 
 Everything else comes from recipes/cifar10-quick.yaml (one-cycle schedule with the candidate lr
-as its peak, label smoothing, augmentation, flip TTA), and training is ``lrlab.runner.train``,
+as its peak, label smoothing, augmentation, flip TTA), and training is ``lrlab.pipeline.train``,
 exactly what ``lrlab train`` runs, from the same seed and the same initial weights each time.
 
-Per setup: one range test (``lrlab.runner.find_lr``, recorded), a 7-point log grid from the
+Per setup: one range test (``lrlab.pipeline.range_test``, recorded), a 7-point log grid from the
 range test's start_lr to the lr where it stopped, and every suggestion method's lr (x the
 recipe's lr_factor; the methods work on the zero-lag smoothed curve), plus "steepest-ema",
 the plain steepest-slope rule on the running EMA as other LR finders apply it; identical lrs
@@ -31,7 +31,6 @@ import argparse
 import json
 import math
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -42,7 +41,9 @@ from lrlab.errors import LrlabError
 from lrlab.io import write_json
 from lrlab.lr_finder import METHODS
 from lrlab.lr_finder.suggest import steepest
-from lrlab.runner import find_lr, load_data, new_model, precision_for, train
+from lrlab import pipeline
+from lrlab.lr_plan import LRPlan
+from lrlab.run_folder import RunFolder
 
 REPO = Path(__file__).resolve().parents[1]
 SETUPS = {
@@ -120,7 +121,6 @@ def main() -> int:
                     earlier[(setup, json.dumps(e["overrides"]), e["epochs"], key(run["lr"]))] = run
     report: dict = {"smoke": args.smoke, "recipe": args.recipe, "grid_points": n_grid, "setups": {}}
     save = (lambda: write_json(args.out, report)) if args.out else (lambda: None)
-    data_cache: dict = {}
     for name in setups:
         overrides = [f"data.path={args.data}", *COMMON, *SETUPS[name][1], f"train.epochs={epochs[name]}",
                      *(SMOKE if args.smoke else []), *args.overrides]
@@ -129,24 +129,16 @@ def main() -> int:
         except LrlabError as e:
             raise SystemExit(f"error: {name}: {e}") from None
         config = config.model_copy(update={"name": f"lrq-{name}"})
-        precision = precision_for(config)
-        data_key = config.data.model_dump_json()
-        if data_key not in data_cache:
-            data_cache[data_key] = load_data(config)
-        data = data_cache[data_key]
+        setup = pipeline.prepare(config, range_test=True, train=True, explain=False)
+        data = setup.data
         entry: dict = {"overrides": overrides, "epochs": epochs[name], "train_images": len(data.train),
                        "test_images": len(data.test), "runs": []}
         report["setups"][name] = entry
 
         log(f"{name}: range test ({config.lr_finder.num_iter} steps, batch {config.train.batch_size})")
-        model = new_model(config, data, precision)
+        result = pipeline.range_test(setup)
         if args.out:
-            rt_dir = args.out.parent / f"{args.out.stem}_{name}"
-            rt_dir.mkdir(parents=True, exist_ok=True)
-            result = find_lr(config, data, model, precision, rt_dir)
-        else:
-            with tempfile.TemporaryDirectory() as tmp:
-                result = find_lr(config, data, model, precision, Path(tmp))
+            RunFolder(args.out.parent / f"{args.out.stem}_{name}").save_range_test(result)
         entry["range_test"] = result.to_dict()
         factor = config.lr_finder.lr_factor
         suggested = {m: s.lr * factor for m, s in result.suggestions.items()}
@@ -180,15 +172,14 @@ def main() -> int:
                     f"{100 * old['final_test_acc']:.2f}% (reused from {args.reuse})")
                 continue
             t0 = time.perf_counter()
-            model = new_model(config, data, precision)  # same seed, same initial weights
-            with tempfile.TemporaryDirectory() as tmp:
-                try:
-                    history = train(config, data, model, precision, lr, Path(tmp))
-                    final, best = history.records[-1]["test_acc"], history.best()["test_acc"]
-                    err = None
-                except LrlabError as e:
-                    final = best = None
-                    err = str(e)
+            setup.model = pipeline.new_model(config, data, setup.compute)  # same seed, same initial weights
+            try:
+                history = pipeline.train(setup, LRPlan(lr, "peak", f"candidate {', '.join(labels)}"))
+                final, best = history.records[-1]["test_acc"], history.best()["test_acc"]
+                err = None
+            except LrlabError as e:
+                final = best = None
+                err = str(e)
             acc = final if final is None or math.isfinite(final) else None
             scores[lr] = acc
             entry["runs"].append({"lr": lr, "labels": labels, "final_test_acc": acc, "best_test_acc": best,

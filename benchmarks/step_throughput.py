@@ -18,29 +18,23 @@ import torch
 import torch.nn.functional as F
 
 
-def measure(model_name: str, width: float, batch: int, steps: int, retain: bool) -> float:
-    from lrlab.compute import retain_freed_memory
-    from lrlab.engine import Precision
+def measure(model_name: str, width: float, batch: int, steps: int, retain: bool, precision: str = "auto") -> float:
+    from lrlab.compute import Compute, retain_freed_memory
     from lrlab.models import build_model
-    from lrlab.compute import autocast_dtype, pick_device
 
     if retain:
         retain_freed_memory()
-    device = pick_device("auto")
-    dtype = autocast_dtype(device, "auto")
-    precision = Precision(device, dtype, channels_last=dtype is not None)
+    compute = Compute.choose(precision=precision)
     kwargs = {"width": width} if model_name == "fastnet" else {}
-    model = build_model(model_name, 10, **kwargs).to(device)
-    if precision.channels_last:
+    model = build_model(model_name, 10, **kwargs).to(compute.device)  # not compute.prepare: it retains memory
+    if compute.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
-    x = torch.randn(batch, 3, 32, 32, device=device)
-    if precision.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch,), device=device)
+    x = compute.to_device(torch.randn(batch, 3, 32, 32))
+    y = torch.randint(0, 10, (batch,), device=compute.device)
 
     def step():
-        with precision.autocast():
+        with compute.autocast():
             loss = F.cross_entropy(model(x).float(), y)
         loss.backward()
         optimizer.step()
@@ -60,17 +54,20 @@ def main() -> None:
     parser.add_argument("--width", type=float, default=0.5)
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                        help="compute.precision (auto: bf16 autocast where the CPU has native bf16)")
     parser.add_argument("--child", choices=["default", "retain"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(measure(args.model, args.width, args.batch, args.steps, args.child == "retain"))
+        print(measure(args.model, args.width, args.batch, args.steps, args.child == "retain", args.precision))
         return
     for mode in ("default", "retain"):
         out = subprocess.run([sys.executable, __file__, "--model", args.model, "--width", str(args.width),
-                              "--batch", str(args.batch), "--steps", str(args.steps), "--child", mode],
+                              "--batch", str(args.batch), "--steps", str(args.steps), "--child", mode,
+                              "--precision", args.precision],
                              check=True, capture_output=True, text=True).stdout
         label = "glibc default" if mode == "default" else "retain_freed_memory()"
-        print(f"{args.model} x{args.width} batch {args.batch}, {label}: {float(out):,.0f} images/s")
+        print(f"{args.model} x{args.width} batch {args.batch}, {args.precision}, {label}: {float(out):,.0f} images/s")
 
 
 if __name__ == "__main__":

@@ -2,12 +2,14 @@
 
     python benchmarks/time_to_accuracy.py recipes/cifar10-quick.yaml --data ../shared/data/cifar10 [key=value ...]
 
-Prints, per epoch: wall seconds since start (data load and range test included), test top-1
-(with the recipe's TTA at the final epoch, plain images before), training images/s, achieved GFLOP/s (FLOPs of one
-training step counted by torch.utils.flop_counter, forward + backward) and its share of this
-CPU's measured bfloat16 matrix-product peak (a 4096x4096 bf16 matmul). At the end: seconds to
-reach 85/88/90/92/93%, peak RSS, and the share of step time spent fetching and augmenting
-batches (the data path).
+Trains through the same stages as ``lrlab run`` (lrlab.pipeline: prepare, range_test, make_plan,
+train), so every training option of the recipe applies. Prints, per epoch: wall seconds since
+start (data load and range test included), test top-1 (with the recipe's TTA at the final epoch,
+plain images before), training images/s, achieved GFLOP/s (FLOPs of one training step counted by
+torch.utils.flop_counter, forward + backward) and its share of this CPU's measured bfloat16
+matrix-product peak (a 4096x4096 bf16 matmul). At the end: seconds to reach 85/88/90/92/93%,
+peak RSS, and the share of step time spent fetching and augmenting batches (the data path,
+timed on one separate pass over the training loader).
 """
 
 from __future__ import annotations
@@ -20,11 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from lrlab import pipeline
 from lrlab.config import load_config
-from lrlab.engine import fit
-from lrlab.optim import build_optimizer
-from lrlab.runner import eval_loader, find_lr, load_data, new_model, precision_for, train_loader
-from lrlab.schedules import build_schedule
 
 TARGETS = (0.85, 0.88, 0.90, 0.92, 0.93)
 
@@ -41,80 +40,59 @@ def matmul_peak(dtype: torch.dtype, n: int = 4096, reps: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def train_flops_per_image(model, precision, size: int = 32, batch: int = 64) -> float:
+def train_flops_per_image(model, compute, size: int = 32, batch: int = 64) -> float:
     """FLOPs of one forward + backward pass per size x size image (convolutions and matmuls)."""
-    x = torch.randn(batch, 3, size, size, device=precision.device)
-    if precision.channels_last:
-        x = x.to(memory_format=torch.channels_last)
-    y = torch.zeros(batch, dtype=torch.long, device=precision.device)
+    x = compute.to_device(torch.randn(batch, 3, size, size))
+    y = torch.zeros(batch, dtype=torch.long, device=compute.device)
     counter = FlopCounterMode(display=False)
-    with counter, precision.autocast():
+    with counter, compute.autocast():
         F.cross_entropy(model(x).float(), y).backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / batch
 
 
-class TimedLoader:
-    """Wraps a loader; accumulates the seconds spent producing batches and in whole epochs."""
-
-    def __init__(self, loader):
-        self.loader, self.data_seconds, self.epoch_seconds, self.images = loader, 0.0, 0.0, 0
-
-    def __len__(self):
-        return len(self.loader)
-
-    def __iter__(self):
-        start = time.perf_counter()
-        it = iter(self.loader)
-        while True:
-            t = time.perf_counter()
-            try:
-                x, y = next(it)
-            except StopIteration:
-                break
-            self.data_seconds += time.perf_counter() - t
-            self.images += len(y)
-            yield x, y
-        self.epoch_seconds += time.perf_counter() - start
+def data_path_seconds(setup) -> tuple[float, int]:
+    """(seconds, images) of one pass over the training loader alone: indexing + augmentation."""
+    loader = pipeline.train_loader(setup, setup.config.train.batch_size)
+    start, images = time.perf_counter(), 0
+    for _, y in loader:
+        images += len(y)
+    return time.perf_counter() - start, images
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipe")
     parser.add_argument("--data", required=True)
+    parser.add_argument("--out", help="also keep the run's files (lr_steps.csv, history, checkpoints) in a "
+                                      "new run folder under this folder")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args()
-    start = time.perf_counter()
     config = load_config(args.recipe, [f"data.path={args.data}", *args.overrides])
-    precision = precision_for(config)
     peak_bf16, peak_fp32 = matmul_peak(torch.bfloat16), matmul_peak(torch.float32)
     print(f"matmul peak: bf16 {peak_bf16:.0f} GFLOP/s, float32 {peak_fp32:.0f} GFLOP/s "
           f"(4096^3, {torch.get_num_threads()} threads)")
     start = time.perf_counter()  # the peak measurement is not part of the recipe's time
-    data = load_data(config)
-    model = new_model(config, data, precision)
-    sizes = config.data.crop_sizes or [data.train.images.shape[1]]
-    flops = {s: train_flops_per_image(model, precision, s) for s in sorted(set(sizes))}
+    setup = pipeline.prepare(config, range_test=config.lr_finder.enabled, train=True, explain=False)
+    sizes = config.data.crop_sizes or [setup.data.train.images.shape[1]]
+    flops = {s: train_flops_per_image(setup.model, setup.compute, s) for s in sorted(set(sizes))}
     print(f"data loaded at {time.perf_counter() - start:.1f}s; GFLOP per training image: "
           + ", ".join(f"{f / 1e9:.3f} at {s}x{s}" for s, f in flops.items()))
-    lr = config.train.lr
-    if config.lr_finder.enabled:
-        import tempfile
-        from pathlib import Path
-        with tempfile.TemporaryDirectory() as tmp:
-            lr = find_lr(config, data, model, precision, Path(tmp)).suggestion * config.lr_finder.lr_factor
-        print(f"range test done at {time.perf_counter() - start:.1f}s: lr {lr:.3g}")
-    loader = TimedLoader(train_loader(config, data, precision, config.train.batch_size))
-    optimizer = build_optimizer(config.train, model, lr)
-    schedule = build_schedule(config.train, optimizer, lr, len(loader))
+    run = None
+    if args.out:
+        from lrlab.run_folder import RunFolder
+        run = RunFolder.create(args.out, config.name)
+        run.save_config(config)
+    result = pipeline.range_test(setup) if config.lr_finder.enabled else None
+    plan = pipeline.make_plan(setup, result)
+    if run is not None:
+        run.save_plan(plan)
+    print(f"range test done at {time.perf_counter() - start:.1f}s: lr {plan.lr:.3g} ({plan.source})")
     reached: dict[float, float] = {}
-    last = {"images": 0, "seconds": 0.0}
 
     def on_epoch(r: dict) -> None:
         now = time.perf_counter() - start
-        images, seconds = loader.images - last["images"], loader.epoch_seconds - last["seconds"]
-        last.update(images=loader.images, seconds=loader.epoch_seconds)
-        rate = images / seconds
+        rate = r["steps"] * r["batch_size"] / r["train_seconds"]
         gflops = rate * flops[sizes[min(r["epoch"] - 1, len(sizes) - 1)]] / 1e9
         for t in TARGETS:
             if r["test_acc"] >= t and t not in reached:
@@ -122,15 +100,16 @@ def main() -> None:
         print(f"epoch {r['epoch']:>3}  {now:7.1f}s  test {100 * r['test_acc']:.2f}%  {rate:7.0f} img/s  "
               f"{gflops:6.1f} GFLOP/s = {100 * gflops / peak_bf16:.0f}% of bf16 peak", flush=True)
 
-    fit(model, loader, eval_loader(data.test, data, precision), optimizer, schedule, config.train.epochs,
-        precision, label_smoothing=config.train.label_smoothing, tta=config.train.tta,
-        tta_shift=config.train.tta_shift, on_epoch=on_epoch)
+    history = pipeline.train(setup, plan, pipeline.Callbacks(on_epoch=on_epoch), run)
     total = time.perf_counter() - start
+    data_seconds, images = data_path_seconds(setup)
+    train_seconds = sum(r["train_seconds"] for r in history.records)
+    train_images = sum(r["steps"] * r["batch_size"] for r in history.records)
     print(f"total {total:.1f}s (data load, range test, training, evaluation)")
     print("seconds to reach: " + ", ".join(
         f"{100 * t:.0f}%: {reached[t]:.0f}s" if t in reached else f"{100 * t:.0f}%: -" for t in TARGETS))
-    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB; "
-          f"data path {100 * loader.data_seconds / loader.epoch_seconds:.1f}% of step time")
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB; data path "
+          f"{100 * (data_seconds / images) / (train_seconds / train_images):.1f}% of step time")
 
 
 if __name__ == "__main__":

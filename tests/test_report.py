@@ -20,7 +20,9 @@ from PIL import Image, ImageStat
 from conftest import REPO
 from test_cli import snapshot, write_recipe
 
-from lrlab import runner
+from lrlab import pipeline
+from lrlab.models import build_model
+from lrlab.run_folder import RunFolder
 from lrlab.cli import main
 from lrlab.config import load_config
 from lrlab.errors import LrlabError
@@ -174,12 +176,12 @@ def test_report_degrades_gracefully(run, tmp_path):
     bare.mkdir()
     shutil.copy(src / "config.yaml", bare / "config.yaml")
     for folder, complete in ((find_lr, {"summary", "config", "range-test", "files"}), (bare, {"config", "files"})):
-        text = build_report(folder)
+        text = build_report(RunFolder(folder))
         for sid, heading in SECTIONS:
             block = re.search(rf'<section id="{sid}"><h2>{re.escape(heading)}</h2>(.*?)</section>', text, re.S)
             assert block, sid
             assert ('class="missing"' in block.group(1)) == (sid not in complete), (folder.name, sid)
-    assert len(embedded_pngs(build_report(find_lr))) == 1
+    assert len(embedded_pngs(build_report(RunFolder(find_lr)))) == 1
     main(["report", str(find_lr)])
     result = open_in_chromium(find_lr / "report.html", tmp_path)
     assert result["console"] == [] and all(i["complete"] and i["width"] > 0 for i in result["dom"]["images"])
@@ -222,15 +224,15 @@ def test_explain_reuses_predictions(run, capsys):
     assert snapshot(source) == before
     # predictions of another test set are not reused
     config = load_config(source / "config.yaml", ["data.test_subset=100"])
-    data = runner.load_data(config)
-    assert runner.source_predictions(source, config, data) is None
+    data = pipeline.load_data(config)
+    assert pipeline.source_predictions(RunFolder(source), config, data) is None
     config = load_config(source / "config.yaml")
-    assert runner.source_predictions(source, config, runner.load_data(config)) is not None
+    assert pipeline.source_predictions(RunFolder(source), config, pipeline.load_data(config)) is not None
 
 
 def bad_cam_inputs(ws: dict) -> dict[str, tuple[list[str], str]]:
     recipe, data, run_dir = str(ws["recipe"]), str(ws["data"]), str(ws["run"])
-    methods = "'gradcam', 'gradcampp', 'xgradcam', 'layercam' or 'scorecam'"
+    methods = "valid: gradcam, gradcampp, xgradcam, layercam, scorecam"
     return {
         "unknown method (run)": (["run", recipe, "--data", data, "explain.method=gradcam++"], methods),
         "unknown method (explain)": (["explain", run_dir, "explain.method=rise"], methods),
@@ -239,7 +241,7 @@ def bad_cam_inputs(ws: dict) -> dict[str, tuple[list[str], str]]:
         "unknown layer (run)": (["run", recipe, "--data", data, "explain.target_layer=layer4"],
                                 "valid layers: stem, stem.0"),
         "unknown colormap": (["explain", run_dir, "explain.colormap=rainbowz"], "valid: e.g. jet, turbo"),
-        "unknown selection": (["explain", run_dir, "explain.select=random"], "'loss', 'confidence' or 'first'"),
+        "unknown selection": (["explain", run_dir, "explain.select=random"], "valid: loss, confidence, first"),
     }
 
 
@@ -256,14 +258,14 @@ def test_bad_cam_settings_are_one_line_errors(case, run, capsys):
 
 
 def test_config_level_cam_errors(run):
-    with pytest.raises(LrlabError, match="'gradcam', 'gradcampp', 'xgradcam', 'layercam' or 'scorecam'"):
+    with pytest.raises(LrlabError, match="valid: gradcam, gradcampp, xgradcam, layercam, scorecam"):
         load_config(run["recipe"], ["explain.method=cam"])
     config = load_config(run["recipe"], ["explain.target_layer=[block2, head]"])
-    model = runner.build_model("fastnet", 10, width=0.25)
+    model = build_model("fastnet", 10, width=0.25)
     with pytest.raises(LrlabError) as err:
-        runner.cam_layer(config, model)
+        pipeline.cam_layer(config, model)
     msg = str(err.value)
     assert "\n" not in msg and "'head'" in msg
     assert msg.endswith("valid layers: " + ", ".join(name for name, _ in model.named_modules() if name))
-    assert runner.cam_layer(load_config(run["recipe"]), model) == "block2"
+    assert pipeline.cam_layer(load_config(run["recipe"]), model) == "block2"
     assert yaml.safe_load((run["run"] / "config.yaml").read_text())["explain"]["method"] == "gradcam"

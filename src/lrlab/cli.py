@@ -17,9 +17,13 @@ from tqdm import tqdm
 
 from lrlab.config import load_config
 from lrlab.errors import LrlabError
-from lrlab.runner import Callbacks, explain_run, run_pipeline
+from lrlab.pipeline import Callbacks, explain_run, run_pipeline
+from lrlab.run_folder import RunFolder
 
-STEPS = {"run": ("find-lr", "train", "explain"), "find-lr": ("find-lr",), "train": ("train",)}
+STAGES = {"run": dict(range_test_stage=True, train_stage=True, explain_stage=True),
+          "find-lr": dict(range_test_stage=True, train_stage=False, explain_stage=False),
+          "train": dict(range_test_stage=False, train_stage=True, explain_stage=False)}
+"""The pipeline stages each training command runs."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -129,24 +133,21 @@ def main(argv: list[str] | None = None) -> int:
     progress = None
     try:
         if args.command == "explain":
-            recipe = args.run_dir / "config.yaml"
-            if not recipe.is_file():
-                raise LrlabError(f"{args.run_dir} is not a run folder (no config.yaml in it)")
-            config = load_config(recipe, overrides)
-            summary = explain_run(args.run_dir, config, args.out)
+            source = RunFolder.open(args.run_dir)
+            summary = explain_run(source, source.load_config(overrides), args.out)
         elif args.command == "compare":
             from lrlab.compare import run_compare
 
             config = load_config(args.recipe, overrides)
             progress = None if args.quiet else _Progress(config.train.epochs)
             summary = run_compare(args.recipe, overrides, args.vary, args.variant, args.out,
-                                  steps=("train",) if args.train_only else ("find-lr", "train"),
+                                  range_test_stage=not args.train_only,
                                   callbacks=progress, on_variant=None if args.quiet else progress.variant,
                                   on_result=None if args.quiet else _result_line)
         else:
             config = load_config(args.recipe, overrides)
             progress = None if args.quiet else _Progress(config.train.epochs)
-            summary = run_pipeline(config, args.out, progress or Callbacks(), STEPS[args.command])
+            summary = run_pipeline(config, args.out, progress or Callbacks(), **STAGES[args.command]).summary
     except LrlabError as e:
         return _fail(str(e))
     except KeyboardInterrupt:
@@ -161,16 +162,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def suggestion_table_text(rows: list[dict]) -> str:
-    """The range test's suggestions as a small text table: method, lr, range of good lrs, and
-    "<- used" on the method that sets train.lr; a method without a suggestion says why."""
+    """The range test's suggestions (``RangeTestResult.rows()``) as a small text table: method,
+    lr, range of good lrs, and "<- used" on the method the run trains with; a method without a
+    suggestion says why."""
     lines = [f"{'method':<10}{'lr':>10}   {'range of good lrs':<21}"]
     for r in rows:
+        used = "   <- used" if r["used"] else ""
         if r["lr"] is None:
-            note = r.get("note", "").split(": ", 1)[-1]
-            lines.append(f"{r['method']:<10}{'-':>10}   none: {note}" + ("   <- used" if r["used"] else ""))
-            continue
-        band = f"{r['low']:.2e} - {r['high']:.2e}"
-        lines.append(f"{r['method']:<10}{r['lr']:>10.2e}   {band:<21}" + ("   <- used" if r["used"] else ""))
+            lines.append(f"{r['method']:<10}{'-':>10}   none: {r['note'].split(': ', 1)[-1]}{used}")
+        else:
+            band = f"{r['low']:.2e} - {r['high']:.2e}"
+            lines.append(f"{r['method']:<10}{r['lr']:>10.2e}   {band:<21}{used}")
     return "\n".join(lines)
 
 
@@ -180,10 +182,8 @@ def _report(parser: argparse.ArgumentParser, run_dir: Path, extra: list[str]) ->
 
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if not (run_dir / "config.yaml").is_file():
-        return _fail(f"{run_dir} is not a run folder (no config.yaml in it)")
     try:
-        path = write_report(run_dir)
+        path = write_report(RunFolder.open(run_dir))
     except LrlabError as e:
         return _fail(str(e))
     print(f"report: {path}")

@@ -36,11 +36,10 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from lrlab import plots
 from lrlab.config import Config, load_config
 from lrlab.errors import LrlabError
-from lrlab.io import atomic_write_text, write_json
-from lrlab.schedules import check_lr_source
+from lrlab.lr_plan import LRPlan
+from lrlab.run_folder import CompareFolder
 
 
 @dataclass
@@ -225,14 +224,6 @@ def _slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-")[:60] or "variant"
 
 
-def _read_steps(run_dir: Path) -> tuple[list[float], list[int]]:
-    path = run_dir / "lr_steps.csv"
-    if not path.is_file():
-        return [], []
-    rows = list(csv.DictReader(path.read_text().splitlines()))
-    return [float(r["lr"]) for r in rows], [int(r["batch_size"]) if r["batch_size"] else 0 for r in rows]
-
-
 def _tables(results: list[VariantResult]) -> tuple[str, str]:
     cols = ["variant", "status", "best_test_acc", "best_epoch", "final_test_acc", "epochs", "lr",
             "wall_seconds", "run_dir", "error", "overrides"]
@@ -254,10 +245,47 @@ def _tables(results: list[VariantResult]) -> tuple[str, str]:
     return buf.getvalue(), "\n".join(lines) + "\n"
 
 
+def _variant_configs(recipe, overrides: Sequence[str], todo: list[Variant], range_test: bool) -> list[Config]:
+    """Every variant's validated config, checked before any training (LRPlan.check included).
+
+    Raises:
+        LrlabError: naming the variant.
+    """
+    configs = []
+    for v in todo:
+        try:
+            config = load_config(recipe, list(overrides) + v.overrides + [f"name={_slug(v.label)}"])
+            LRPlan.check(config, range_test and config.lr_finder.enabled)
+        except LrlabError as e:
+            raise LrlabError(f"variant {v.label!r}: {e}") from None
+        configs.append(config)
+    return configs
+
+
+def _run_variant(v: Variant, config: Config, folder: CompareFolder, range_test: bool, callbacks) -> VariantResult:
+    """Train one variant into its own run folder inside the compare folder; a failure is recorded."""
+    from lrlab.pipeline import Callbacks, run_pipeline
+
+    try:
+        outcome = run_pipeline(config, folder.path, callbacks or Callbacks(), range_test_stage=range_test,
+                               train_stage=True, explain_stage=False)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as e:  # a failed variant is reported, not fatal
+        message = str(e) if isinstance(e, LrlabError) else f"{type(e).__name__}: {e}"
+        dirs = sorted(folder.path.glob(f"{_slug(v.label)}-[0-9]*"))
+        return VariantResult(v.label, v.overrides, "failed", error=message.splitlines()[0] if message else "",
+                             run_dir=str(dirs[-1]) if dirs else None)
+    s, history = outcome.summary, outcome.history
+    steps = history.lr_steps()
+    return VariantResult(v.label, v.overrides, "ok", s["best_test_acc"], s["best_epoch"], s["final_test_acc"],
+                         s["epochs"], s["lr"], s["wall_seconds"], s["run_dir"], history=history.records,
+                         step_lrs=[lr for _, _, lr, _ in steps], step_batch_sizes=[b or 0 for *_, b in steps])
+
+
 def run_compare(recipe: str | Path | None, overrides: Sequence[str], varies: Sequence[str] = (),
-                variants: Sequence[str] = (), out: str | Path = "runs", *,
-                steps: tuple[str, ...] = ("find-lr", "train"), callbacks=None,
-                on_variant: Callable[[int, int, str], None] | None = None,
+                variants: Sequence[str] = (), out: str | Path = "runs", *, range_test_stage: bool = True,
+                callbacks=None, on_variant: Callable[[int, int, str], None] | None = None,
                 on_result: Callable[[VariantResult], None] | None = None) -> dict:
     """Run every variant (see the module docstring) into one new compare folder under ``out``.
 
@@ -267,8 +295,9 @@ def run_compare(recipe: str | Path | None, overrides: Sequence[str], varies: Seq
         varies: ``KEY=V1,V2,...`` axes of the grid.
         variants: ``"[LABEL:] KEY=V KEY=V"`` explicit variants.
         out: parent folder of the compare folder.
-        steps: stages of each run: ("find-lr", "train") or ("train",).
-        callbacks: ``lrlab.runner.Callbacks`` passed to each run (progress bars).
+        range_test_stage: each variant runs its own range test (else it trains at its train.lr
+            or train.max_lr).
+        callbacks: ``lrlab.pipeline.Callbacks`` passed to each run (progress bars).
         on_variant: called as (index from 1, number of variants, label) before each run.
         on_result: called with each VariantResult when its run ends.
 
@@ -280,58 +309,22 @@ def run_compare(recipe: str | Path | None, overrides: Sequence[str], varies: Seq
         LrlabError: bad input found before any training (see :func:`build_variants`), a
             variant whose config is invalid, or a one-cycle / cyclic variant without a max_lr.
     """
-    from lrlab.runner import Callbacks, new_run_dir, run_pipeline
-
     todo = build_variants(varies, variants)
-    configs: list[Config] = []
-    for v in todo:
-        try:
-            config = load_config(recipe, list(overrides) + v.overrides + [f"name={_slug(v.label)}"])
-            if "train" in steps:
-                check_lr_source(config.train, "find-lr" in steps and config.lr_finder.enabled)
-        except LrlabError as e:
-            raise LrlabError(f"variant {v.label!r}: {e}") from None
-        configs.append(config)
-    base = load_config(recipe, list(overrides))
-    compare_dir = new_run_dir(out, f"{base.name}-compare")
+    configs = _variant_configs(recipe, overrides, todo, range_test_stage)
+    folder = CompareFolder.create(out, f"{load_config(recipe, list(overrides)).name}-compare")
     results: list[VariantResult] = []
     for i, (v, config) in enumerate(zip(todo, configs), start=1):
         if on_variant is not None:
             on_variant(i, len(todo), v.label)
-        try:
-            summary = run_pipeline(config, compare_dir, callbacks or Callbacks(), steps)
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except Exception as e:  # a failed variant is reported, not fatal
-            message = str(e) if isinstance(e, LrlabError) else f"{type(e).__name__}: {e}"
-            dirs = sorted(compare_dir.glob(f"{_slug(v.label)}-[0-9]*"))
-            result = VariantResult(v.label, v.overrides, "failed", error=message.splitlines()[0] if message else "",
-                                   run_dir=str(dirs[-1]) if dirs else None)
-        else:
-            run_dir = Path(summary["run_dir"])
-            history = json.loads((run_dir / "history.json").read_text()) if "train" in steps else []
-            lrs, sizes = _read_steps(run_dir)
-            result = VariantResult(v.label, v.overrides, "ok", summary.get("best_test_acc"), summary.get("best_epoch"),
-                                   summary.get("final_test_acc"), summary.get("epochs"), summary.get("lr"),
-                                   summary.get("wall_seconds"), str(run_dir), history=history,
-                                   step_lrs=lrs, step_batch_sizes=sizes)
-        results.append(result)
+        results.append(_run_variant(v, config, folder, range_test_stage, callbacks))
         if on_result is not None:
-            on_result(result)
-
+            on_result(results[-1])
     done = [r for r in results if r.status == "ok" and r.history]
-    if done:
-        plots.plot_compare({r.label: r.history for r in done}, "test_acc", compare_dir / "accuracy.png")
-        plots.plot_compare({r.label: r.history for r in done}, "test_loss", compare_dir / "loss.png")
-        plots.plot_lr_steps({r.label: (r.step_lrs, r.step_batch_sizes) for r in done}, compare_dir / "lr.png")
-    csv_text, md_text = _tables(results)
-    atomic_write_text(compare_dir / "results.csv", csv_text)
-    atomic_write_text(compare_dir / "results.md", md_text)
     best = max(done, key=lambda r: r.best_test_acc or 0.0).label if done else None
     rows = [{k: v for k, v in asdict(r).items() if k not in ("history", "step_lrs", "step_batch_sizes")}
             for r in results]
-    summary = {"compare_dir": str(compare_dir), "recipe": str(recipe) if recipe else None,
-               "overrides": list(overrides), "steps": list(steps), "variants": rows,
+    summary = {"compare_dir": str(folder), "recipe": str(recipe) if recipe else None,
+               "overrides": list(overrides), "range_test": range_test_stage, "variants": rows,
                "failed": sum(r.status != "ok" for r in results), "best": best}
-    write_json(compare_dir / "compare.json", summary)
+    folder.save(done, *_tables(results), summary)
     return summary

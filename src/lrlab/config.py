@@ -1,8 +1,13 @@
 """Typed experiment config: YAML recipe in, ``section.key=value`` overrides, clear errors.
 
-A recipe is a YAML mapping whose sections mirror the pipeline (data, model, lr_finder,
-train, explain). Every key has a default, so a recipe only states what differs.
+A recipe is a YAML mapping whose sections mirror the pipeline (compute, data, model,
+lr_finder, train, explain). Every key has a default, so a recipe only states what differs.
 Unknown keys are errors, not silently ignored.
+
+Names come from the registries of the modules that own them (optimizers, schedules and their
+option sections ``train.<schedule>``, suggestion methods, CAM methods, mistake orders,
+augmentation modes): the allowed values and the errors derive from there, never from a second
+list here.
 """
 
 from __future__ import annotations
@@ -11,13 +16,24 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, create_model, model_validator
 
+from lrlab.data import AUGMENT_MODES
 from lrlab.errors import LrlabError
+from lrlab.interpret import CAM_METHODS, SELECT_BY
+from lrlab.lr_finder import METHODS, MODES
+from lrlab.optim import OPTIMIZERS
+from lrlab.registry import Section as _Section
+from lrlab.registry import choice
+from lrlab.schedules import SCHEDULES, Milestones
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+class ComputeConfig(_Section):
+    """Where and how to compute (lrlab.compute.Compute.choose)."""
+
+    device: str = "auto"  # auto (CUDA if available, else CPU), cpu, cuda, cuda:1, mps
+    # auto: bf16 autocast + channels_last on bf16-capable CPUs and on CUDA, else float32
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
 
 
 class DataConfig(_Section):
@@ -27,7 +43,7 @@ class DataConfig(_Section):
     cache_dir: str | None = None  # decoded-array cache; None: $LRLAB_CACHE or ~/.cache/lrlab
     train_subset: int | None = Field(None, gt=0)  # class-balanced subset sizes, for quick tries
     test_subset: int | None = Field(None, gt=0)
-    augment: Literal["tensor", "albumentations", "none"] = "tensor"
+    augment: choice(AUGMENT_MODES, "data.augment") = "tensor"
     crop_padding: int = Field(4, ge=0)  # pad-and-random-crop (translation) in pixels
     flip: bool | Literal["alternate"] = True  # random horizontal flip; alternate: every other epoch
     cutout: int = Field(16, ge=0)  # side of the one square Cutout hole in pixels; 0: off
@@ -47,8 +63,8 @@ class LRFinderConfig(_Section):
     start_lr: float = Field(1e-5, gt=0)
     end_lr: float = Field(10.0, gt=0)
     num_iter: int = Field(100, gt=0)
-    mode: Literal["exp", "linear"] = "exp"
-    smooth: float = Field(0.98, ge=0, lt=1)  # EMA beta of the smoothed loss
+    mode: choice(MODES, "lr_finder.mode") = "exp"
+    smooth: float = Field(0.98, ge=0, lt=1)  # EMA beta of the running loss (divergence stop only)
     diverge_factor: float = Field(5.0, gt=1)  # stop when smoothed loss > factor x best
     skip_start: int = Field(10, ge=0)  # points left out of the suggestion at each end
     skip_end: int = Field(5, ge=0)
@@ -57,7 +73,7 @@ class LRFinderConfig(_Section):
     # which suggestion becomes train.lr (lrlab.lr_finder.suggest: steepest, valley, min10,
     # descent, max_lr; auto: max_lr for SGD, steepest for adaptive optimizers, chosen from
     # benchmarks/lr_suggestion_quality.py); every method's lr and band are saved either way
-    method: Literal["auto", "steepest", "valley", "min10", "descent", "max_lr"] = "auto"
+    method: choice(("auto", *METHODS), "lr_finder.method") = "auto"
     lr_factor: float = Field(1.0, gt=0)  # train.lr = suggestion x lr_factor
     # "val": Smith's validation loss on val_images class-balanced test images, evaluated every
     # val_every steps (cost: val_images / batch_size forward passes per val_every steps)
@@ -72,62 +88,6 @@ class LRFinderConfig(_Section):
         return self
 
 
-class PlateauConfig(_Section):
-    """ReduceLROnPlateau on the test loss, with torch's semantics."""
-
-    factor: float = Field(0.1, gt=0, lt=1)
-    patience: int = Field(3, ge=0)  # epochs without improvement before the cut
-    threshold: float = Field(1e-4, ge=0)
-    min_lr: float = Field(0.0, ge=0)
-    cooldown: int = Field(0, ge=0)  # epochs after a cut whose lack of improvement is not counted
-
-
-class PlateauDetectConfig(_Section):
-    """lrlab's plateau finder (lrlab.plateau): the ``plateau_detect`` policy and the shaded
-    spans on the curves. A plateau: ``window`` epochs whose best test loss improves on the
-    best before them by less than ``rel_threshold`` (relative)."""
-
-    window: int = Field(3, ge=1)
-    rel_threshold: float = Field(0.01, ge=0)
-    factor: float = Field(0.1, gt=0, lt=1)  # plateau_detect: lr x factor at each plateau found
-    min_lr: float = Field(0.0, ge=0)
-
-
-class StepConfig(_Section):
-    """train.schedule=step: lr x gamma every ``step_size`` epochs."""
-
-    step_size: int = Field(3, gt=0)
-    gamma: float = Field(0.1, gt=0, le=1)
-
-
-class MultiStepConfig(_Section):
-    """train.schedule=multistep: lr x gamma at each milestone epoch (0-based, as torch)."""
-
-    milestones: list[int] = Field(default_factory=list)  # empty: 50% and 75% of train.epochs
-    gamma: float = Field(0.1, gt=0, le=1)
-
-
-class ExponentialConfig(_Section):
-    """train.schedule=exponential: lr x gamma^epoch."""
-
-    gamma: float = Field(0.9, gt=0, le=1)
-
-
-class CosineConfig(_Section):
-    """train.schedule=cosine: per-step cosine from lr down to min_lr (SGDR without restarts)."""
-
-    min_lr: float = Field(0.0, ge=0)
-
-
-class CyclicConfig(_Section):
-    """train.schedule=cyclic (Smith 2015, arXiv:1506.01186): lr between base_lr and max_lr."""
-
-    mode: Literal["triangular", "triangular2", "exp_range"] = "triangular"
-    base_lr: float | None = Field(None, gt=0)  # None: max_lr / 4
-    cycle_epochs: float = Field(4.0, gt=0)  # one full cycle (up and down), in epochs
-    gamma: float = Field(0.9, gt=0, le=1)  # exp_range: amplitude x gamma^epochs
-
-
 class GradNoiseConfig(_Section):
     """Gaussian gradient noise (Neelakantan et al. 2015, arXiv:1511.06807), variance
     eta / (1 + t)^gamma at optimizer step t; eta = 0 switches it off."""
@@ -136,14 +96,20 @@ class GradNoiseConfig(_Section):
     gamma: float = Field(0.55, ge=0)
 
 
-class TrainConfig(_Section):
+class _TrainBase(_Section):
+    """Training: optimizer, lr, schedule (options in ``train.<schedule>``), batch size, TTA."""
+
     epochs: int = Field(10, gt=0)
     batch_size: int = Field(128, gt=0)
     # sgd: SGD with train.momentum (0: plain SGD) and train.nesterov; nesterov: SGD with
     # Nesterov momentum; the others are torch.optim's (see lrlab.optim.build_optimizer).
-    optimizer: Literal["sgd", "nesterov", "adam", "adamw", "rmsprop", "adagrad", "adadelta"] = "sgd"
+    optimizer: OPTIMIZERS.field() = "sgd"
     lr: float = Field(0.05, gt=0)  # used as is when the range test is off
     max_lr: float | None = Field(None, gt=0)  # onecycle/cyclic peak; None: the range test's lr
+    # discriminative lrs: module names per layer group, bottom to top (others join the top
+    # group); the top group trains at the plan's lr, the bottom at lr / lr_ratio (lrlab.lr_plan)
+    layer_groups: list[list[str]] = Field(default_factory=list)
+    lr_ratio: float = Field(1.0, ge=1)
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = False
     betas: tuple[float, float] = (0.9, 0.999)  # adam/adamw moment decay rates
@@ -151,48 +117,39 @@ class TrainConfig(_Section):
     weight_decay: float = Field(5e-4, ge=0)
     decay_norm_and_bias: bool = False  # false: no weight decay on biases and norm weights
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    schedule: Literal["constant", "step", "multistep", "exponential", "cosine", "plateau",
-                      "plateau_detect", "onecycle", "cyclic"] = "plateau"
-    plateau: PlateauConfig = Field(default_factory=PlateauConfig)
-    plateau_detect: PlateauDetectConfig = Field(default_factory=PlateauDetectConfig)
-    step: StepConfig = Field(default_factory=StepConfig)
-    multistep: MultiStepConfig = Field(default_factory=MultiStepConfig)
-    exponential: ExponentialConfig = Field(default_factory=ExponentialConfig)
-    cosine: CosineConfig = Field(default_factory=CosineConfig)
-    cyclic: CyclicConfig = Field(default_factory=CyclicConfig)
-    warmup_pct: float = Field(0.25, gt=0, lt=1)  # one-cycle: share of steps rising to the peak lr
+    schedule: SCHEDULES.field() = "plateau"  # its options: train.<schedule>, see lrlab.schedules
     warmup_epochs: float = Field(0.0, ge=0)  # linear lr warm-up in front of any schedule
     # Batch-size schedule (Smith et al. 2017, arXiv:1711.00489): batch_size x factor at each
     # milestone epoch (0-based), instead of decaying the lr.
-    batch_size_milestones: list[int] = Field(default_factory=list)
+    batch_size_milestones: Milestones = Field(default_factory=list)
     batch_size_factor: float = Field(2.0, ge=1)
     grad_noise: GradNoiseConfig = Field(default_factory=GradNoiseConfig)
+    # TTA belongs to training's final evaluation (and to the predictions made from it)
     tta: bool = False  # final evaluation on image + its mirror image (flip test-time augmentation)
     tta_shift: int = Field(0, ge=0, le=8)  # with tta: also both views translated by +-this many pixels
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
 
     @model_validator(mode="after")
     def _schedule_values(self):
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas {list(self.betas)} must both be in [0, 1)")
-        base = self.cyclic.base_lr
-        if base is not None and self.max_lr is not None and base >= self.max_lr:
-            raise ValueError(f"cyclic.base_lr ({base:g}) must be below max_lr ({self.max_lr:g})")
-        for key, ms in (("multistep.milestones", self.multistep.milestones),
-                        ("batch_size_milestones", self.batch_size_milestones)):
-            if any(m < 1 for m in ms) or sorted(set(ms)) != list(ms):
-                raise ValueError(f"{key} {list(ms)} must be increasing epochs >= 1")
         if self.warmup_epochs > self.epochs:
             raise ValueError(f"warmup_epochs ({self.warmup_epochs:g}) must not exceed epochs ({self.epochs})")
         return self
+
+
+TrainConfig = create_model(
+    "TrainConfig", __base__=_TrainBase, __module__=__name__, __doc__=_TrainBase.__doc__,
+    **{name: (cls.Options, Field(default_factory=cls.Options)) for name, cls in SCHEDULES.items() if cls.Options})
+"""The ``train`` section: :class:`_TrainBase`'s keys plus one option section per registered
+schedule that has options (``train.onecycle.warmup_pct``, ``train.plateau.patience``, ...)."""
 
 
 class ExplainConfig(_Section):
     """The mistakes and their class activation maps (lrlab.interpret, torchcam)."""
 
     num_images: int = Field(25, gt=0)
-    select: Literal["loss", "confidence", "first"] = "loss"  # highest loss / most confident wrong / first N
-    method: Literal["gradcam", "gradcampp", "xgradcam", "layercam", "scorecam"] = "gradcam"
+    select: SELECT_BY.field() = "loss"  # highest loss / most confident wrong / first N
+    method: CAM_METHODS.field() = "gradcam"
     # None: the model's default (8x8 maps for 32x32 inputs); a list of names fuses their maps
     target_layer: str | list[str] | None = None
     alpha: float = Field(0.5, ge=0, le=1)  # overlay strength of the class activation map
@@ -216,7 +173,7 @@ class Config(_Section):
 
     name: str = "run"
     seed: int = 0
-    device: str = "auto"
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     lr_finder: LRFinderConfig = Field(default_factory=LRFinderConfig)

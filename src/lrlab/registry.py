@@ -9,7 +9,7 @@ from here (the idea of timm's ``create_model`` registry).
     SCHEDULES.get("cosine")          # the class; an unknown name raises LrlabError listing the valid ones
     config field: schedule: SCHEDULES.field() = "plateau"
 
-:class:`Options` is the base of every config section (extra keys are errors), also of the
+:class:`Section` is the base of every config section (extra keys are errors), also of the
 option sections that registered items declare next to themselves.
 """
 
@@ -25,7 +25,7 @@ from lrlab.errors import LrlabError
 T = TypeVar("T")
 
 
-class Options(BaseModel):
+class Section(BaseModel):
     """A config section: typed keys with defaults; an unknown key or invalid value is an error."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)

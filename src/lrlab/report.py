@@ -1,8 +1,8 @@
 """One self-contained HTML page per run folder: ``report.html``.
 
-The page reads only the files of the run folder (config.yaml, summary.json, history.json,
-lr_finder.json, per_class.json, mistakes.json, faithfulness.json and the PNG figures), so it
-needs no model and no second pass over the data. Figures are embedded as base64 ``data:``
+The page reads only the files of the run folder, through :class:`lrlab.run_folder.RunFolder`
+(the config, summary, history, range test, LR plan, per-class table, mistakes, faithfulness and
+the PNG figures), so it needs no model and no second pass over the data. Figures are embedded as base64 ``data:``
 URIs (re-encoded as 256-colour PNGs, at most :data:`MAX_WIDTH` pixels wide, to keep the page
 light); there is no JavaScript and no external CSS, so the page reads the same offline, from
 a file:// URL, in any browser. Every section is always present: when its files are missing
@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import math
 import os
 from datetime import datetime
@@ -24,11 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from lrlab.errors import LrlabError
-from lrlab.io import atomic_write_text
+from lrlab.lr_finder import RangeTestResult
+from lrlab.lr_plan import LRPlan
+from lrlab.run_folder import RunFolder
 
-__all__ = ["MAX_WIDTH", "REPORT_NAME", "SECTIONS", "build_report", "embed_png", "write_report"]
+__all__ = ["MAX_WIDTH", "SECTIONS", "build_report", "embed_png", "write_report"]
 
-REPORT_NAME = "report.html"
 MAX_WIDTH = 1600
 """Embedded figures wider than this many pixels are scaled down (aspect ratio kept)."""
 
@@ -70,14 +70,6 @@ pre{background:#f4f5f8;border:1px solid #e1e4ea;padding:10px;overflow:auto;max-h
 
 
 # --------------------------------------------------------------------------- reading the run folder
-
-
-def _read_json(path: Path) -> Any:
-    """The parsed JSON file, or None when it is missing or unreadable (a section then degrades)."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 def _read_text(path: Path) -> str | None:
@@ -142,17 +134,18 @@ def _table(header: list[str], rows: list[list[str]], numeric: set[int] = frozens
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _figure(run_dir: Path, name: str, caption: str) -> str | None:
-    """A <figure> embedding ``run_dir/name``, or None when the file is missing or unreadable."""
-    uri = embed_png(run_dir / name) if (run_dir / name).is_file() else None
+def _figure(run: RunFolder, kind: str, caption: str) -> str | None:
+    """A <figure> embedding the run's figure ``kind``, or None when it is missing or unreadable."""
+    path = run.file(kind)
+    uri = embed_png(path) if path.is_file() else None
     if uri is None:
         return None
-    return (f'<figure><img src="{uri}" alt="{_e(caption)}" title="{_e(name)}">'
-            f"<figcaption>{_e(caption)} ({_e(name)})</figcaption></figure>")
+    return (f'<figure><img src="{uri}" alt="{_e(caption)}" title="{_e(path.name)}">'
+            f"<figcaption>{_e(caption)} ({_e(path.name)})</figcaption></figure>")
 
 
-def _figures(run_dir: Path, items: list[tuple[str, str]], row: bool = False) -> str:
-    figs = [f for f in (_figure(run_dir, n, c) for n, c in items) if f]
+def _figures(run: RunFolder, items: list[tuple[str, str]], row: bool = False) -> str:
+    figs = [f for f in (_figure(run, n, c) for n, c in items) if f]
     if not figs:
         return ""
     return f'<div class="row">{"".join(figs)}</div>' if row else "".join(figs)
@@ -162,7 +155,7 @@ def _figures(run_dir: Path, items: list[tuple[str, str]], row: bool = False) -> 
 
 
 def _best(summary: dict, history: list | None) -> tuple[float | None, int | None, int | None]:
-    """(top test accuracy, its epoch, number of epochs) from summary.json, else history.json."""
+    """(top test accuracy, its epoch, number of epochs) from the summary, else the history."""
     if "best_test_acc" in summary:
         return summary.get("best_test_acc"), summary.get("best_epoch"), summary.get("epochs")
     if history:
@@ -171,10 +164,11 @@ def _best(summary: dict, history: list | None) -> tuple[float | None, int | None
     return None, None, None
 
 
-def _summary_section(run_dir: Path, ctx: dict) -> str:
+def _summary_section(run: RunFolder, ctx: dict) -> str:
     summary, history = ctx["summary"], ctx["history"]
     if not summary and not history:
-        return _missing("summary.json and history.json are missing: this run did not finish.")
+        return _missing(f"{run.file('summary').name} and {run.file('history').name} are missing: "
+                        f"this run did not finish.")
     acc, epoch, epochs = _best(summary, history)
     parts = []
     if acc is not None:
@@ -197,50 +191,48 @@ def _summary_section(run_dir: Path, ctx: dict) -> str:
     return "".join(parts)
 
 
-def _config_section(run_dir: Path, ctx: dict) -> str:
-    text = _read_text(run_dir / "config.yaml")
+def _config_section(run: RunFolder, ctx: dict) -> str:
+    text = _read_text(run.file("config"))
+    name = run.file("config").name
     if text is None:
-        return _missing("config.yaml is missing.")
-    return f'<p class="note">The fully resolved config of this run (config.yaml).</p><pre>{_e(text)}</pre>'
+        return _missing(f"{name} is missing.")
+    return f'<p class="note">The fully resolved config of this run ({_e(name)}).</p><pre>{_e(text)}</pre>'
 
 
-def _range_test_section(run_dir: Path, ctx: dict) -> str:
-    data = _read_json(run_dir / "lr_finder.json")
-    fig = _figure(run_dir, "lr_finder.png", "training loss against learning rate during the range test")
-    if data is None and fig is None:
-        return _missing("No LR range test in this run (lr_finder.json not found).")
-    parts = [fig or _missing("lr_finder.png is missing.")]
-    if isinstance(data, dict):
-        chosen = data.get("method")
-        suggestions = data.get("suggestions") if isinstance(data.get("suggestions"), dict) else {}
-        errors = data.get("suggestion_errors") if isinstance(data.get("suggestion_errors"), dict) else {}
-        rows = []
-        for name in dict.fromkeys([*suggestions, *errors]):
-            s = suggestions.get(name)
-            used = " (used)" if name == chosen else ""
-            if isinstance(s, dict):
-                rows.append([name + used, _num(s.get("lr")), f"{_num(s.get('low'))} to {_num(s.get('high'))}"])
-            else:
-                rows.append([name + used, "none", str(errors.get(name, ""))])
-        if not rows:
-            rows.append(["(none)", _num(data.get("suggestion")) if data.get("suggestion") is not None else "none", ""])
-        lrs = data.get("lrs") or []
-        loss = "validation" if data.get("loss") == "val" else "training"
+def _range_test_section(run: RunFolder, ctx: dict) -> str:
+    fig = _figure(run, "range_test_figure", "loss against learning rate during the range test")
+    try:
+        result = RangeTestResult.load_json(run.file("range_test"))
+    except (OSError, LrlabError):
+        result = None
+    if result is None and fig is None:
+        return _missing(f"No LR range test in this run ({run.file('range_test').name} not found).")
+    parts = [fig or _missing(f"{run.file('range_test_figure').name} is missing.")]
+    if result is not None:
+        rows = [[r["method"] + (" (used)" if r["used"] else ""), _num(r["lr"]),
+                 f"{_num(r['low'])} to {_num(r['high'])}" if r["lr"] is not None else r["note"]]
+                for r in result.rows()]
+        loss = "validation" if result.loss == "val" else "training"
         parts.append(_table(["suggestion method", "learning rate", "range of good lrs"], rows))
-        parts.append(f'<p class="note">Range tested: {_e(_num(data.get("start_lr")))} to '
-                     f'{_e(_num(data.get("end_lr")))}, {len(lrs)} points of the {loss} loss, stopped: '
-                     f'{_e(str(data.get("stop_reason", "?")))} at lr {_e(_num(data.get("stop_lr")))}. '
-                     f'The band of the method used is shaded in the figure; the methods are described in '
-                     f'lrlab.lr_finder.suggest.</p>')
+        parts.append(f'<p class="note">Range tested: {_e(_num(result.start_lr))} to {_e(_num(result.end_lr))}, '
+                     f'{len(result.lrs)} points of the {loss} loss, stopped: {_e(result.stop_reason)} at lr '
+                     f'{_e(_num(result.stop_lr))}. The band of the method used is shaded in the figure; the '
+                     f'methods are described in lrlab.lr_finder.suggest.</p>')
+    plan = run.read_json("lr_plan")
+    if isinstance(plan, dict):
+        plan = LRPlan.from_dict(plan)
+        parts.append("<h3>Learning rates of the run (LR plan)</h3>" + _table(
+            ["layer group", "lr (per step)", "meaning", "from"],
+            [[r["group"], _num(r["lr"]), r["kind"], r["source"]] for r in plan.rows()], {1}))
     return "".join(parts)
 
 
-def _curves_section(run_dir: Path, ctx: dict) -> str:
-    figs = _figures(run_dir, [("loss.png", "train and test loss per epoch"),
-                              ("accuracy.png", "train and test top-1 accuracy per epoch")], row=True)
+def _curves_section(run: RunFolder, ctx: dict) -> str:
+    figs = _figures(run, [("loss_figure", "train and test loss per epoch"),
+                          ("accuracy_figure", "train and test top-1 accuracy per epoch")], row=True)
     history = ctx["history"]
     if not figs and not history:
-        return _missing("No training in this run (history.json and the curves are missing).")
+        return _missing(f"No training in this run ({run.file('history').name} and the curves are missing).")
     parts = [figs]
     if history:
         rows = [[r.get("epoch"), _num(r.get("train_loss"), ".4f"), _pct(r.get("train_acc")),
@@ -251,22 +243,23 @@ def _curves_section(run_dir: Path, ctx: dict) -> str:
     return "".join(parts)
 
 
-def _lr_section(run_dir: Path, ctx: dict) -> str:
-    figs = _figures(run_dir, [("lr.png", "learning rate at the end of each epoch"),
-                              ("lr_steps.png", "learning rate (and batch size) at every optimizer step"),
-                              ("plateaus.png", "test-loss plateaus")])
-    return figs or _missing("No training in this run (lr.png not found).")
+def _lr_section(run: RunFolder, ctx: dict) -> str:
+    figs = _figures(run, [("lr_figure", "learning rate at the end of each epoch"),
+                          ("lr_steps_figure", "learning rate (and batch size) at every optimizer step"),
+                          ("plateaus_figure", "test-loss plateaus")])
+    return figs or _missing(f"No training in this run ({run.file('lr_figure').name} not found).")
 
 
-def _confusion_section(run_dir: Path, ctx: dict) -> str:
-    data = _read_json(run_dir / "per_class.json")
-    fig = _figure(run_dir, "confusion.png", "confusion matrix: counts and percent of each true class")
+def _confusion_section(run: RunFolder, ctx: dict) -> str:
+    data = run.read_json("per_class")
+    fig = _figure(run, "confusion_figure", "confusion matrix: counts and percent of each true class")
     if data is None and fig is None:
-        return _missing("No confusion matrix in this run (per_class.json not found; it is written by explain).")
+        return _missing(f"No confusion matrix in this run ({run.file('per_class').name} not found; "
+                        f"it is written by explain).")
     parts = [fig or ""]
     if isinstance(data, dict):
         parts.append(f"<p>Top-1 accuracy {_pct(data.get('accuracy'))} on {_e(data.get('num_images'))} test images "
-                     f"(the predictions of the best checkpoint, saved in predictions.pt).</p>")
+                     f"(the predictions of the best checkpoint, saved in {_e(run.file('predictions').name)}).</p>")
         per_class = sorted(data.get("per_class", []), key=lambda c: (c.get("accuracy") is None, c.get("accuracy")))
         rows = [[c.get("class"), _pct(c.get("accuracy"), 1), c.get("correct"), c.get("images"), c.get("predicted")]
                 for c in per_class]
@@ -280,10 +273,11 @@ def _confusion_section(run_dir: Path, ctx: dict) -> str:
     return "".join(parts)
 
 
-def _mistakes_section(run_dir: Path, ctx: dict) -> str:
-    data = _read_json(run_dir / "mistakes.json")
+def _mistakes_section(run: RunFolder, ctx: dict) -> str:
+    data = run.read_json("mistakes")
     if not isinstance(data, dict):
-        return _missing("No mistakes studied in this run (mistakes.json not found; it is written by explain).")
+        return _missing(f"No mistakes studied in this run ({run.file('mistakes').name} not found; "
+                        f"it is written by explain).")
     mistakes = data.get("mistakes", [])
     layer = data.get("target_layer")
     layer = ", ".join(layer) if isinstance(layer, list) else layer
@@ -296,9 +290,9 @@ def _mistakes_section(run_dir: Path, ctx: dict) -> str:
     if not mistakes:
         parts.append("<p>The model made no mistakes on the test set.</p>")
         return "".join(parts)
-    fig = (_figure(run_dir, "gradcam_pred_true.png", "image | map of the predicted class | map of the true class")
-           or _figure(run_dir, "gradcam.png", "class activation map of the predicted class")
-           or _figure(run_dir, "misclassified.png", "misclassified test images"))
+    fig = (_figure(run, "cam_pairs_figure", "image | map of the predicted class | map of the true class")
+           or _figure(run, "cam_figure", "class activation map of the predicted class")
+           or _figure(run, "mistakes_figure", "misclassified test images"))
     parts.append(fig or _missing("The mistake figures are missing."))
     rows = [[k + 1, m.get("index"), m.get("pred"), _num(m.get("prob"), ".2f"), m.get("true"),
              _num(m.get("prob_true"), ".2f") if "prob_true" in m else "-"] for k, m in enumerate(mistakes)]
@@ -307,8 +301,8 @@ def _mistakes_section(run_dir: Path, ctx: dict) -> str:
     return "".join(parts)
 
 
-def _faithfulness_section(run_dir: Path, ctx: dict) -> str:
-    data = _read_json(run_dir / "faithfulness.json")
+def _faithfulness_section(run: RunFolder, ctx: dict) -> str:
+    data = run.read_json("faithfulness")
     if not isinstance(data, dict):
         return _missing("Not measured in this run (set explain.faithfulness_images=200 to compare the CAM methods, "
                         "or run benchmarks/cam_faithfulness.py on this folder).")
@@ -318,20 +312,19 @@ def _faithfulness_section(run_dir: Path, ctx: dict) -> str:
         result = FaithfulnessResult.from_dict(data)
         rows = table_rows(result)
     except (TypeError, KeyError, ValueError, LrlabError):
-        return _missing("faithfulness.json could not be read.")
+        return _missing(f"{run.file('faithfulness').name} could not be read.")
     parts = [f"<p>On {result.num_images} test images: the probability of the predicted class when only the "
              f"top-k% pixels of its map are kept (the rest set to the dataset mean), against a random smooth map "
              f"of the same area; and when those pixels are removed instead. Intact images: "
              f"{_pct(result.intact_confidence, 1)} mean confidence. A small drop and a low deletion AUC "
              f"mean the map points at what the model uses.</p>",
-             _figure(run_dir, "faithfulness.png", "keep and delete curves per CAM method") or "",
+             _figure(run, "faithfulness_figure", "keep and delete curves per CAM method") or "",
              _table(rows[0], rows[1:], set(range(1, len(rows[0]))))]
     return "".join(parts)
 
 
-def _files_section(run_dir: Path, ctx: dict) -> str:
-    names = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*")
-                   if p.is_file() and not p.name.startswith(".") and p.name != REPORT_NAME)
+def _files_section(run: RunFolder, ctx: dict) -> str:
+    names = [n for n in run.files() if n != run.FILES["report"]]
     if not names:
         return _missing("The run folder is empty.")
     items = "".join(f'<li><a href="{_e(n)}">{_e(n)}</a></li>' for n in names)
@@ -354,48 +347,34 @@ _BUILDERS = {
 # --------------------------------------------------------------------------- the page
 
 
-def build_report(run_dir: str | os.PathLike) -> str:
-    """The HTML text of the report of ``run_dir`` (nothing is written).
+def build_report(run: RunFolder) -> str:
+    """The HTML text of the report of ``run`` (nothing is written).
 
     Every section of :data:`SECTIONS` is present, as ``<section id="...">`` with an ``<h2>``;
     one whose files are missing holds a ``<p class="missing">`` sentence instead.
-
-    Raises:
-        LrlabError: ``run_dir`` is not a folder.
     """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise LrlabError(f"run folder {run_dir} does not exist; pass the folder of a run (it holds config.yaml)")
-    summary = _read_json(run_dir / "summary.json")
-    history = _read_json(run_dir / "history.json")
+    summary, history = run.read_json("summary"), run.read_json("history")
     ctx = {"summary": summary if isinstance(summary, dict) else {},
            "history": history if isinstance(history, list) else None}
-    name = run_dir.name
     body = []
     for sid, heading in SECTIONS:
         try:
-            content = _BUILDERS[sid](run_dir, ctx)
+            content = _BUILDERS[sid](run, ctx)
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:  # a malformed file
             content = _missing(f"This section could not be built ({type(exc).__name__}: {exc}).")
         body.append(f'<section id="{sid}"><h2>{_e(heading)}</h2>{content}</section>')
     nav = "".join(f'<a href="#{sid}">{_e(h)}</a>' for sid, h in SECTIONS)
     stamp = datetime.now().strftime("%Y-%m-%d %H:%M")
+    name = run.path.name
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<title>lrlab report: {_e(name)}</title><style>{CSS}</style></head><body>"
             f"<header><h1>{_e(name)}</h1><p>lrlab run report, built {_e(stamp)} from the files of "
-            f"{_e(run_dir.resolve())}</p></header><nav>{nav}</nav><main>{''.join(body)}</main></body></html>\n")
+            f"{_e(run.path.resolve())}</p></header><nav>{nav}</nav><main>{''.join(body)}</main></body></html>\n")
 
 
-def write_report(run_dir: str | os.PathLike) -> Path:
-    """Build the report of ``run_dir`` and write it to ``run_dir/report.html`` atomically
-    (temporary file, then rename); return its Path. Rebuilding replaces only report.html.
-
-    Raises:
-        LrlabError: ``run_dir`` is not a folder.
-    """
-    # ASCII with character references: the page reads right whatever the file system's encoding.
-    text = build_report(run_dir).encode("ascii", "xmlcharrefreplace").decode("ascii")
-    path = Path(run_dir) / REPORT_NAME
-    atomic_write_text(path, text)
-    return path
+def write_report(run: RunFolder) -> Path:
+    """Build the report of ``run`` and write it as the run's report.html atomically (temporary
+    file, then rename; ASCII with character references, so the page reads right whatever the
+    file system's encoding); return its Path. Rebuilding replaces only that file."""
+    return run.save_report(build_report(run))

@@ -13,6 +13,15 @@ it at epoch boundaries (as ``torch.optim.lr_scheduler`` does when stepped once p
 different numbers of steps (a batch-size schedule), so every schedule reads time through a
 :class:`Clock` built from the steps of each epoch.
 
+A schedule shapes the lr of the :class:`lrlab.lr_plan.LRPlan` over time: ``lr_at(step)`` is the
+plan's reference lr at that step, and every parameter group gets it times its own
+``lr_scale`` (discriminative learning rates keep their ratios at every step).
+
+Every schedule is registered once in :data:`SCHEDULES` under its config name, with its
+options (``train.<name>.*``) declared beside it as a nested ``Options`` section; the config's
+allowed values, its option sections and the "unknown schedule" error all derive from there.
+Adding a schedule is one decorated class in this file.
+
 ReduceLROnPlateau (``plateau``) is torch's, with torch's semantics. How they differ from Keras'
 ``ReduceLROnPlateau`` (checked against both sources):
 
@@ -35,21 +44,41 @@ import bisect
 import math
 from collections.abc import Sequence
 
+from typing import Annotated, ClassVar
+
 import torch
+from pydantic import AfterValidator, Field
 
 from lrlab.errors import LrlabError
 from lrlab.plateau import find_plateaus
+from lrlab.registry import Registry, Section, choice
 
-SCHEDULES = ("constant", "step", "multistep", "exponential", "cosine", "plateau", "plateau_detect",
-             "onecycle", "cyclic")
-PEAK_SCHEDULES = ("onecycle", "cyclic")  # their lr is a peak: train.max_lr or the range test's
-CYCLIC_MODES = ("triangular", "triangular2", "exp_range")
+SCHEDULES: Registry[type[Schedule]] = Registry("schedule", "train.schedule")
+"""Config name -> :class:`Schedule` subclass."""
+
+CYCLIC_MODES = {
+    "triangular": lambda cycle, position, gamma: 1.0,
+    "triangular2": lambda cycle, position, gamma: 1.0 / 2.0 ** cycle,
+    "exp_range": lambda cycle, position, gamma: gamma ** position,
+}
+"""train.cyclic.mode -> amplitude scale (cycle index, epochs elapsed, gamma) of :class:`Cyclic`."""
+
+
+def _increasing_epochs(milestones: list[int]) -> list[int]:
+    if any(m < 1 for m in milestones) or sorted(set(milestones)) != list(milestones):
+        raise ValueError(f"milestones {list(milestones)} must be increasing epochs >= 1")
+    return milestones
+
+
+Milestones = Annotated[list[int], AfterValidator(_increasing_epochs)]
+"""A config type: increasing 0-based epoch numbers >= 1 (lr or batch-size milestones)."""
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set the learning rate of every parameter group of ``optimizer``."""
+    """Set every parameter group's lr to ``lr`` times the group's ``lr_scale`` (1 when absent;
+    :func:`lrlab.optim.param_groups` sets it from the LRPlan for discriminative lrs)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 class Clock:
@@ -101,7 +130,26 @@ class Clock:
 
 class Schedule:
     """Base class: the lr of optimizer step ``step`` is ``lr_at(step)``; ``step_count`` is the
-    number of optimizer steps taken. Subclasses set the optimizer's lr in ``__init__``."""
+    number of optimizer steps taken. Subclasses set the optimizer's lr in ``__init__``.
+
+    Class attributes of a registered schedule: ``Options`` (its config section ``train.<name>``,
+    or None), ``lr_is_peak`` (True when its lr is a peak: the plan takes ``train.max_lr`` or the
+    range test's lr; False: an initial lr, ``train.lr`` or the range test's), and the classmethods
+    :meth:`from_options` (build from config values) and :meth:`check_lr` (reject an lr that
+    does not fit the options; called once, by the LRPlan).
+    """
+
+    Options: ClassVar[type[Section] | None] = None
+    lr_is_peak: ClassVar[bool] = False
+
+    @classmethod
+    def from_options(cls, optimizer: torch.optim.Optimizer, lr: float, options, clock: Clock) -> Schedule:
+        """The schedule for lr ``lr`` (per step) with its ``train.<name>`` options."""
+        return cls(optimizer, lr)
+
+    @classmethod
+    def check_lr(cls, options, lr: float, source: str) -> None:
+        """Raise LrlabError when ``lr`` (coming from ``source``) does not fit ``options``."""
 
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.optimizer = optimizer
@@ -122,8 +170,8 @@ class Schedule:
         self.step_count += 1
         self._apply()
 
-    def step_epoch(self, test_loss: float) -> None:
-        pass
+    def step_epoch(self, loss: float) -> None:
+        """Called after each epoch's evaluation with the loss that makes decisions."""
 
     def state_dict(self) -> dict:
         return {"step_count": self.step_count}
@@ -133,6 +181,7 @@ class Schedule:
         self._apply()
 
 
+@SCHEDULES.register("constant")
 class Constant(Schedule):
     """A fixed learning rate ``lr`` (per step)."""
 
@@ -145,8 +194,19 @@ class Constant(Schedule):
         return self.base_lr
 
 
+@SCHEDULES.register("step")
 class StepDecay(Schedule):
     """Step decay, per epoch: lr x gamma^floor(epoch / step_size), epoch 0-based (torch StepLR)."""
+
+    class Options(Section):
+        """train.step: lr x gamma every ``step_size`` epochs."""
+
+        step_size: int = Field(3, gt=0)
+        gamma: float = Field(0.1, gt=0, le=1)
+
+    @classmethod
+    def from_options(cls, optimizer, lr, options, clock):
+        return cls(optimizer, lr, options.step_size, options.gamma, clock)
 
     def __init__(self, optimizer, lr: float, step_size: int, gamma: float, clock: Clock):
         super().__init__(optimizer)
@@ -157,9 +217,22 @@ class StepDecay(Schedule):
         return self.base_lr * self.gamma ** (self.clock.epoch(step) // self.step_size)
 
 
+@SCHEDULES.register("multistep")
 class MultiStep(Schedule):
     """Multi-step decay, per epoch: lr x gamma^(milestones <= epoch), epoch 0-based
     (torch MultiStepLR): milestones [5, 8] decay from the 6th and the 9th epoch on."""
+
+    class Options(Section):
+        """train.multistep: lr x gamma at each milestone epoch (0-based, as torch)."""
+
+        milestones: Milestones = Field(default_factory=list)  # empty: 50% and 75% of train.epochs
+        gamma: float = Field(0.1, gt=0, le=1)
+
+    @classmethod
+    def from_options(cls, optimizer, lr, options, clock):
+        epochs = clock.epochs
+        milestones = options.milestones or [round(0.5 * epochs), round(0.75 * epochs)]
+        return cls(optimizer, lr, milestones, options.gamma, clock)
 
     def __init__(self, optimizer, lr: float, milestones: Sequence[int], gamma: float, clock: Clock):
         super().__init__(optimizer)
@@ -170,8 +243,18 @@ class MultiStep(Schedule):
         return self.base_lr * self.gamma ** bisect.bisect_right(self.milestones, self.clock.epoch(step))
 
 
+@SCHEDULES.register("exponential")
 class Exponential(Schedule):
     """Exponential decay, per epoch: lr x gamma^epoch, epoch 0-based (torch ExponentialLR)."""
+
+    class Options(Section):
+        """train.exponential: lr x gamma^epoch."""
+
+        gamma: float = Field(0.9, gt=0, le=1)
+
+    @classmethod
+    def from_options(cls, optimizer, lr, options, clock):
+        return cls(optimizer, lr, options.gamma, clock)
 
     def __init__(self, optimizer, lr: float, gamma: float, clock: Clock):
         super().__init__(optimizer)
@@ -182,9 +265,19 @@ class Exponential(Schedule):
         return self.base_lr * self.gamma ** self.clock.epoch(step)
 
 
+@SCHEDULES.register("cosine")
 class Cosine(Schedule):
     """Cosine annealing per step (Loshchilov & Hutter, SGDR, arXiv:1608.03983, one cycle,
     no restart): min_lr + (lr - min_lr) (1 + cos(pi t / T)) / 2 for step t of T total."""
+
+    class Options(Section):
+        """train.cosine: per-step cosine from lr down to min_lr (SGDR without restarts)."""
+
+        min_lr: float = Field(0.0, ge=0)
+
+    @classmethod
+    def from_options(cls, optimizer, lr, options, clock):
+        return cls(optimizer, lr, clock.total_steps, options.min_lr)
 
     def __init__(self, optimizer, lr: float, total_steps: int, min_lr: float = 0.0):
         super().__init__(optimizer)
@@ -196,6 +289,7 @@ class Cosine(Schedule):
         return self.min_lr + (self.base_lr - self.min_lr) * (1 + math.cos(math.pi * t)) / 2
 
 
+@SCHEDULES.register("onecycle")
 class OneCycle(Schedule):
     """One-cycle policy (Smith & Topin 2017, arXiv:1708.07120), linear in both phases.
 
@@ -204,6 +298,17 @@ class OneCycle(Schedule):
     round(warmup_pct x (total_steps - 1))), then falls linearly to ``max_lr / final_div`` at
     the last step. With a batch-size schedule ``total_steps`` is the sum over the epochs.
     """
+
+    lr_is_peak = True
+
+    class Options(Section):
+        """train.onecycle: the share of steps rising to the peak lr."""
+
+        warmup_pct: float = Field(0.25, gt=0, lt=1)
+
+    @classmethod
+    def from_options(cls, optimizer, lr, options, clock):
+        return cls(optimizer, lr, clock.total_steps, options.warmup_pct)
 
     def __init__(self, optimizer: torch.optim.Optimizer, max_lr: float, total_steps: int,
                  warmup_pct: float = 0.25, div: float = 10.0, final_div: float = 1e3):
@@ -224,6 +329,7 @@ class OneCycle(Schedule):
         return hi + (end - hi) * (step - self.peak) / (self.total_steps - 1 - self.peak)
 
 
+@SCHEDULES.register("cyclic")
 class Cyclic(Schedule):
     """Cyclical learning rates (Smith 2015, arXiv:1506.01186), per step.
 
@@ -233,36 +339,47 @@ class Cyclic(Schedule):
     middle of each cycle and is back at base_lr after ``cycle_epochs`` epochs (the paper's
     stepsize is half a cycle). scale is 1 (triangular), 1 / 2^c (triangular2, the amplitude
     halves every cycle) or gamma^p (exp_range; the paper's exponent counts iterations, here
-    epochs, so that gamma does not depend on the batch size).
-
-    Raises:
-        LrlabError: base_lr >= max_lr or an unknown mode.
+    epochs, so that gamma does not depend on the batch size); see :data:`CYCLIC_MODES`.
     """
+
+    lr_is_peak = True
+
+    class Options(Section):
+        """train.cyclic (Smith 2015, arXiv:1506.01186): lr between base_lr and max_lr."""
+
+        mode: choice(tuple(CYCLIC_MODES), "train.cyclic.mode") = "triangular"
+        base_lr: float | None = Field(None, gt=0)  # None: max_lr / 4
+        cycle_epochs: float = Field(4.0, gt=0)  # one full cycle (up and down), in epochs
+        gamma: float = Field(0.9, gt=0, le=1)  # exp_range: amplitude x gamma^epochs
+
+    @classmethod
+    def from_options(cls, optimizer, lr, options, clock):
+        base = options.base_lr if options.base_lr is not None else lr / 4
+        return cls(optimizer, base, lr, options.cycle_epochs, clock, options.mode, options.gamma)
+
+    @classmethod
+    def check_lr(cls, options, lr: float, source: str) -> None:
+        """Raises LrlabError: ``train.cyclic.base_lr`` not below the peak ``lr``."""
+        if options.base_lr is not None and options.base_lr >= lr:
+            raise LrlabError(f"train.cyclic.base_lr ({options.base_lr:g}) must be below the cyclic max_lr "
+                             f"({lr:g}, {source}); lower train.cyclic.base_lr or raise train.max_lr")
 
     def __init__(self, optimizer, base_lr: float, max_lr: float, cycle_epochs: float, clock: Clock,
                  mode: str = "triangular", gamma: float = 1.0):
-        if base_lr >= max_lr:
-            raise LrlabError(f"cyclic base_lr ({base_lr:g}) must be below max_lr ({max_lr:g}); lower "
-                             f"train.cyclic.base_lr or raise train.max_lr")
-        if mode not in CYCLIC_MODES:
-            raise LrlabError(f"unknown train.cyclic.mode {mode!r}; valid modes: {', '.join(CYCLIC_MODES)}")
         super().__init__(optimizer)
         self.base_lr, self.max_lr, self.cycle_epochs = base_lr, max_lr, cycle_epochs
-        self.clock, self.mode, self.gamma = clock, mode, gamma
+        self.clock, self.scale, self.gamma = clock, CYCLIC_MODES[mode], gamma
         self._apply()
 
     def lr_at(self, step: int) -> float:
         p = self.clock.position(step)
         u = p / self.cycle_epochs
         cycle = math.floor(u)
-        height = 1.0 - abs(2.0 * (u - cycle) - 1.0)
-        if self.mode == "triangular2":
-            height /= 2.0 ** cycle
-        elif self.mode == "exp_range":
-            height *= self.gamma ** p
+        height = (1.0 - abs(2.0 * (u - cycle) - 1.0)) * self.scale(cycle, p, self.gamma)
         return self.base_lr + (self.max_lr - self.base_lr) * height
 
 
+@SCHEDULES.register("plateau")
 class Plateau(Schedule):
     """ReduceLROnPlateau on the test loss: ``torch.optim.lr_scheduler.ReduceLROnPlateau`` with
     mode "min" and threshold_mode "rel", so torch's semantics exactly (see the module
@@ -273,6 +390,20 @@ class Plateau(Schedule):
     ``cooldown`` epochs after a cut are not counted. torch's scheduler drives a one-parameter
     shadow optimizer, so a warm-up in front can own the real optimizer's lr meanwhile.
     """
+
+    class Options(Section):
+        """train.plateau: ReduceLROnPlateau on the loss that makes decisions, with torch's semantics."""
+
+        factor: float = Field(0.1, gt=0, lt=1)
+        patience: int = Field(3, ge=0)  # epochs without improvement before the cut
+        threshold: float = Field(1e-4, ge=0)
+        min_lr: float = Field(0.0, ge=0)
+        cooldown: int = Field(0, ge=0)  # epochs after a cut whose lack of improvement is not counted
+
+    @classmethod
+    def from_options(cls, optimizer, lr, options, clock):
+        o = options
+        return cls(optimizer, lr, o.factor, o.patience, o.threshold, o.min_lr, o.cooldown)
 
     def __init__(self, optimizer: torch.optim.Optimizer, lr: float, factor: float = 0.1,
                  patience: int = 3, threshold: float = 1e-4, min_lr: float = 0.0, cooldown: int = 0):
@@ -286,8 +417,8 @@ class Plateau(Schedule):
     def lr_at(self, step: int) -> float:
         return self._shadow.param_groups[0]["lr"]
 
-    def step_epoch(self, test_loss: float) -> None:
-        self.inner.step(test_loss)
+    def step_epoch(self, loss: float) -> None:
+        self.inner.step(loss)
         self._apply()
 
     def state_dict(self) -> dict:
@@ -299,13 +430,30 @@ class Plateau(Schedule):
         super().load_state_dict(state)
 
 
+@SCHEDULES.register("plateau_detect")
 class PlateauDetect(Schedule):
     """lrlab's plateau policy: after each epoch, :func:`lrlab.plateau.find_plateaus` runs on
     the test losses so far; when the last epoch closes a plateau (``window`` epochs whose best
     loss improves on the best before them by less than ``rel_threshold``, relative) the lr is
     multiplied by ``factor`` (not below ``min_lr``). After a cut the policy waits ``window``
     epochs before it may cut again. ``cuts`` lists the 0-based epochs of the cuts.
+    The same ``train.plateau_detect`` window and threshold shade the plateaus of every run's
+    ``plateaus.png``.
     """
+
+    class Options(Section):
+        """train.plateau_detect: a plateau is ``window`` epochs whose best loss improves on the
+        best before them by less than ``rel_threshold`` (relative); see lrlab.plateau."""
+
+        window: int = Field(3, ge=1)
+        rel_threshold: float = Field(0.01, ge=0)
+        factor: float = Field(0.1, gt=0, lt=1)  # lr x factor at each plateau found
+        min_lr: float = Field(0.0, ge=0)
+
+    @classmethod
+    def from_options(cls, optimizer, lr, options, clock):
+        o = options
+        return cls(optimizer, lr, o.window, o.rel_threshold, o.factor, o.min_lr)
 
     def __init__(self, optimizer, lr: float, window: int = 3, rel_threshold: float = 0.01,
                  factor: float = 0.1, min_lr: float = 0.0):
@@ -319,8 +467,8 @@ class PlateauDetect(Schedule):
     def lr_at(self, step: int) -> float:
         return self.current
 
-    def step_epoch(self, test_loss: float) -> None:
-        self.losses.append(float(test_loss))
+    def step_epoch(self, loss: float) -> None:
+        self.losses.append(float(loss))
         i = len(self.losses) - 1
         spans = find_plateaus(self.losses, self.window, self.rel_threshold)
         recent = bool(self.cuts) and i - self.cuts[-1] < self.window
@@ -363,8 +511,8 @@ class Warmup(Schedule):
         self.inner.step_batch()
         super().step_batch()
 
-    def step_epoch(self, test_loss: float) -> None:
-        self.inner.step_epoch(test_loss)
+    def step_epoch(self, loss: float) -> None:
+        self.inner.step_epoch(loss)
         self._apply()
 
     def state_dict(self) -> dict:
@@ -384,36 +532,6 @@ def batch_sizes(train_cfg) -> list[int]:
             for e in range(train_cfg.epochs)]
 
 
-def check_lr_source(train_cfg, range_test_runs: bool) -> None:
-    """Raise before any work when a one-cycle or cyclic schedule would have no peak lr.
-
-    Raises:
-        LrlabError: ``train.max_lr`` unset and the range test not run.
-    """
-    if train_cfg.schedule in PEAK_SCHEDULES and train_cfg.max_lr is None and not range_test_runs:
-        raise LrlabError(f"train.schedule {train_cfg.schedule!r} needs a max_lr: set train.max_lr or let "
-                         f"the range test find it (lr_finder.enabled=true, the run command)")
-
-
-def schedule_lr(train_cfg, found_lr: float | None) -> float:
-    """The lr a schedule is built with: the peak (``train.max_lr``, else the range test's
-    ``found_lr``) for onecycle and cyclic; the initial lr (``found_lr``, else ``train.lr``)
-    for the others.
-
-    Raises:
-        LrlabError: onecycle or cyclic with neither ``train.max_lr`` nor ``found_lr``.
-    """
-    if train_cfg.schedule in PEAK_SCHEDULES:
-        check_lr_source(train_cfg, found_lr is not None)
-        peak = train_cfg.max_lr if train_cfg.max_lr is not None else found_lr
-        base = train_cfg.cyclic.base_lr
-        if train_cfg.schedule == "cyclic" and base is not None and base >= peak:
-            raise LrlabError(f"train.cyclic.base_lr ({base:g}) must be below the cyclic max_lr ({peak:g}, "
-                             f"{'train.max_lr' if train_cfg.max_lr is not None else 'from the range test'})")
-        return peak
-    return found_lr if found_lr is not None else train_cfg.lr
-
-
 def check_batch_sizes(train_cfg, train_images: int) -> None:
     """Raise when the batch-size schedule asks for a batch larger than the training set
     (the loader drops the last incomplete batch, so an epoch would have no step).
@@ -428,48 +546,20 @@ def check_batch_sizes(train_cfg, train_images: int) -> None:
                              f"move train.batch_size_milestones")
 
 
-def build_schedule(train_cfg, optimizer: torch.optim.Optimizer, lr: float,
-                   steps_per_epoch: int | Sequence[int]) -> Schedule:
-    """The schedule named by ``train_cfg.schedule``, with a linear warm-up in front when
-    ``train_cfg.warmup_epochs`` > 0.
+def build_schedule(train_cfg, optimizer: torch.optim.Optimizer, lr: float, clock: Clock) -> Schedule:
+    """The schedule named by ``train_cfg.schedule`` (from :data:`SCHEDULES`, with its
+    ``train.<name>`` options), with a linear warm-up in front when ``train_cfg.warmup_epochs`` > 0.
 
     Args:
         train_cfg: a ``lrlab.config.TrainConfig``.
         optimizer: its param groups' lr is set at once and after every step/epoch.
-        lr: the peak lr (onecycle, cyclic: max_lr) or the initial lr (the others), per step.
-        steps_per_epoch: optimizer steps per epoch: one int, or one per epoch when a
-            batch-size schedule changes it.
-
-    Raises:
-        LrlabError: an unknown schedule name (the valid ones are listed) or invalid values.
+        lr: the plan's reference lr (``LRPlan.lr``): the peak for onecycle/cyclic, else the
+            initial lr, per step.
+        clock: the optimizer steps of every epoch.
     """
-    name, epochs = train_cfg.schedule, train_cfg.epochs
-    clock = Clock(steps_per_epoch, epochs) if isinstance(steps_per_epoch, int) else Clock(steps_per_epoch)
-    if name == "constant":
-        schedule = Constant(optimizer, lr)
-    elif name == "step":
-        schedule = StepDecay(optimizer, lr, train_cfg.step.step_size, train_cfg.step.gamma, clock)
-    elif name == "multistep":
-        ms = train_cfg.multistep.milestones or [round(0.5 * epochs), round(0.75 * epochs)]
-        schedule = MultiStep(optimizer, lr, ms, train_cfg.multistep.gamma, clock)
-    elif name == "exponential":
-        schedule = Exponential(optimizer, lr, train_cfg.exponential.gamma, clock)
-    elif name == "cosine":
-        schedule = Cosine(optimizer, lr, clock.total_steps, train_cfg.cosine.min_lr)
-    elif name == "plateau":
-        p = train_cfg.plateau
-        schedule = Plateau(optimizer, lr, p.factor, p.patience, p.threshold, p.min_lr, p.cooldown)
-    elif name == "plateau_detect":
-        p = train_cfg.plateau_detect
-        schedule = PlateauDetect(optimizer, lr, p.window, p.rel_threshold, p.factor, p.min_lr)
-    elif name == "onecycle":
-        schedule = OneCycle(optimizer, lr, clock.total_steps, train_cfg.warmup_pct)
-    elif name == "cyclic":
-        c = train_cfg.cyclic
-        base = c.base_lr if c.base_lr is not None else lr / 4
-        schedule = Cyclic(optimizer, base, lr, c.cycle_epochs, clock, c.mode, c.gamma)
-    else:
-        raise LrlabError(f"unknown train.schedule {name!r}; valid schedules: {', '.join(SCHEDULES)}")
+    cls = SCHEDULES.get(train_cfg.schedule)
+    options = getattr(train_cfg, train_cfg.schedule) if cls.Options is not None else None
+    schedule = cls.from_options(optimizer, lr, options, clock)
     if train_cfg.warmup_epochs > 0:
         schedule = Warmup(schedule, max(1, clock.steps_until(train_cfg.warmup_epochs)))
     return schedule

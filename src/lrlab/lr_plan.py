@@ -1,0 +1,128 @@
+"""The learning rate, resolved once: :class:`LRPlan`.
+
+Which number does a run train with? The recipe's ``train.lr``, its ``train.max_lr``, the range
+test's suggestion (by ``lr_finder.method``, times ``lr_finder.lr_factor``), and, with
+discriminative learning rates, one value per layer group. This module is the only place that
+combines them, and the only place that checks them:
+
+* a schedule whose lr is a peak (one-cycle, cyclic: ``Schedule.lr_is_peak``) takes
+  ``train.max_lr`` when set, else the range test's lr; it needs one of the two;
+* any other schedule starts at the range test's lr when the test runs, else at ``train.lr``;
+* the schedule may reject the lr (cyclic: ``train.cyclic.base_lr`` must be below the peak);
+* with ``train.layer_groups`` (bottom to top) and ``train.lr_ratio`` r, layer group i of n gets
+  lr x r^-((n - 1 - i) / (n - 1)): the top group the plan's lr, the bottom one lr / r, geometric
+  in between (fastai's ``slice(lr / r, lr)``; Howard & Ruder 2018, arXiv:1801.06146).
+
+Optimizers are built from the plan (``build_optimizer(cfg, model, plan.lr, plan.scales)``),
+schedules shape ``plan.lr`` over time for every group, the report prints :meth:`LRPlan.rows`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from lrlab.errors import LrlabError
+from lrlab.schedules import SCHEDULES
+
+
+def suggestion_method(method: str, optimizer: torch.optim.Optimizer) -> str:
+    """The range-test suggestion a run trains with: ``lr_finder.method``, or for ``auto``
+    ``max_lr`` (Smith 2018's one-cycle peak) with SGD (plain, momentum, Nesterov) and
+    ``steepest`` with every other optimizer. Measured, not assumed: in
+    benchmarks/lr_suggestion_quality.py (README, "Which suggestion to trust") max_lr was the
+    best rule for SGD and among the worst for Adam, whose best lr sits mid-descent."""
+    if method != "auto":
+        return method
+    return "max_lr" if isinstance(optimizer, torch.optim.SGD) else "steepest"
+
+
+def layer_scales(num_groups: int, ratio: float) -> tuple[float, ...]:
+    """lr of each layer group (bottom first) / the top group's: geometric from 1/ratio to 1."""
+    if num_groups <= 1:
+        return (1.0,)
+    return tuple(ratio ** -((num_groups - 1 - i) / (num_groups - 1)) for i in range(num_groups))
+
+
+@dataclass(frozen=True)
+class LRPlan:
+    """The learning rates of a run, made once (:meth:`make`) and read by everything after.
+
+    Attributes:
+        lr: the reference lr per optimizer step: the peak (one-cycle, cyclic) or initial lr
+            (the other schedules) of the top layer group.
+        kind: "peak" or "initial", what ``lr`` is for the run's schedule.
+        source: where ``lr`` came from, e.g. "train.max_lr", "train.lr" or
+            "range test: max_lr 0.298 x lr_factor 2".
+        scales: per layer group, bottom first: its lr / ``lr`` (1 for the top group).
+        group_names: per layer group, the module names it holds ("all" without layer groups).
+        suggestion: the range test's suggestion that was used (before ``lr_factor``), or None.
+        method: the suggestion method that gave it, or None.
+    """
+
+    lr: float
+    kind: str
+    source: str
+    scales: tuple[float, ...] = (1.0,)
+    group_names: tuple[str, ...] = ("all",)
+    suggestion: float | None = None
+    method: str | None = None
+
+    @classmethod
+    def make(cls, config, suggestion: float | None = None, method: str | None = None) -> LRPlan:
+        """The plan for ``config`` and the range test's ``suggestion`` (None: no range test).
+
+        Raises:
+            LrlabError: a peak schedule with neither ``train.max_lr`` nor a suggestion, or an lr
+                the schedule rejects (cyclic base_lr not below the peak).
+        """
+        t = config.train
+        schedule = SCHEDULES.get(t.schedule)
+        found = None if suggestion is None else suggestion * config.lr_finder.lr_factor
+        if schedule.lr_is_peak and t.max_lr is not None:
+            lr, source = t.max_lr, "train.max_lr"
+        elif found is not None:
+            lr, source = found, f"range test: {method} {suggestion:.3g} x lr_factor {config.lr_finder.lr_factor:g}"
+        elif schedule.lr_is_peak:
+            raise LrlabError(f"train.schedule {t.schedule!r} needs a max_lr: set train.max_lr or let the range "
+                             f"test find it (lr_finder.enabled=true, the run command)")
+        else:
+            lr, source = t.lr, "train.lr"
+        if schedule.Options is not None:
+            schedule.check_lr(getattr(t, t.schedule), lr, source)
+        names = tuple("+".join(g) for g in t.layer_groups) or ("all",)
+        return cls(lr, "peak" if schedule.lr_is_peak else "initial", source, layer_scales(len(names), t.lr_ratio),
+                   names, suggestion if found is not None and source != "train.max_lr" else None, method)
+
+    @classmethod
+    def check(cls, config, range_test_runs: bool) -> None:
+        """Before any work: would :meth:`make` succeed? A range test that will run stands in
+        with a placeholder suggestion, so only what is known now is checked.
+
+        Raises:
+            LrlabError: as :meth:`make`.
+        """
+        if range_test_runs:
+            t = config.train
+            if not (SCHEDULES.get(t.schedule).lr_is_peak and t.max_lr is not None):
+                return  # the lr comes from the test; its value is checked when it is known
+        cls.make(config, None)
+
+    @property
+    def group_lrs(self) -> tuple[float, ...]:
+        """The lr of each layer group (bottom first) at the schedule's reference point."""
+        return tuple(self.lr * s for s in self.scales)
+
+    def rows(self) -> list[dict]:
+        """One row per layer group (top first): group, lr, kind, source; for tables and reports."""
+        return [{"group": name, "lr": lr, "kind": self.kind, "source": self.source}
+                for name, lr in reversed(list(zip(self.group_names, self.group_lrs)))]
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict; :meth:`from_dict` reads it back."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LRPlan:
+        return cls(**{**data, "scales": tuple(data["scales"]), "group_names": tuple(data["group_names"])})

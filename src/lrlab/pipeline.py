@@ -1,0 +1,424 @@
+"""The stages behind ``lrlab run`` / ``find-lr`` / ``train`` / ``explain``, each returning a value.
+
+    setup = prepare(config, range_test=True, train=True, explain=True)   # may reject the recipe
+    result = range_test(setup)                  # RangeTestResult (model restored afterwards)
+    plan = make_plan(setup, result)             # LRPlan: the learning rates, resolved once
+    history = train(setup, plan)                # History (checkpoints through a RunFolder if given)
+    pred = predict_test(setup)                  # Predictions of the model as it is
+    found = interpret(setup, pred)              # Interpretation: confusion, mistakes, CAMs
+
+:func:`run_pipeline` chains them into a new :class:`~lrlab.run_folder.RunFolder`, which persists
+each value; benchmarks call the same stages without a folder. Nothing here prints: progress
+reaches the caller through :class:`Callbacks`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lrlab.compute import Compute
+from lrlab.config import Config
+from lrlab.data import BatchLoader, Dataset, Split, load_dataset
+from lrlab.engine import History, fit
+from lrlab.errors import LrlabError
+from lrlab.interpret import (FaithfulnessResult, Predictions, cam_faithfulness, class_activation_maps,
+                             layer_names, per_class_summary, predict, select_misclassified)
+from lrlab.lr_finder import RangeTestResult, range_test as sweep
+from lrlab.lr_plan import LRPlan, layer_scales, suggestion_method
+from lrlab.models import build_model
+from lrlab.optim import GradientNoise, build_optimizer
+from lrlab.plateau import find_plateaus
+from lrlab.report import write_report
+from lrlab.run_folder import RunFolder
+from lrlab.scalars import TensorBoardScalars
+from lrlab.schedules import Clock, batch_sizes, build_schedule, check_batch_sizes
+
+
+@dataclass
+class Callbacks:
+    """Progress hooks for the caller (the CLI draws tqdm bars with them); all optional."""
+
+    on_stage: Callable[[str, int], None] | None = None  # (stage name, total steps)
+    on_step: Callable[[int, float], None] | None = None  # (step, loss)
+    on_epoch: Callable[[dict], None] | None = None  # one History record
+
+    def stage(self, name: str, total: int) -> None:
+        if self.on_stage is not None:
+            self.on_stage(name, total)
+
+
+@dataclass
+class Setup:
+    """What every stage works on: the config, where to compute, the data and the model."""
+
+    config: Config
+    compute: Compute
+    data: Dataset
+    model: nn.Module
+
+
+# ---------------------------------------------------------------------------- building blocks
+
+
+def load_data(config: Config) -> Dataset:
+    """Load the dataset named by ``config.data`` and apply the configured subsets."""
+    data = load_dataset(config.data.path, config.data.cache_dir)
+    if config.data.train_subset and config.data.train_subset < len(data.train):
+        data.train = data.train.subset(config.data.train_subset, seed=config.seed)
+    if config.data.test_subset and config.data.test_subset < len(data.test):
+        data.test = data.test.subset(config.data.test_subset, seed=config.seed)
+    return data
+
+
+def train_loader(setup: Setup, batch_size: int) -> BatchLoader:
+    """Shuffled, augmented batches of the training split on the device."""
+    d, data, compute = setup.config.data, setup.data, setup.compute
+    return BatchLoader(data.train, batch_size, mean=data.mean, std=data.std, shuffle=True,
+                       augment=d.augment, crop_padding=d.crop_padding, flip=d.flip, cutout=d.cutout,
+                       rotate=d.rotate, device=compute.device, channels_last=compute.channels_last,
+                       drop_last=True, seed=setup.config.seed, crop_sizes=d.crop_sizes)
+
+
+def eval_loader(setup: Setup, split: Split, batch_size: int = 500) -> BatchLoader:
+    """Batches of ``split`` in order, normalised, without augmentation."""
+    return BatchLoader(split, batch_size, mean=setup.data.mean, std=setup.data.std, shuffle=False,
+                       augment="none", device=setup.compute.device, channels_last=setup.compute.channels_last)
+
+
+def new_model(config: Config, data: Dataset, compute: Compute, init_from_data: bool = True) -> nn.Module:
+    """The configured model, freshly initialised from ``config.seed``, on the device.
+
+    ``init_from_data=False`` skips data-dependent initialisation (e.g. patch whitening) for a
+    model whose weights come from a checkpoint next."""
+    torch.manual_seed(config.seed)
+    model = build_model(config.model.name, len(data.classes), **config.model.kwargs)
+    if init_from_data and hasattr(model, "init_from_data"):
+        sample = data.train.subset(min(len(data.train), 5000), seed=config.seed)
+        loader = BatchLoader(sample, len(sample), mean=data.mean, std=data.std, shuffle=False)
+        model.init_from_data(next(iter(loader))[0])
+    return compute.prepare(model)
+
+
+def cam_layer(config: Config, model: nn.Module) -> str | list[str]:
+    """The CAM target layer(s): ``explain.target_layer`` (a name or a list of names to fuse)
+    or the model's default.
+
+    Raises:
+        LrlabError: a layer does not exist (the message lists the valid names).
+    """
+    layer = config.explain.target_layer or getattr(model, "default_cam_layer", None)
+    valid = layer_names(model)
+    for name in layer if isinstance(layer, list) else [layer]:
+        if name not in valid:
+            raise LrlabError(f"explain.target_layer {name!r} does not exist in {config.model.name}; "
+                             f"valid layers: {', '.join(valid)}")
+    return layer
+
+
+def new_optimizer(setup: Setup, lr: float) -> torch.optim.Optimizer:
+    """The configured optimizer over the model, every layer group at ``lr`` x its plan scale."""
+    t = setup.config.train
+    return build_optimizer(t, setup.model, lr, layer_scales(max(1, len(t.layer_groups)), t.lr_ratio))
+
+
+def prepare(config: Config, *, range_test: bool, train: bool, explain: bool,
+            init_from_data: bool = True) -> Setup:
+    """Load data and model and check everything that can reject the recipe, before any work is
+    written: augmentation options, optimizer and layer groups, the lr sources (LRPlan.check),
+    the batch-size schedule, the CAM layer.
+
+    Raises:
+        LrlabError: the first problem found, in one sentence.
+    """
+    compute = Compute.choose(config.compute.device, config.compute.precision)
+    data = load_data(config)
+    setup = Setup(config, compute, data, new_model(config, data, compute, init_from_data))
+    if explain:
+        cam_layer(config, setup.model)
+    if range_test or train:
+        train_loader(setup, config.train.batch_size)
+        new_optimizer(setup, config.train.lr)
+    if train:
+        LRPlan.check(config, range_test and config.lr_finder.enabled)
+        check_batch_sizes(config.train, len(data.train))
+    return setup
+
+
+# ---------------------------------------------------------------------------- the stages
+
+
+def range_test(setup: Setup, callbacks: Callbacks = Callbacks()) -> RangeTestResult:
+    """The LR range test on the model (restored afterwards) with the ``lr_finder`` settings; every
+    layer group is swept at its plan scale, so the recorded lrs are the top group's.
+
+    With ``lr_finder.loss: val`` the validation points use ``lr_finder.val_images``
+    class-balanced images of the test split (without augmentation), as the training history's
+    test loss does. ``result.method`` is the suggestion the run trains with."""
+    config, cfg = setup.config, setup.config.lr_finder
+    optimizer = new_optimizer(setup, cfg.start_lr)
+    scales = [g["lr_scale"] for g in optimizer.param_groups]
+    batch_size = cfg.batch_size or config.train.batch_size
+    val_batches = None
+    if cfg.loss == "val":
+        held_out = setup.data.test.subset(min(cfg.val_images, len(setup.data.test)), seed=config.seed)
+        val_batches = list(eval_loader(setup, held_out, batch_size))
+
+    def loss_fn(logits, y):
+        return F.cross_entropy(logits, y, label_smoothing=config.train.label_smoothing)
+
+    callbacks.stage("range test", cfg.num_iter)
+    step = callbacks.on_step
+    return sweep(setup.model, optimizer, loss_fn, train_loader(setup, batch_size),
+                 start_lr=[cfg.start_lr * s for s in scales], end_lr=[cfg.end_lr * s for s in scales],
+                 num_iter=cfg.num_iter, mode=cfg.mode, smooth=cfg.smooth, diverge_factor=cfg.diverge_factor,
+                 skip_start=cfg.skip_start, skip_end=cfg.skip_end, accumulation_steps=cfg.accumulation_steps,
+                 val_batches=val_batches, val_every=cfg.val_every,
+                 method=suggestion_method(cfg.method, optimizer), device=setup.compute.device,
+                 autocast_dtype=setup.compute.dtype, channels_last=setup.compute.channels_last,
+                 progress=(lambda i, lr, loss: step(i, loss)) if step else None)
+
+
+def make_plan(setup: Setup, result: RangeTestResult | None) -> LRPlan:
+    """The run's :class:`LRPlan` from the config and the range test (None: no range test).
+
+    Raises:
+        LrlabError: the range test gave no suggestion by its method, or as :meth:`LRPlan.make`.
+    """
+    if result is None:
+        return LRPlan.make(setup.config)
+    if result.suggestion is None:
+        why = result.suggestion_errors.get(result.method, "")
+        raise LrlabError(f"the range test stopped after {len(result.lrs)} points ({result.stop_reason}) "
+                         f"without a {result.method!r} suggestion ({why}); widen lr_finder.start_lr/end_lr, "
+                         f"pick another lr_finder.method or set lr_finder.enabled=false")
+    return LRPlan.make(setup.config, result.suggestion, result.method)
+
+
+def _steps_per_epoch(loader: BatchLoader, sizes: list[int]) -> list[int]:
+    """Optimizer steps of each epoch at its batch size (the loader drops the last partial batch)."""
+    steps = []
+    for bs in sizes:
+        loader.batch_size = bs
+        steps.append(len(loader))
+    loader.batch_size = sizes[0]
+    return steps
+
+
+def train(setup: Setup, plan: LRPlan, callbacks: Callbacks = Callbacks(), run: RunFolder | None = None) -> History:
+    """Train the model with the configured optimizer and schedule over ``plan``, the batch-size
+    schedule and gradient noise. With ``run``: checkpoints every epoch, TensorBoard scalars,
+    and the history with its figures (``RunFolder.save_history``)."""
+    config, cfg = setup.config, setup.config.train
+    sizes = batch_sizes(cfg)
+    loader = train_loader(setup, sizes[0])
+    clock = Clock(_steps_per_epoch(loader, sizes))
+    optimizer = build_optimizer(cfg, setup.model, plan.lr, plan.scales)
+    if cfg.grad_noise.eta > 0:
+        GradientNoise(cfg.grad_noise.eta, cfg.grad_noise.gamma, seed=config.seed).attach(optimizer)
+    schedule = build_schedule(cfg, optimizer, plan.lr, clock)
+    callbacks.stage("train", clock.total_steps)
+    extra = {"config": config.model_dump(mode="json"), "classes": setup.data.classes,
+             "mean": setup.data.mean, "std": setup.data.std}
+    scalars = TensorBoardScalars(run.file("tensorboard")) if run is not None else None
+    try:
+        def on_epoch(record: dict) -> None:
+            if scalars is not None:
+                scalars(record)
+            if callbacks.on_epoch is not None:
+                callbacks.on_epoch(record)
+
+        history = fit(setup.model, loader, eval_loader(setup, setup.data.test), optimizer, schedule, cfg.epochs,
+                      setup.compute, label_smoothing=cfg.label_smoothing, tta=cfg.tta, tta_shift=cfg.tta_shift,
+                      batch_sizes=sizes if cfg.batch_size_milestones else None,
+                      checkpoint=(lambda state, best: run.save_checkpoint({**state, **extra}, best)) if run else None,
+                      on_step=callbacks.on_step, on_epoch=on_epoch)
+    finally:
+        if scalars is not None:
+            scalars.close()
+    if run is not None:
+        pd = cfg.plateau_detect
+        spans = find_plateaus([r["test_loss"] for r in history.records], pd.window, pd.rel_threshold)
+        run.save_history(history, config.name, spans)
+    return history
+
+
+def predict_test(setup: Setup) -> Predictions:
+    """Class probabilities of the model on the whole test split (with the recipe's TTA, so the
+    accuracy matches the training history's final epoch)."""
+    t = setup.config.train
+    return predict(setup.model, eval_loader(setup, setup.data.test), setup.compute, tta=t.tta, tta_shift=t.tta_shift)
+
+
+@dataclass
+class Interpretation:
+    """What :func:`interpret` found; ``RunFolder.save_interpretation`` writes it.
+
+    Attributes:
+        per_class: confusion counts and fractions, per-class accuracy, most-confused pairs
+            (``lrlab.interpret.per_class_summary``).
+        mistakes: per shown mistake: test index, pred/true class names, their probabilities, loss.
+        details: target_layer, method, select, test_accuracy.
+        images: (M, H, W, 3) uint8 pixels of the shown mistakes.
+        maps_pred, maps_true: (M, H, W) float32 maps in [0, 1] of the predicted / true class.
+        faithfulness: the keep/delete test of every CAM method, when asked for.
+    """
+
+    per_class: dict
+    mistakes: list[dict]
+    details: dict
+    images: np.ndarray
+    maps_pred: np.ndarray
+    maps_true: np.ndarray
+    faithfulness: FaithfulnessResult | None = field(default=None)
+
+
+def interpret(setup: Setup, pred: Predictions) -> Interpretation:
+    """Study the mistakes of the model on the test split: per-class confusion, the
+    ``explain.num_images`` mistakes chosen by ``explain.select`` with their ``explain.method``
+    maps of the predicted and the true class, and (``explain.faithfulness_images`` > 0) the
+    faithfulness of every CAM method. ``pred`` must be this model's test-set predictions."""
+    config, cfg, data = setup.config, setup.config.explain, setup.data
+    layer, classes = cam_layer(config, setup.model), data.classes
+    idx = select_misclassified(pred, cfg.num_images, by=cfg.select)
+    rows = zip(idx.tolist(), pred.preds[idx].tolist(), pred.targets[idx].tolist())
+    mistakes = [{"index": i, "pred": classes[p], "prob": pred.probs[i, p].item(), "true": classes[t],
+                 "prob_true": pred.probs[i, t].item(), "loss": pred.losses[i].item()} for i, p, t in rows]
+    shown = Split(data.test.images[idx], data.test.labels[idx])
+    maps = np.zeros((0, *shown.images.shape[1:3]), np.float32), np.zeros((0, *shown.images.shape[1:3]), np.float32)
+    if mistakes:
+        x = torch.cat([xb for xb, _ in eval_loader(setup, shown)])
+        cam = dict(target_layer=layer, method=cfg.method, device=setup.compute.device)
+        maps = tuple(class_activation_maps(setup.model, x, c[idx], **cam).numpy() for c in (pred.preds, pred.targets))
+    faithfulness = None
+    if cfg.faithfulness_images:
+        sample = data.test.subset(min(cfg.faithfulness_images, len(data.test)), seed=config.seed)
+        xs = torch.cat([xb for xb, _ in eval_loader(setup, sample)]).contiguous()
+        faithfulness = cam_faithfulness(setup.model, xs, setup.compute, target_layer=layer, seed=config.seed)
+    details = {"target_layer": layer, "method": cfg.method, "select": cfg.select, "test_accuracy": pred.accuracy}
+    return Interpretation(per_class_summary(pred, classes), mistakes, details, shown.images.numpy(), *maps,
+                          faithfulness=faithfulness)
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+@dataclass
+class Outcome:
+    """What :func:`run_pipeline` returns: the summary (as in summary.json) and the training
+    history (None without training)."""
+
+    summary: dict
+    history: History | None = None
+
+
+def run_pipeline(config: Config, out: str | Path, callbacks: Callbacks = Callbacks(), *,
+                 range_test_stage: bool = True, train_stage: bool = True, explain_stage: bool = True) -> Outcome:
+    """The workflow into a new run folder under ``out``: config.yaml, range test, LRPlan, training,
+    the best checkpoint's predictions and mistakes, summary.json and report.html.
+
+    Everything that can reject the recipe is checked before the folder is created, and a
+    recipe rejected later (e.g. a range test without a suggestion) removes its folder, so bad
+    input leaves nothing behind.
+    """
+    start = time.perf_counter()
+    testing = range_test_stage and config.lr_finder.enabled
+    setup = prepare(config, range_test=testing, train=train_stage, explain=explain_stage)
+    run = RunFolder.create(out, config.name)
+    try:
+        outcome = _run_stages(setup, run, callbacks, testing, train_stage, explain_stage)
+    except LrlabError:
+        run.discard()
+        raise
+    outcome.summary["wall_seconds"] = time.perf_counter() - start
+    run.save_summary(outcome.summary)
+    write_report(run)
+    return outcome
+
+
+def _run_stages(setup: Setup, run: RunFolder, callbacks: Callbacks, testing: bool, training: bool,
+                explaining: bool) -> Outcome:
+    """The stages of :func:`run_pipeline` inside its folder; returns the summary so far."""
+    run.save_config(setup.config)
+    compute, data = setup.compute, setup.data
+    summary: dict = {"run_dir": str(run), "device": str(compute.device), "autocast": compute.dtype_name,
+                     "train_images": len(data.train), "test_images": len(data.test), "classes": data.classes}
+    result = None
+    if testing:
+        result = range_test(setup, callbacks)
+        run.save_range_test(result)
+        summary.update(lr_suggestion=result.suggestion, lr_method=result.method, lr_suggestions=result.rows())
+    plan = make_plan(setup, result)
+    run.save_plan(plan)
+    summary.update(lr=plan.lr, lr_plan=plan.rows())
+    history = None
+    if training:
+        history = train(setup, plan, callbacks, run)
+        best, last = history.best(), history.records[-1]
+        summary.update(best_test_acc=best["test_acc"], best_epoch=best["epoch"], final_test_acc=last["test_acc"],
+                       epochs=len(history.records), train_seconds=sum(r["seconds"] for r in history.records))
+    if explaining:
+        setup.model.load_state_dict(run.load_checkpoint("best_checkpoint", compute.device)["model"])
+        callbacks.stage("explain", 0)
+        explain_into(setup, run)
+    return Outcome(summary, history)
+
+
+def explain_into(setup: Setup, run: RunFolder, pred: Predictions | None = None) -> dict:
+    """Predictions (unless given), confusion, mistakes and CAMs of the model, saved into ``run``;
+    returns the interpretation's details and mistakes."""
+    pred = pred if pred is not None else predict_test(setup)
+    run.save_predictions(pred)
+    found = interpret(setup, pred)
+    run.save_interpretation(found, setup.data.classes, setup.config.explain.alpha, setup.config.explain.colormap)
+    return {**found.details, "mistakes": found.mistakes}
+
+
+def source_predictions(source: RunFolder, config: Config, data: Dataset) -> Predictions | None:
+    """The earlier run's predictions (made from its best checkpoint), if valid for ``config``: the
+    run's config has the same data, model, compute and TTA settings, and the labels match
+    ``data.test``. None otherwise (then the caller predicts again)."""
+    pred = source.load_predictions()
+    if pred is None:
+        return None
+    try:
+        earlier = source.load_config()
+    except LrlabError:
+        return None
+    same = (earlier.data == config.data and earlier.model == config.model and earlier.compute == config.compute
+            and earlier.train.tta == config.train.tta and earlier.train.tta_shift == config.train.tta_shift)
+    if not same or len(pred) != len(data.test) or pred.num_classes != len(data.classes):
+        return None
+    return pred if torch.equal(pred.targets, data.test.labels.to(torch.int64)) else None
+
+
+def explain_run(source: RunFolder, config: Config, out: str | Path) -> dict:
+    """Mistakes + CAMs of the best checkpoint of the earlier run ``source``, written into a new
+    run folder under ``out`` with its report.html (``source`` is only read; its predictions are
+    reused when valid, see :func:`source_predictions`). Returns the summary.
+
+    Raises:
+        LrlabError: no best checkpoint in ``source``, or one that does not fit the model.
+    """
+    state = source.load_checkpoint("best_checkpoint")
+    setup = prepare(config, range_test=False, train=False, explain=True, init_from_data=False)
+    try:
+        setup.model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError) as e:
+        raise LrlabError(f"checkpoint {source.file('best_checkpoint')} does not fit model {config.model.name} "
+                         f"{config.model.kwargs} of this lrlab version ({str(e).splitlines()[0]})") from None
+    run = RunFolder.create(out, f"{config.name}-explain")
+    run.save_config(config)
+    pred = source_predictions(source, config, setup.data)
+    summary = {"run_dir": str(run), "source_run": str(source.path), "predictions_reused": pred is not None,
+               **explain_into(setup, run, pred)}
+    run.save_summary(summary)
+    write_report(run)
+    return summary
