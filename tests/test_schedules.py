@@ -164,7 +164,7 @@ def test_batch_size_ramp_in_fit_records_steps_lrs_and_batch_sizes(tmp_path):
     import csv
 
     from lrlab.data import BatchLoader
-    from lrlab.data.cifar import Split
+    from lrlab.data.containers import Split
     from lrlab.engine import Precision, fit
 
     g = torch.Generator().manual_seed(0)
