@@ -98,7 +98,7 @@ def test_full_cifar10_and_cached_load(cifar_dir, cache_dir, monkeypatch):
     def no_decoding(path):  # the second load must come from the cache, not from the JPEGs
         raise AssertionError(f"decoded {path} although the cache is fresh")
 
-    monkeypatch.setattr("lrlab.data.cifar._decode_image", no_decoding)
+    monkeypatch.setattr("lrlab.data.sources._decode_image", no_decoding)
     second = load_dataset(cifar_dir, cache_dir=cache_dir)
     assert torch.equal(first.train.images, second.train.images)
     assert torch.equal(first.test.images, second.test.images)

@@ -4,11 +4,24 @@
     train = BatchLoader(dataset.train, 512, mean=dataset.mean, std=dataset.std,
                         shuffle=True, augment="tensor", cutout=16)
     for x, y in train: ...                                      # x float32 (B,3,H,W), y int64 (B,)
+
+One owner per concept:
+
+* :mod:`~lrlab.data.containers`: :class:`Split` and :class:`Dataset`, the generic in-memory
+  uint8 containers;
+* :mod:`~lrlab.data.sources`: :func:`load_dataset` and the sources it detects (ImageFolder
+  trees, CIFAR-10 python batches, the CIFAR-10 download);
+* :mod:`~lrlab.data.cache`: the decoded-array cache (one ``.npz`` per source);
+* :mod:`~lrlab.data.augment`: crop, flip and Cutout, batched (:func:`batch_augment`) or per
+  image (:func:`build_albumentations`);
+* :mod:`~lrlab.data.loader`: :class:`BatchLoader`, :func:`normalize`, and the names of the
+  loader's modes, :data:`AUGMENT_MODES` and :data:`FLIP_MODES`.
 """
 
 from lrlab.data.augment import batch_augment, build_albumentations
-from lrlab.data.cifar import Dataset, Split, load_dataset
-from lrlab.data.loader import BatchLoader, normalize
+from lrlab.data.containers import Dataset, Split
+from lrlab.data.loader import AUGMENT_MODES, FLIP_MODES, BatchLoader, normalize
+from lrlab.data.sources import load_dataset
 
-__all__ = ["BatchLoader", "Dataset", "Split", "batch_augment", "build_albumentations",
-           "load_dataset", "normalize"]
+__all__ = ["AUGMENT_MODES", "FLIP_MODES", "BatchLoader", "Dataset", "Split", "batch_augment",
+           "build_albumentations", "load_dataset", "normalize"]

@@ -3,6 +3,10 @@
 No DataLoader, no worker processes: the split already sits in memory as one uint8 tensor,
 so a batch is an index_select plus (for training) one batched augmentation op. This is the
 "data lives on the device as one tensor" design of Keller Jordan's cifar10-airbench.
+
+The accepted values of the loader's ``augment`` and ``flip`` options are defined once here,
+as :data:`AUGMENT_MODES` and :data:`FLIP_MODES`; the configuration derives its allowed
+values from them.
 """
 
 from __future__ import annotations
@@ -14,10 +18,11 @@ import numpy as np
 import torch
 
 from lrlab.data.augment import batch_augment, build_albumentations
-from lrlab.data.cifar import Split
+from lrlab.data.containers import Split
 from lrlab.errors import LrlabError
 
-AUGMENT_MODES = ("none", "tensor", "albumentations")
+AUGMENT_MODES = ("none", "tensor", "albumentations")  # BatchLoader(augment=...)
+FLIP_MODES = (True, False, "alternate")  # BatchLoader(flip=...)
 
 
 def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -45,6 +50,42 @@ def _affine(mean, std, device) -> tuple[torch.Tensor, torch.Tensor]:
     scale = (1.0 / (255.0 * s)).to(torch.float32).view(1, -1, 1, 1).to(device)
     shift = (m / s).to(torch.float32).view(1, -1, 1, 1).to(device)
     return scale, shift
+
+
+def _check_options(shape: Sequence[int], *, augment: str, flip: bool | str, crop_padding: int,
+                   cutout: int, rotate: float, crop_sizes: Sequence[int], mean: Sequence[float],
+                   std: Sequence[float]) -> list[int]:
+    """Validate BatchLoader's options for a split of images of ``shape`` (N, H, W, C).
+
+    Returns:
+        crop_sizes as a list of ints.
+
+    Raises:
+        LrlabError: the first invalid option, as documented on :class:`BatchLoader`.
+    """
+    if augment not in AUGMENT_MODES:
+        raise LrlabError(f"augment {augment!r} is not valid; use one of {', '.join(AUGMENT_MODES)}")
+    if augment == "tensor" and rotate:
+        raise LrlabError(f"rotate={rotate} needs augment 'albumentations'; the 'tensor' path "
+                         f"does crop, flip and Cutout only")
+    if flip not in FLIP_MODES:
+        raise LrlabError(f"flip {flip!r} is not valid; use true, false or 'alternate'")
+    if augment != "tensor" and flip == "alternate":
+        raise LrlabError("flip 'alternate' needs augment 'tensor'; use flip true with "
+                         f"augment {augment!r}")
+    _, h, w, c = shape
+    crop_sizes = [int(v) for v in crop_sizes]
+    if crop_sizes and (augment != "tensor" or not all(max(cutout, 1) <= v <= min(h, w) for v in crop_sizes)):
+        raise LrlabError(f"crop_sizes {crop_sizes} is not valid; it needs augment 'tensor' and sides "
+                         f"between {max(cutout, 1)} (the Cutout) and {min(h, w)} pixels")
+    if len(tuple(mean)) != c or len(tuple(std)) != c or min(float(s) for s in std) <= 0:
+        raise LrlabError(f"mean {tuple(mean)} and std {tuple(std)} must have {c} values "
+                         f"each, with std > 0")
+    if crop_padding < 0 or not 0 <= cutout <= min(h, w) or rotate < 0:
+        raise LrlabError(f"augmentation crop_padding={crop_padding}, cutout={cutout}, "
+                         f"rotate={rotate} is not valid; use crop_padding >= 0, "
+                         f"0 <= cutout <= {min(h, w)} and rotate >= 0")
+    return crop_sizes
 
 
 class BatchLoader:
@@ -76,7 +117,7 @@ class BatchLoader:
         mean: per-channel mean in [0, 1] units (use the train split's, ``Dataset.mean``).
         std: per-channel std in [0, 1] units (``Dataset.std``).
         shuffle: new random order every epoch (else the split's order).
-        augment: "none", "tensor" or "albumentations".
+        augment: one of :data:`AUGMENT_MODES`: "none", "tensor" or "albumentations".
         crop_padding: padding p in pixels of the random crop (0 = none).
         flip: True: random horizontal flip with probability 1/2; "alternate": alternating
             flips (Jordan 2024, arXiv:2404.00498, section 3.6), each image flipped at random
@@ -107,28 +148,10 @@ class BatchLoader:
                  crop_padding: int = 4, flip: bool | str = True, cutout: int = 0, rotate: float = 0.0,
                  device: torch.device | str = torch.device("cpu"), channels_last: bool = False,
                  drop_last: bool = False, seed: int = 0, crop_sizes: Sequence[int] = ()):
-        if augment not in AUGMENT_MODES:
-            raise LrlabError(f"augment {augment!r} is not valid; use one of {', '.join(AUGMENT_MODES)}")
-        if augment == "tensor" and rotate:
-            raise LrlabError(f"rotate={rotate} needs augment 'albumentations'; the 'tensor' path "
-                             f"does crop, flip and Cutout only")
-        if flip not in (True, False, "alternate"):
-            raise LrlabError(f"flip {flip!r} is not valid; use true, false or 'alternate'")
-        if augment != "tensor" and flip == "alternate":
-            raise LrlabError("flip 'alternate' needs augment 'tensor'; use flip true with "
-                             f"augment {augment!r}")
-        n, h, w, c = split.images.shape
-        crop_sizes = [int(v) for v in crop_sizes]
-        if crop_sizes and (augment != "tensor" or not all(max(cutout, 1) <= v <= min(h, w) for v in crop_sizes)):
-            raise LrlabError(f"crop_sizes {crop_sizes} is not valid; it needs augment 'tensor' and sides "
-                             f"between {max(cutout, 1)} (the Cutout) and {min(h, w)} pixels")
-        if len(tuple(mean)) != c or len(tuple(std)) != c or min(float(s) for s in std) <= 0:
-            raise LrlabError(f"mean {tuple(mean)} and std {tuple(std)} must have {c} values "
-                             f"each, with std > 0")
-        if crop_padding < 0 or not 0 <= cutout <= min(h, w) or rotate < 0:
-            raise LrlabError(f"augmentation crop_padding={crop_padding}, cutout={cutout}, "
-                             f"rotate={rotate} is not valid; use crop_padding >= 0, "
-                             f"0 <= cutout <= {min(h, w)} and rotate >= 0")
+        crop_sizes = _check_options(split.images.shape, augment=augment, flip=flip,
+                                    crop_padding=crop_padding, cutout=cutout, rotate=rotate,
+                                    crop_sizes=crop_sizes, mean=mean, std=std)
+        n, h, w, _ = split.images.shape
         self.device = torch.device(device)
         self.augment = augment
         self.shuffle = bool(shuffle)

@@ -1,13 +1,13 @@
-"""Datasets as in-memory uint8 tensors: ImageFolder trees, CIFAR-10 python batches, download.
+"""Data sources and :func:`load_dataset`: ImageFolder trees, CIFAR-10 python batches, download.
 
-Every source ends up as one :class:`Dataset`: a train and a test :class:`Split` of uint8 NHWC
-images with int64 labels, the class names (always read from the data, never hard-coded) and
-the per-channel mean and standard deviation of the train split.
+:func:`load_dataset` detects the layout of a data folder (or downloads CIFAR-10 when given
+none), decodes it into uint8 NHWC arrays with int64 labels, the class names (always read
+from the data, never hard-coded) and the per-channel mean and standard deviation of the
+train split, and returns them as one :class:`~lrlab.data.containers.Dataset`.
 
-Decoding is done once per source and cached as a single uncompressed ``.npz`` file in a cache
-directory (never beside the data, which may be read-only). The cache is keyed by the resolved
-source path and checked against a cheap signature of the source listing (relative file names,
-sizes and modification times), so an edited data folder is decoded again.
+This module owns the sources: layout detection, the ImageFolder tree (scan, decode), the
+CIFAR-10 python batches (read through a numpy-only unpickler) and the torchvision download.
+Decoded arrays are kept between runs by :mod:`lrlab.data.cache`.
 
 CIFAR-10: Krizhevsky, "Learning Multiple Layers of Features from Tiny Images", 2009,
 https://www.cs.toronto.edu/~kriz/cifar.html (python batch format described there).
@@ -15,117 +15,25 @@ https://www.cs.toronto.edu/~kriz/cifar.html (python batch format described there
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import pickle
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from lrlab.data.cache import default_cache_dir, listing_signature, read_cache, write_cache
+from lrlab.data.containers import Dataset, Split
 from lrlab.errors import LrlabError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 BATCHES_DIR = "cifar-10-batches-py"
-CACHE_VERSION = 1  # bump when the cache file layout changes
-
-
-# --------------------------------------------------------------------------------------------
-# Containers
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Split:
-    """One split of a dataset, held in memory.
-
-    Attributes:
-        images: uint8 tensor (N, H, W, 3), NHWC, contiguous, pixel values 0..255 (RGB).
-        labels: int64 tensor (N,), class indices into ``Dataset.classes``.
-    """
-
-    images: torch.Tensor
-    labels: torch.Tensor
-
-    def __len__(self) -> int:
-        """Number of images N."""
-        return int(self.labels.shape[0])
-
-    def subset(self, n: int, seed: int = 0) -> Split:
-        """A class-balanced (stratified), deterministic subset of ``n`` images.
-
-        Each class is shuffled with a ``torch.Generator`` seeded by ``seed``; images are then
-        taken round-robin over the classes (rank 0 of every class, then rank 1, ...), so every
-        class gets ``n // K`` or ``n // K + 1`` images (K = number of classes present) unless a
-        class runs out, in which case the others make up the difference. The chosen images
-        keep their original order. The same (split, n, seed) always gives the same subset.
-
-        Args:
-            n: number of images to keep, 1 <= n <= len(self).
-            seed: seed of the per-class shuffles.
-
-        Returns:
-            A new Split with copies of the chosen images (N = n).
-
-        Raises:
-            LrlabError: when n is not in 1..len(self).
-        """
-        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= len(self):
-            raise LrlabError(f"subset size {n!r} is not valid; use an integer from 1 to {len(self)}")
-        if n == len(self):
-            return Split(self.images.clone(), self.labels.clone())
-        gen = torch.Generator().manual_seed(int(seed))
-        labels = self.labels.cpu()
-        num_classes = int(labels.max()) + 1
-        # rank of every image within its own shuffled class
-        rank = torch.empty_like(labels)
-        for c in range(num_classes):
-            idx = torch.nonzero(labels == c).flatten()
-            rank[idx[torch.randperm(idx.numel(), generator=gen)]] = torch.arange(idx.numel())
-        key = rank * num_classes + labels  # round-robin order: rank first, then class
-        chosen = torch.sort(torch.argsort(key)[:n]).values
-        return Split(self.images[chosen.to(self.images.device)].contiguous(),
-                     self.labels[chosen.to(self.labels.device)].contiguous())
-
-
-@dataclass
-class Dataset:
-    """A train/test pair of splits with class names and normalisation statistics.
-
-    Attributes:
-        train: training split, images uint8 (N, H, W, 3).
-        test: test split, same H, W and classes as train.
-        classes: class names; ``classes[i]`` is the name of label i (sorted folder names for
-            an ImageFolder tree, ``label_names`` from ``batches.meta`` for python batches).
-        mean: per-channel (R, G, B) mean of the TRAIN images in [0, 1] units.
-        std: per-channel (R, G, B) population standard deviation (ddof=0) of the TRAIN
-            images in [0, 1] units, over all pixels of all images (float64 accumulation).
-    """
-
-    train: Split
-    test: Split
-    classes: list[str]
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes K."""
-        return len(self.classes)
 
 
 # --------------------------------------------------------------------------------------------
 # Public entry point
 # --------------------------------------------------------------------------------------------
-
-
-def default_cache_dir() -> Path:
-    """The cache directory used when none is given: ``$LRLAB_CACHE`` or ``~/.cache/lrlab``."""
-    env = os.environ.get("LRLAB_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "lrlab"
 
 
 def load_dataset(path: str | Path | None, cache_dir: str | Path | None = None,
@@ -179,19 +87,19 @@ def load_dataset(path: str | Path | None, cache_dir: str | Path | None = None,
     layout, root = _detect_layout(root)
     if layout == "batches":
         files = _batch_files(root)
-        signature = _listing_signature(root, files)
-        arrays = _cache_read(cache, layout, root, signature)
+        signature = listing_signature(root, files)
+        arrays = read_cache(cache, layout, root, signature)
         if arrays is None:
             arrays = _read_batches(root, files)
-            _cache_write(cache, layout, root, signature, arrays)
+            write_cache(cache, layout, root, signature, arrays)
     else:
         listing = _scan_tree(root)
-        signature = _listing_signature(root, [f for split in listing.values()
-                                              for cls in split.values() for f in cls])
-        arrays = _cache_read(cache, layout, root, signature)
+        signature = listing_signature(root, [f for split in listing.values()
+                                             for cls in split.values() for f in cls])
+        arrays = read_cache(cache, layout, root, signature)
         if arrays is None:
             arrays = _read_tree(root, listing)
-            _cache_write(cache, layout, root, signature, arrays)
+            write_cache(cache, layout, root, signature, arrays)
     return Dataset(
         train=Split(torch.from_numpy(arrays["train_images"]), torch.from_numpy(arrays["train_labels"])),
         test=Split(torch.from_numpy(arrays["test_images"]), torch.from_numpy(arrays["test_labels"])),
@@ -462,77 +370,3 @@ def _mean_std(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     mean = (hist * values).sum(1) / n
     var = np.maximum((hist * values * values).sum(1) / n - mean * mean, 0.0)
     return mean, np.sqrt(var)
-
-
-# --------------------------------------------------------------------------------------------
-# Cache
-# --------------------------------------------------------------------------------------------
-
-
-def _listing_signature(root: Path, entries) -> str:
-    """sha256 over (relative name, size, mtime_ns) of every source file, in listing order."""
-    h = hashlib.sha256()
-    h.update(f"v{CACHE_VERSION}\n".encode())
-    prefix = len(str(root)) + 1  # every entry path is root + os.sep + relative name
-    parts = []
-    for e in entries:
-        if isinstance(e, os.DirEntry):
-            p, st = e.path, e.stat()
-        else:
-            p = str(e)
-            st = os.stat(p)
-        parts.append(f"{p[prefix:]}\0{st.st_size}\0{st.st_mtime_ns}\n")
-    h.update("".join(parts).encode())
-    return h.hexdigest()
-
-
-def _cache_file(cache: Path, layout: str, root: Path) -> Path:
-    key = hashlib.sha256(str(root).encode()).hexdigest()[:20]
-    return cache / f"{layout}-{root.name or 'root'}-{key}.npz"
-
-
-_CACHE_KEYS = ("train_images", "train_labels", "test_images", "test_labels", "classes", "mean", "std")
-
-
-def _cache_read(cache: Path, layout: str, root: Path, signature: str) -> dict[str, np.ndarray] | None:
-    """The cached arrays for this source, or None if absent, stale or unreadable."""
-    path = _cache_file(cache, layout, root)
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if str(z["signature"]) != signature:
-                return None
-            arrays = {k: z[k] for k in _CACHE_KEYS}
-    except Exception:  # noqa: BLE001 - a missing or corrupt cache is simply rebuilt
-        return None
-    ok = (arrays["train_images"].dtype == np.uint8 and arrays["train_images"].ndim == 4
-          and arrays["test_images"].dtype == np.uint8 and arrays["test_images"].ndim == 4
-          and arrays["train_labels"].dtype == np.int64 and arrays["test_labels"].dtype == np.int64
-          and len(arrays["train_labels"]) == len(arrays["train_images"])
-          and len(arrays["test_labels"]) == len(arrays["test_images"]))
-    return arrays if ok else None
-
-
-def _cache_write(cache: Path, layout: str, root: Path, signature: str,
-                 arrays: dict[str, np.ndarray]) -> None:
-    """Atomically write the arrays (temp file in the cache dir, then os.replace).
-
-    A cache that cannot be written (read-only home, full disk) is skipped silently: the
-    data was decoded and the caller can go on.
-    """
-    path = _cache_file(cache, layout, root)
-    tmp = None
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=cache)
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, signature=np.array(signature), **arrays)
-        os.replace(tmp, path)
-        tmp = None
-    except OSError:
-        pass
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
