@@ -35,6 +35,12 @@ from lrlab.scalars import TensorBoardScalars
 from lrlab.schedules import batch_sizes, build_schedule, check_batch_sizes, check_lr_source, schedule_lr
 
 
+# moves to lrlab.lr_plan
+def suggestion_method(config):
+    return config.lr_finder.method if config.lr_finder.method != "auto" else (
+        "max_lr" if config.train.optimizer in ("sgd", "nesterov") else "steepest")
+
+
 @dataclass
 class Callbacks:
     """Progress hooks for the caller (the CLI draws tqdm bars with them); all optional."""
@@ -140,15 +146,13 @@ def find_lr(config: Config, data: Dataset, model: nn.Module, precision: Precisio
                         num_iter=cfg.num_iter, mode=cfg.mode, smooth=cfg.smooth,
                         diverge_factor=cfg.diverge_factor, skip_start=cfg.skip_start,
                         skip_end=cfg.skip_end, accumulation_steps=cfg.accumulation_steps,
-                        val_batches=val_batches, val_every=cfg.val_every, method=cfg.method,
+                        val_batches=val_batches, val_every=cfg.val_every, method=suggestion_method(config),
                         device=precision.device, autocast_dtype=precision.dtype,
                         channels_last=precision.channels_last,
                         progress=(lambda i, lr, loss: step(i, loss)) if step else None)
     result.save_json(run_dir / "lr_finder.json")
-    plots.plot_range_test(result.lrs, result.losses, result.centered, result.suggestion, run_dir / "lr_finder.png",
-                          suggestions={k: (s.lr, s.low, s.high) for k, s in result.suggestions.items()},
-                          chosen=result.method,
-                          ylabel="validation loss" if result.loss == "val" else "training loss")
+    fig = result.plot()
+    plots.save_figure(fig, run_dir / "lr_finder.png")
     return result
 
 
