@@ -1,4 +1,5 @@
-"""LR range test: schedule law, bit-exact restore, stop rules, suggestions, errors, JSON, plot.
+"""LR range test: schedule law, bit-exact restore, stop rules, suggestions, errors, JSON, plot, and that
+the library stands alone (no application imports, no function over 50 lines of code).
 
 Real CIFAR-10 images (decoded here with PIL, independent of lrlab.data) and a small
 Conv-BN-ReLU network, so every run below takes well under a second on a CPU.
@@ -6,9 +7,12 @@ Conv-BN-ReLU network, so every run below takes well under a second on a CPU.
 
 from __future__ import annotations
 
+import ast
 import copy
 import json
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +21,6 @@ from PIL import Image
 from torch import nn
 
 from lrlab.errors import LrlabError
-from lrlab.lr_finder.suggest import steepest
 from lrlab.lr_finder import (
     METHODS,
     MIN_POINTS,
@@ -27,7 +30,7 @@ from lrlab.lr_finder import (
     group_schedules,
     lr_schedule,
     range_test,
-    steepest_descent,
+    steepest,
     suggest,
 )
 
@@ -190,8 +193,8 @@ def test_nan_loss_stops_and_is_excluded(batches):
         return loss * float("nan") if calls["n"] > 30 else loss
 
     seen = []
-    result = range_test(model, optimizer, loss_fn, batches, start_lr=1e-5, end_lr=1.0,
-                        num_iter=60, progress=lambda i, lr, loss: seen.append((i, lr, loss)))
+    result = range_test(model, optimizer, loss_fn, batches, start_lr=1e-5, end_lr=1.0, num_iter=60,
+                        method="max_lr", progress=lambda i, lr, loss: seen.append((i, lr, loss)))
     schedule = lr_schedule(1e-5, 1.0, 60, "exp")
     assert result.stop_reason == "non-finite loss"
     assert len(result.lrs) == len(result.losses) == len(result.smoothed) == 30
@@ -224,32 +227,33 @@ def test_divergence_stops_a_real_run(batches):
 
 
 @pytest.mark.parametrize("mode", ["exp", "linear"])
-def test_steepest_descent_on_a_known_curve(mode):
+def test_steepest_on_a_known_curve(mode):
     lrs = np.array(lr_schedule(1e-3, 1.0, 400, mode))
     k = 300 if mode == "exp" else 150
     c = math.log10(lrs[k])
     smoothed = -np.tanh(3 * (np.log10(lrs) - c))  # steepest (in log10 lr) exactly at lrs[k]
-    assert steepest_descent(lrs, smoothed, skip_start=10, skip_end=5) == k
+    s = steepest(lrs, smoothed, skip_start=10, skip_end=5)
+    assert s.index == k and s.lr == lrs[k] and s.method == "steepest"
     if mode == "linear":
         # the naive unit-spacing gradient is biased toward small lrs on a linear sweep
         assert int(np.argmin(np.gradient(smoothed))) != k
 
 
-def test_steepest_descent_ignores_nonfinite_and_skipped_points():
+def test_steepest_ignores_nonfinite_and_skipped_points():
     lrs = np.array(lr_schedule(1e-4, 1.0, 101, "exp"))
     smoothed = -np.tanh(np.log10(lrs) + 2)  # steepest at lr = 1e-2, index 50
     smoothed[2] = -1e9   # inside skip_start: would look like a cliff
     smoothed[98] = -1e9  # inside skip_end
     smoothed[70] = np.nan
     smoothed[71] = np.inf
-    assert steepest_descent(lrs, smoothed, skip_start=5, skip_end=5) == 50
+    assert steepest(lrs, smoothed, skip_start=5, skip_end=5).index == 50
 
 
-def test_steepest_descent_too_few_points():
+def test_steepest_too_few_points():
     lrs = lr_schedule(1e-3, 1.0, 20, "exp")
     smoothed = [1.0] * 20
     with pytest.raises(LrlabError) as info:
-        steepest_descent(lrs, smoothed, skip_start=10, skip_end=6)
+        steepest(lrs, smoothed, skip_start=10, skip_end=6)
     msg = str(info.value)
     assert "only 4" in msg and f"at least {MIN_POINTS}" in msg and "\n" not in msg
 
@@ -404,7 +408,7 @@ def test_real_run_gives_a_suggestion_in_range(images):
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     result = range_test(model, optimizer, nn.functional.cross_entropy, loader,
-                        start_lr=1e-5, end_lr=10.0, num_iter=80)  # cycles the 8-batch loader
+                        start_lr=1e-5, end_lr=10.0, num_iter=80, method="max_lr")  # cycles the 8-batch loader
     assert result.stop_reason in ("completed", "diverged", "non-finite loss")
     assert len(result.lrs) >= 30
     assert result.suggestion is not None
@@ -659,14 +663,87 @@ def test_centered_smoothing_has_no_lag_unlike_the_ema():
     assert np.std(centered[flat] - truth[flat]) < np.std(curve[flat] - truth[flat]) / 2
 
 
-def test_auto_method_is_max_lr_for_sgd_and_steepest_otherwise(batches):
-    from lrlab.lr_finder import default_method
-
+def test_method_is_named_explicitly_and_defaults_to_steepest(batches):
+    """The library has no "auto": choosing a method per optimizer is the application's policy."""
     model = make_model()
     sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    result = range_test(model, sgd, nn.functional.cross_entropy, batches, start_lr=1e-5, end_lr=1.0, num_iter=30)
-    assert result.method == "max_lr" and result.suggestion == result.suggestions["max_lr"].lr
-    params = [nn.Parameter(torch.zeros(2))]
-    assert default_method(torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True)) == "max_lr"
-    assert default_method(torch.optim.Adam(params, lr=1e-3)) == "steepest"
-    assert default_method(torch.optim.RMSprop(params, lr=1e-3)) == "steepest"
+    runs = {m: range_test(model, sgd, nn.functional.cross_entropy, batches, start_lr=1e-5, end_lr=1.0,
+                          num_iter=30, **({} if m is None else {"method": m}))
+            for m in (None, "max_lr")}
+    default, max_lr = runs[None], runs["max_lr"]
+    assert default.method == "steepest" and default.suggestion == default.suggestions["steepest"].lr
+    assert max_lr.method == "max_lr" and max_lr.suggestion == max_lr.suggestions["max_lr"].lr
+    assert default.losses == max_lr.losses and default.suggestions == max_lr.suggestions  # only the choice differs
+    with LRRangeTest(model, sgd) as finder:
+        assert finder.run(batches, nn.functional.cross_entropy, start_lr=1e-5, end_lr=1.0,
+                          num_iter=30).method == "steepest"
+    with pytest.raises(LrlabError) as info:
+        range_test(model, sgd, nn.functional.cross_entropy, batches, method="auto")
+    assert "'auto' is not a suggestion method" in str(info.value) and "\n" not in str(info.value)
+    import lrlab.lr_finder as lib
+    assert not hasattr(lib, "default_method") and not hasattr(lib, "steepest_descent")
+
+
+def test_suggest_dispatches_through_the_one_registry():
+    from lrlab.lr_finder import suggest_all
+
+    assert list(METHODS) == ["steepest", "valley", "min10", "descent", "max_lr"]
+    lrs, x = grid()
+    y = -np.tanh(3 * (x + 2)) + np.where(x > -1, (x + 1) ** 2 * 20, 0)
+    found, errors = suggest_all(lrs, y, skip_start=5, skip_end=5)
+    assert list(found) == list(METHODS) and errors == {}
+    for name, fn in METHODS.items():
+        assert suggest(name, lrs, y, 5, 5) == fn(lrs, y, 5, 5) == found[name]
+    with pytest.raises(LrlabError, match="unknown suggestion method 'auto'"):
+        suggest("auto", lrs, y)
+
+
+# ---------------------------------------------------------------- the library stands alone
+
+
+LIBRARY = Path(__file__).resolve().parents[1] / "src" / "lrlab" / "lr_finder"
+
+
+def module_imports(path: Path) -> tuple[set[str], set[str]]:
+    """(modules imported when the file is imported, modules imported only inside functions or
+    under ``if TYPE_CHECKING:``) of one source file."""
+    tree = ast.parse(path.read_text())
+    deferred = [n for stmt in tree.body if isinstance(stmt, ast.If) and getattr(stmt.test, "id", "") == "TYPE_CHECKING"
+                for n in ast.walk(stmt)]
+    deferred += [n for fn in ast.walk(tree) if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+                 for n in ast.walk(fn)]
+    now, later = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = {a.name for a in node.names} if isinstance(node, ast.Import) else {node.module or "."}
+            (later if any(node is d for d in deferred) else now).update(names)
+    return now, later
+
+
+def test_the_library_imports_nothing_of_the_application():
+    files = sorted(LIBRARY.glob("*.py"))
+    assert {p.name for p in files} >= {"__init__.py", "finder.py", "plot.py", "result.py", "suggest.py"}
+    for path in files:
+        now, later = module_imports(path)
+        for name in now | later:
+            root = name.split(".")[0]
+            assert (root in {"torch", "numpy", "matplotlib"} or root in sys.stdlib_module_names
+                    or name == "lrlab.errors" or name.startswith("lrlab.lr_finder")), (path.name, name)
+        assert not any(n.split(".")[0] == "matplotlib" for n in now), f"{path.name} imports matplotlib eagerly"
+    _, later = module_imports(LIBRARY / "plot.py")
+    assert "matplotlib.pyplot" in later
+
+
+def test_no_long_functions_in_the_library():
+    """Every function is at most 50 lines of code (docstrings, comments and blank lines not counted)."""
+    for path in sorted(LIBRARY.glob("*.py")):
+        lines = path.read_text().splitlines()
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(fn, ast.FunctionDef):
+                continue
+            first = fn.body[0]
+            doc = first if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) else None
+            skip = set(range(doc.lineno, doc.end_lineno + 1)) if doc else set()
+            code = [ln for ln in range(fn.lineno, fn.end_lineno + 1)
+                    if ln not in skip and lines[ln - 1].strip() and not lines[ln - 1].strip().startswith("#")]
+            assert len(code) <= 50, f"{path.name}:{fn.name} has {len(code)} lines of code"

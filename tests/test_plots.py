@@ -130,17 +130,88 @@ def test_plot_mistakes_and_cam_grid_write_pngs(mistakes, tmp_path):
     assert not plots.plt.get_fignums()  # every figure closed
 
 
-def test_plot_range_test(tmp_path):
+def range_test_curve() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """lrs (120,) 1e-6 .. 10, a smooth sigmoid descent that explodes after lr 0.2, and a noisy copy."""
     lrs = np.logspace(-6, 1, 120)
     x = np.log10(lrs)
     smooth = 2.3 - 1.2 / (1 + np.exp(-(x + 3) * 2)) + np.where(x > -0.7, (x + 0.7) ** 2 * 8, 0)
     raw = smooth + np.random.default_rng(0).normal(0, 0.08, len(lrs))
+    return lrs, raw, smooth
+
+
+def band_of(ax, patch) -> np.ndarray:
+    """[low, high] learning rates covered by an ``axvspan`` patch (its x in data coordinates)."""
+    x = patch.get_patch_transform().transform(patch.get_path().vertices)[:, 0]
+    return np.array([x.min(), x.max()])
+
+
+def legend_texts(ax) -> list[str]:
+    return [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_range_test_figure(tmp_path):
+    from matplotlib.colors import to_rgba
+
+    from lrlab.lr_finder.plot import range_test_figure
+
+    lrs, raw, smooth = range_test_curve()
     raw[-1] = np.inf
     raw[-2] = np.nan
-    p = plots.plot_range_test(lrs, raw, smooth, 3.2e-2, tmp_path / "r" / "lr_finder.png")
-    assert_png(p)
-    p = plots.plot_range_test(lrs.tolist(), raw.tolist(), smooth.tolist(), None, tmp_path / "s" / "lr.png")
-    assert_png(p)
+    fig = range_test_figure(lrs, raw, smooth, {"steepest": (1e-3, 3e-4, 3e-3), "max_lr": (3.2e-2, 1e-3, 1e-1)},
+                            chosen="max_lr")
+    ax = fig.axes[0]
+    assert (ax.get_xscale(), ax.get_ylabel(), ax.get_title()) == ("log", "training loss", "LR range test")
+    assert legend_texts(ax) == ["loss", "smoothed loss", "steepest: 1.0e-03", "max_lr: 3.2e-02 (used)"]
+    markers = {line.get_label().split(":")[0]: line for line in ax.get_lines() if line.get_marker() == "o"}
+    for name, lr in (("steepest", 1e-3), ("max_lr", 3.2e-2)):
+        assert markers[name].get_xdata()[0] == lr
+        assert markers[name].get_ydata()[0] == pytest.approx(np.interp(lr, lrs, smooth))  # on the solid curve
+    assert markers["max_lr"].get_markersize() > markers["steepest"].get_markersize()
+    assert len(ax.patches) == 1  # only the chosen method's band is shaded
+    assert np.allclose(np.log10(band_of(ax, ax.patches[0])), [-3, -1], atol=1e-6)
+    assert ax.patches[0].get_facecolor() == pytest.approx(to_rgba("tab:brown", 0.12))
+    lo, hi = ax.get_ylim()
+    assert lo < np.nanmin(raw[np.isfinite(raw)]) and 2.3 < hi < 4  # the explosion to ~24 is cut off
+    assert_png(plots.save_figure(fig, tmp_path / "r" / "lr_finder.png"))
+
+    # plain lists, no suggestion: two curves, no band, no marker
+    fig = range_test_figure(lrs.tolist(), raw.tolist(), smooth.tolist())
+    assert legend_texts(fig.axes[0]) == ["loss", "smoothed loss"] and not fig.axes[0].patches
+    assert_png(plots.save_figure(fig, tmp_path / "s" / "lr.png"))
+    with pytest.raises(ValueError, match="differ in length"):
+        range_test_figure(lrs, raw[:-1], smooth)
+    assert not plots.plt.get_fignums()
+
+
+def test_range_test_result_plot(tmp_path):
+    from lrlab.lr_finder import RANGE_TEST_COLORS, RangeTestResult, centered_smooth, suggest_all
+    from matplotlib.colors import to_rgba
+
+    lrs, raw, _ = range_test_curve()
+    found, errors = suggest_all(lrs, centered_smooth(raw), 10, 5)
+    assert "valley" in found and len(found) >= 3
+    ema = list(np.cumsum(raw) / np.arange(1, len(raw) + 1))  # stands in for the EMA; must not be drawn
+    result = RangeTestResult(lrs=lrs.tolist(), losses=raw.tolist(), smoothed=ema, mode="exp", start_lr=1e-6,
+                             end_lr=10.0, num_iter=120, stop_reason="completed", suggestions=found,
+                             suggestion_errors=errors, method="valley", loss="val")
+    fig = result.plot()
+    ax = fig.axes[0]
+    assert ax.get_ylabel() == "validation loss" and ax.get_xscale() == "log"
+    assert legend_texts(ax) == ["loss", "smoothed loss"] + [
+        f"{name}: {s.lr:.1e}" + (" (used)" if name == "valley" else "") for name, s in found.items()]
+    raw_line, solid = ax.get_lines()[:2]
+    assert np.array_equal(raw_line.get_ydata(), raw) and np.array_equal(solid.get_ydata(), result.centered)
+    assert len(ax.patches) == 1  # the chosen method's band
+    assert ax.patches[0].get_facecolor() == pytest.approx(to_rgba(RANGE_TEST_COLORS["valley"], 0.12))
+    assert np.allclose(band_of(ax, ax.patches[0]), [found["valley"].low, found["valley"].high], rtol=1e-6)
+    assert_png(plots.save_figure(fig, tmp_path / "r" / "lr_finder.png"))
+
+    # training loss, bands of every method, drawn into a given Axes
+    result.loss = "train"
+    fig, ax = plots.plt.subplots()
+    assert result.plot(ax=ax, methods=list(found)) is fig
+    assert ax.get_ylabel() == "training loss" and len(ax.patches) == len(found)
+    plots.plt.close(fig)
     assert not plots.plt.get_fignums()
 
 

@@ -1,8 +1,10 @@
 """Every figure of a run, drawn with matplotlib's Agg backend and saved as PNG.
 
-Each ``plot_*`` function writes its PNG atomically (savefig to a temporary name in the same
-folder, then ``os.replace``), closes the figure and returns the Path. The grids are built by
-``_mistakes_figure`` / ``_cam_figure``, which return the open Figure so it can be inspected.
+Each ``plot_*`` function writes its PNG with :func:`save_figure`: atomically (savefig to a
+temporary name in the same folder, then ``os.replace``), closing the figure, returning the Path.
+The grids are built by ``_mistakes_figure`` / ``_cam_figure``, which return the open Figure so it
+can be inspected. The LR range-test figure is ``lrlab.lr_finder``'s (``RangeTestResult.plot``);
+the application saves it with :func:`save_figure`.
 """
 
 from __future__ import annotations
@@ -32,16 +34,16 @@ __all__ = [
     "plot_loss",
     "plot_lr",
     "plot_mistakes",
-    "plot_range_test",
-    "range_test_figure",
+    "save_figure",
 ]
 
 DPI = 120
 TITLE_SEP = " / "
 
 
-def _save(fig: Figure, path: str | os.PathLike) -> Path:
-    """Save ``fig`` atomically as ``path`` (format from its extension), close it, return the Path."""
+def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
+    """Save ``fig`` as ``path`` (format from its extension, ``DPI`` dots per inch, tight bounding
+    box) atomically, creating the folder; close ``fig`` (also on error) and return the Path."""
     path = Path(path)
     try:
         with atomic_path(path) as tmp:
@@ -56,136 +58,6 @@ def _finite(values: Sequence[float] | np.ndarray) -> np.ndarray:
     a = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
     a[~np.isfinite(a)] = np.nan
     return a
-
-
-# --------------------------------------------------------------------------- LR range test
-
-
-RANGE_TEST_COLORS = {"steepest": "tab:red", "valley": "tab:green", "min10": "tab:purple",
-                     "descent": "tab:orange", "max_lr": "tab:brown"}
-
-
-def range_test_figure(
-    lrs: Sequence[float],
-    losses: Sequence[float],
-    smoothed: Sequence[float],
-    suggestions: Mapping[str, tuple[float, float, float]] | None = None,
-    *,
-    chosen: str | None = None,
-    bands: Sequence[str] | None = None,
-    ax=None,
-    log_x: bool = True,
-    ylabel: str = "training loss",
-) -> Figure:
-    """The LR range test (Smith 2015, arXiv:1506.01186): loss against learning rate.
-
-    Args:
-        lrs: (S,) learning rate (per step) of each recorded point.
-        losses: (S,) raw loss per point (drawn faint; NaN/inf are left out).
-        smoothed: (S,) smoothed loss (drawn solid).
-        suggestions: method name -> (lr, low, high); each lr gets a marker on the smoothed
-            curve and a legend entry "name: 3.2e-02" ("(used)" for ``chosen``).
-        chosen: the method whose lr is used; its marker is larger and its band shaded by default.
-        bands: the methods whose [low, high] band is shaded; default ``[chosen]``.
-        ax: the Axes to draw into; None makes a new figure.
-        log_x: logarithmic learning-rate axis.
-        ylabel: the y-axis label.
-
-    Returns:
-        the Figure (open; the caller saves or closes it).
-
-    Raises:
-        ValueError: the three sequences differ in length.
-    """
-    lrs_a, raw, smooth = _finite(lrs), _finite(losses), _finite(smoothed)
-    if not (len(lrs_a) == len(raw) == len(smooth)):
-        raise ValueError(f"lrs, losses and smoothed differ in length: {len(lrs_a)}, {len(raw)}, {len(smooth)}")
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-    else:
-        fig = ax.figure
-    ax.plot(lrs_a, raw, color="tab:blue", alpha=0.3, linewidth=1, label="loss")
-    ax.plot(lrs_a, smooth, color="tab:blue", linewidth=2, label="smoothed loss")
-    if log_x and np.nanmin(lrs_a, initial=np.inf) > 0:
-        ax.set_xscale("log")
-    ax.set_xlabel("learning rate (per step)")
-    ax.set_ylabel(ylabel)
-    ax.set_title("LR range test")
-    ax.grid(True, which="major", alpha=0.3)
-
-    # The loss usually explodes at the end; keep the interesting part readable.
-    ylim = _range_test_ylim(raw, smooth)
-    if ylim is not None:
-        ax.set_ylim(*ylim)
-
-    suggestions = dict(suggestions or {})
-    shade = list(bands) if bands is not None else ([chosen] if chosen else [])
-    ok = np.isfinite(lrs_a) & np.isfinite(smooth)
-    for k, (name, (lr, low, high)) in enumerate(suggestions.items()):
-        if lr is None or not math.isfinite(lr):
-            continue
-        color = RANGE_TEST_COLORS.get(name, f"C{(k + 3) % 10}")
-        if name in shade and low is not None and high is not None:
-            ax.axvspan(low, high, color=color, alpha=0.12, linewidth=0)
-        used = name == chosen
-        y = float(np.interp(lr, lrs_a[ok], smooth[ok])) if ok.sum() >= 1 and _increasing(lrs_a[ok]) else None
-        label = f"{name}: {lr:.1e}" + (" (used)" if used else "")
-        if used:
-            ax.axvline(lr, color=color, linestyle="--", linewidth=1.2)
-        if y is not None:
-            ax.plot([lr], [y], "o", color=color, markersize=8 if used else 5, zorder=3, label=label,
-                    markeredgecolor="black" if used else color)
-    ax.legend(loc="lower left", fontsize=8)
-    return fig
-
-
-def plot_range_test(
-    lrs: Sequence[float],
-    losses: Sequence[float],
-    smoothed: Sequence[float],
-    suggestion: float | None,
-    path: str | os.PathLike,
-    *,
-    log_x: bool = True,
-    suggestions: Mapping[str, tuple[float, float, float]] | None = None,
-    chosen: str | None = None,
-    bands: Sequence[str] | None = None,
-    ylabel: str = "training loss",
-) -> Path:
-    """:func:`range_test_figure` saved as ``path`` (PNG, atomic).
-
-    Args:
-        suggestion: a single suggested lr, drawn as "suggested" when ``suggestions`` is None
-            (None: no marker).
-        suggestions, chosen, bands, log_x, ylabel: as :func:`range_test_figure`.
-
-    Returns:
-        the Path written.
-    """
-    if suggestions is None and suggestion is not None:
-        suggestions, chosen = {"suggested": (suggestion, None, None)}, "suggested"
-    fig = range_test_figure(lrs, losses, smoothed, suggestions, chosen=chosen, bands=bands, log_x=log_x,
-                            ylabel=ylabel)
-    return _save(fig, path)
-
-
-def _increasing(a: np.ndarray) -> bool:
-    return bool(np.all(np.diff(a) > 0))
-
-
-def _range_test_ylim(raw: np.ndarray, smooth: np.ndarray) -> tuple[float, float] | None:
-    both = np.concatenate([raw, smooth])
-    if not np.isfinite(both).any():
-        return None
-    lo = float(np.nanmin(both))
-    hi = float(np.nanmax(both))
-    if np.isfinite(smooth).any():
-        best = int(np.nanargmin(smooth))
-        before = smooth[: best + 1]
-        hi = min(hi, 1.5 * float(np.nanmax(before)) - 0.5 * float(np.nanmin(before)) + 1e-12)
-        hi = max(hi, float(np.nanmax(before)))
-    pad = 0.05 * max(hi - lo, 1e-6)
-    return lo - pad, hi + pad
 
 
 # --------------------------------------------------------------------------- training curves
@@ -227,7 +99,7 @@ def plot_loss(history: Sequence[Mapping], path: str | os.PathLike) -> Path:
     ax.set_ylabel("cross-entropy loss")
     ax.set_title("Loss")
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_accuracy(history: Sequence[Mapping], path: str | os.PathLike) -> Path:
@@ -262,7 +134,7 @@ def plot_accuracy(history: Sequence[Mapping], path: str | os.PathLike) -> Path:
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title("Accuracy")
     ax.legend(loc="lower right")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_lr(history: Sequence[Mapping], path: str | os.PathLike) -> Path:
@@ -281,7 +153,7 @@ def plot_lr(history: Sequence[Mapping], path: str | os.PathLike) -> Path:
     _epoch_axis(ax, epochs)
     ax.set_ylabel("learning rate")
     ax.set_title("Learning rate schedule")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- image grids
@@ -367,7 +239,7 @@ def plot_mistakes(
         path: the PNG to write.
         ncols: images per row.
     """
-    return _save(_mistakes_figure(images_uint8, titles, ncols), path)
+    return save_figure(_mistakes_figure(images_uint8, titles, ncols), path)
 
 
 def plot_cam_grid(
@@ -391,7 +263,7 @@ def plot_cam_grid(
         cmap: matplotlib colormap of the heatmap.
         ncols: images per row.
     """
-    return _save(_cam_figure(images_uint8, maps, titles, alpha=alpha, cmap=cmap, ncols=ncols), path)
+    return save_figure(_cam_figure(images_uint8, maps, titles, alpha=alpha, cmap=cmap, ncols=ncols), path)
 
 
 def plot_confusion(matrix, classes: Sequence[str], path: str | os.PathLike) -> Path:
@@ -408,7 +280,7 @@ def plot_confusion(matrix, classes: Sequence[str], path: str | os.PathLike) -> P
         ValueError: the matrix is not (K, K) for K = len(classes).
     """
     fig = _confusion_figure(matrix, classes)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _confusion_figure(matrix, classes: Sequence[str]) -> Figure:
@@ -524,7 +396,7 @@ def plot_cam_pairs(
     Raises:
         ValueError: mismatched lengths or shapes.
     """
-    return _save(_cam_pairs_figure(images_uint8, pred_maps, true_maps, pred_names, probs, true_names,
+    return save_figure(_cam_pairs_figure(images_uint8, pred_maps, true_maps, pred_names, probs, true_names,
                                    alpha=alpha, cmap=cmap, ncols=ncols), path)
 
 
@@ -574,7 +446,7 @@ def plot_faithfulness(
         ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.3)
     axes[0].legend(fontsize=8, loc="lower right")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- plateaus, per-step lr, comparisons
@@ -614,7 +486,7 @@ def plot_plateaus(history: Sequence[Mapping], spans: Sequence[tuple[int, int]], 
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=8)
     fig.suptitle(f"Plateaus of the test loss ({len(spans)} found)" if spans else "No plateau of the test loss found")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_lr_steps(runs: Mapping[str, tuple[Sequence[float], Sequence[int] | None]], path: str | os.PathLike) -> Path:
@@ -653,7 +525,7 @@ def plot_lr_steps(runs: Mapping[str, tuple[Sequence[float], Sequence[int] | None
         bax.set_ylabel("batch size")
         bax.grid(True, alpha=0.3)
     axes[-1, 0].set_xlabel("optimizer step")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_compare(histories: Mapping[str, Sequence[Mapping]], key: str, path: str | os.PathLike) -> Path:
@@ -683,4 +555,4 @@ def plot_compare(histories: Mapping[str, Sequence[Mapping]], key: str, path: str
     ax.set_ylabel(names.get(key, key))
     ax.set_title(names.get(key, key).split(" (")[0].capitalize())
     ax.legend(fontsize=8, loc="lower right" if is_acc else "upper right")
-    return _save(fig, path)
+    return save_figure(fig, path)

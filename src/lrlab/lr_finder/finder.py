@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from lrlab.compute import autocast
 from lrlab.errors import LrlabError
 from lrlab.lr_finder.batches import cycle, default_batch_fn
 from lrlab.lr_finder.result import RangeTestResult
@@ -86,7 +86,7 @@ class LRRangeTest:
             end_lr: float | Sequence[float] = 10.0, num_iter: int = 100, mode: str = "exp",
             smooth: float = 0.98, diverge_factor: float = 5.0, skip_start: int = 10, skip_end: int = 5,
             accumulation_steps: int = 1, val_batches: Sequence[Any] | None = None, val_every: int = 1,
-            method: str = "auto", progress: Progress | None = None) -> RangeTestResult:
+            method: str = "steepest", progress: Progress | None = None) -> RangeTestResult:
         """Sweep the learning rate over ``num_iter`` optimizer steps, record the loss, suggest lrs.
 
         Step i (0-based) sets every parameter group's lr to its i-th value (see
@@ -106,18 +106,20 @@ class LRRangeTest:
         the sweep takes about ``1 + len(val_batches) / (3 * val_every * accumulation_steps)``
         times as long (e.g. 4 batches every 5 steps: +27%).
 
-        Smoothing: ``avg = b * avg + (1 - b) * loss_n``, ``smoothed_n = avg / (1 - b ** (n + 1))``
-        for the n-th recorded point (bias-corrected EMA), with b = ``smooth`` for the training
-        loss and ``smooth ** val_every`` for the validation loss (the same time constant in
-        steps). With the validation loss ``skip_start`` / ``skip_end`` count steps and are
-        rounded up to whole points.
+        EMA (recorded as ``smoothed``, used only by the divergence stop): ``avg = b * avg + (1 -
+        b) * loss_n``, ``smoothed_n = avg / (1 - b ** (n + 1))`` for the n-th recorded point
+        (bias-corrected), with b = ``smooth`` for the training loss and ``smooth ** val_every``
+        for the validation loss (the same time constant in steps). With the validation loss
+        ``skip_start`` / ``skip_end`` count steps and are rounded up to whole points.
 
         Stopping: a non-finite loss ends the sweep and is not recorded (stop_reason
         "non-finite loss"); from point ``skip_start`` on, ``smoothed > diverge_factor * best
         smoothed`` ends it with that point recorded ("diverged"; assumes a non-negative loss).
-        The suggestions (every method of :data:`lrlab.lr_finder.METHODS`) are computed from the
-        finite recorded points only, on the zero-lag curve ``centered``
-        (:func:`lrlab.lr_finder.suggest.centered_smooth`), not on the lagging EMA.
+
+        Suggestions: every method of :data:`lrlab.lr_finder.METHODS`, computed after the sweep
+        from the finite recorded points only, on the zero-lag curve ``centered``
+        (:func:`lrlab.lr_finder.suggest.centered_smooth` of the raw losses), not on the lagging
+        EMA; ``smooth`` does not change them.
 
         Args:
             loader: re-iterable of batches that ``batch_fn`` understands; inputs (N, C, H, W)
@@ -127,14 +129,16 @@ class LRRangeTest:
                 value per parameter group.
             num_iter: planned number of optimizer steps.
             mode: "exp" (even steps in log lr, the usual choice) or "linear".
-            smooth: EMA factor in [0, 1); 0 means no smoothing.
-            diverge_factor: stop when the smoothed loss exceeds this multiple of its minimum (> 1).
+            smooth: factor of the EMA that drives the divergence stop, in [0, 1); 0 means the
+                raw loss. It does not affect the suggestions.
+            diverge_factor: stop when the EMA exceeds this multiple of its minimum (> 1).
             skip_start, skip_end: steps left out of the suggestions at each end (>= 0).
             accumulation_steps: micro-batches per optimizer step (>= 1).
             val_batches: a small fixed list of held-out batches, or None for the training loss.
             val_every: optimizer steps between validation points (>= 1).
-            method: the suggestion method the result names as "the" suggestion, or "auto"
-                (:func:`default_method`: ``max_lr`` for SGD, ``steepest`` for the others).
+            method: the suggestion method (a key of ``METHODS``) the result names as "the"
+                suggestion (``result.suggestion``, the plot's shaded band); every method's
+                suggestion is computed either way.
             progress: called as ``progress(step, lr, training loss)`` after each step's
                 forward passes (the loss may be nan on the last call); the library prints nothing.
 
@@ -154,70 +158,73 @@ class LRRangeTest:
         val = val_batches is not None
         skip_pts = _validate(num_iter, mode, smooth, diverge_factor, skip_start, skip_end, accumulation_steps,
                              val_batches, val_every, method)
-        method = default_method(self.optimizer) if method == "auto" else method
         schedules = group_schedules(start_lr, end_lr, len(self.optimizer.param_groups), num_iter, mode)
-        beta = smooth ** val_every if val else smooth
-        lrs: list[float] = []
-        losses: list[float] = []
-        smoothed: list[float] = []
-        stop_reason, stop_index = "completed", None
-        model, optimizer, k = self.model, self.optimizer, accumulation_steps
+        record = _Recorder(smooth ** val_every if val else smooth, diverge_factor, skip_pts[0])
         scaler = torch.amp.GradScaler(self.device.type) if self.autocast_dtype == torch.float16 else None
         try:
-            model.train()
+            self.model.train()
             batches = cycle(loader)
-            avg, best = 0.0, math.inf
             for i, group_lrs in enumerate(schedules):
-                lr = group_lrs[0]
-                set_group_lrs(optimizer, group_lrs)
-                optimizer.zero_grad(set_to_none=True)
-                total = 0.0
-                for _ in range(k):
-                    x, y = self._to_device(next(batches))
-                    with autocast(self.device, self.autocast_dtype):
-                        out = model(x)
-                    loss = loss_fn(out.float(), y)
-                    value = float(loss.detach().item())
-                    total += value
-                    if not math.isfinite(value):
-                        break
-                    loss = loss / k
-                    (loss if scaler is None else scaler.scale(loss)).backward()
-                value = total / k
+                set_group_lrs(self.optimizer, group_lrs)
+                value = self._train_loss(batches, loss_fn, accumulation_steps, scaler)
                 if progress is not None:
-                    progress(i, lr, value)
-                if val and math.isfinite(value):
-                    self._step(scaler)
-                    if (i + 1) % val_every:
-                        continue
-                    value = self._val_loss(val_batches, loss_fn)
-                if not math.isfinite(value):
-                    stop_reason, stop_index = "non-finite loss", i
+                    progress(i, group_lrs[0], value)
+                if self._advance(i, group_lrs[0], value, record, scaler, loss_fn, val_batches, val_every):
                     break
-                n = len(lrs)
-                avg = beta * avg + (1 - beta) * value
-                s = avg / (1 - beta ** (n + 1))
-                lrs.append(lr)
-                losses.append(value)
-                smoothed.append(s)
-                best = min(best, s)
-                if n >= skip_pts[0] and best > 0 and s > diverge_factor * best:
-                    stop_reason, stop_index = "diverged", i
-                    break  # no need to step: the state is restored anyway
-                if not val:
-                    self._step(scaler)
         finally:
             self._state.restore()
-
-        found, errors = suggest_all(lrs, centered_smooth(losses), *skip_pts)
         first = schedules[0][0], schedules[-1][0]
+        found, errors = suggest_all(record.lrs, centered_smooth(record.losses), *skip_pts)
         return RangeTestResult(
-            lrs=lrs, losses=losses, smoothed=smoothed, mode=mode, start_lr=float(first[0]),
-            end_lr=float(first[1]), num_iter=int(num_iter), stop_reason=stop_reason, stop_index=stop_index,
-            stop_lr=float(schedules[stop_index][0] if stop_index is not None else first[1]),
+            lrs=record.lrs, losses=record.losses, smoothed=record.smoothed, mode=mode, start_lr=float(first[0]),
+            end_lr=float(first[1]), num_iter=int(num_iter), stop_reason=record.stop_reason,
+            stop_index=record.stop_index,
+            stop_lr=float(schedules[record.stop_index][0] if record.stop_index is not None else first[1]),
             suggestions=found, suggestion_errors=errors, method=method, loss="val" if val else "train",
             val_every=int(val_every) if val else 1, skip_start=skip_pts[0], skip_end=skip_pts[1],
             accumulation_steps=int(accumulation_steps))
+
+    # ------------------------------------------------------------------ one optimizer step
+
+    def _train_loss(self, batches: Iterator[Any], loss_fn: LossFn, k: int, scaler) -> float:
+        """Zero the gradients, then forward and backward ``k`` micro-batches (each loss divided by
+        ``k``, so the gradients add up to those of the mean). Returns the mean of the ``k``
+        losses, non-finite (and with no further micro-batches run) once one of them is."""
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for _ in range(k):
+            x, y = self._to_device(next(batches))
+            with self._autocast():
+                out = self.model(x)
+            loss = loss_fn(out.float(), y)
+            value = float(loss.detach().item())
+            total += value
+            if not math.isfinite(value):
+                break
+            loss = loss / k
+            (loss if scaler is None else scaler.scale(loss)).backward()
+        return total / k
+
+    def _advance(self, i: int, lr: float, value: float, record: _Recorder, scaler, loss_fn: LossFn,
+                 val_batches: Sequence[Any] | None, val_every: int) -> bool:
+        """Finish step ``i`` (gradients in place, ``value`` its training loss): record its point
+        and take the optimizer step; True when the sweep stops here.
+
+        Training loss: ``value`` is recorded (measured before the step), then the step is taken
+        unless the point stopped the sweep. Validation loss: the step is taken first (unless
+        ``value`` is non-finite), then on every ``val_every``-th step the validation loss is
+        recorded. A stopped sweep needs no step: the state is restored anyway.
+        """
+        if val_batches is not None and math.isfinite(value):
+            self._step(scaler)
+            if (i + 1) % val_every:
+                return False
+            value = self._val_loss(val_batches, loss_fn)
+        if record.add(i, lr, value):
+            return True
+        if val_batches is None:
+            self._step(scaler)
+        return False
 
     # ------------------------------------------------------------------ helpers
 
@@ -230,6 +237,12 @@ class LRRangeTest:
         if isinstance(y, torch.Tensor):
             y = y.to(self.device, non_blocking=True)
         return x, y
+
+    def _autocast(self):
+        """``torch.autocast`` in ``autocast_dtype`` on the device's type; a no-op for float32."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def _step(self, scaler) -> None:
         if scaler is None:
@@ -246,7 +259,7 @@ class LRRangeTest:
             with torch.no_grad():
                 for batch in val_batches:
                     x, y = self._to_device(batch)
-                    with autocast(self.device, self.autocast_dtype):
+                    with self._autocast():
                         out = self.model(x)
                     total += float(loss_fn(out.float(), y).item())
             return total / len(val_batches)
@@ -254,16 +267,45 @@ class LRRangeTest:
             self.model.train()
 
 
-def default_method(optimizer: torch.optim.Optimizer) -> str:
-    """The suggestion method that ``method="auto"`` uses for ``optimizer``.
+class _Recorder:
+    """The recorded points of one sweep, the EMA that drives the divergence stop, and why it stopped.
 
-    ``max_lr`` (Smith 2018's one-cycle peak) for ``torch.optim.SGD`` (plain, momentum,
-    Nesterov), ``steepest`` for every other optimizer (Adam, AdamW, RMSprop, Adagrad, ...).
-    The choice is measured, not assumed: in ``benchmarks/lr_suggestion_quality.py`` (README,
-    "Which suggestion to trust") ``max_lr`` was the best rule for SGD and among the worst for
-    Adam, whose best lr sits in the middle of the descent, where ``steepest`` lands.
+    ``lrs``, ``losses`` and ``smoothed`` become the result's lists; ``stop_reason`` is
+    "completed" until :meth:`add` stops the sweep, ``stop_index`` the step that did.
     """
-    return "max_lr" if isinstance(optimizer, torch.optim.SGD) else "steepest"
+
+    def __init__(self, beta: float, diverge_factor: float, skip_start: int):
+        self.beta, self.diverge_factor, self.skip_start = beta, diverge_factor, skip_start
+        self.lrs: list[float] = []
+        self.losses: list[float] = []
+        self.smoothed: list[float] = []
+        self.avg, self.best = 0.0, math.inf
+        self.stop_reason: str = "completed"
+        self.stop_index: int | None = None
+
+    def add(self, i: int, lr: float, value: float) -> bool:
+        """Record the loss ``value`` of step ``i`` at ``lr``; True when the sweep stops here.
+
+        A non-finite ``value`` is not recorded and stops it ("non-finite loss"). Otherwise
+        ``avg = b * avg + (1 - b) * value`` and the bias-corrected ``avg / (1 - b ** (n + 1))``
+        (n: the point's index) is appended to ``smoothed``; from point ``skip_start`` on, an EMA
+        above ``diverge_factor`` times its best (when that best is positive) stops the sweep
+        with the point kept ("diverged").
+        """
+        if not math.isfinite(value):
+            self.stop_reason, self.stop_index = "non-finite loss", i
+            return True
+        n = len(self.lrs)
+        self.avg = self.beta * self.avg + (1 - self.beta) * value
+        s = self.avg / (1 - self.beta ** (n + 1))
+        self.lrs.append(lr)
+        self.losses.append(value)
+        self.smoothed.append(s)
+        self.best = min(self.best, s)
+        if n >= self.skip_start and self.best > 0 and s > self.diverge_factor * self.best:
+            self.stop_reason, self.stop_index = "diverged", i
+            return True
+        return False
 
 
 def _validate(num_iter, mode, smooth, diverge_factor, skip_start, skip_end, accumulation_steps,
@@ -271,8 +313,8 @@ def _validate(num_iter, mode, smooth, diverge_factor, skip_start, skip_end, accu
     """Check the sweep's arguments; return (skip_start, skip_end) in recorded points."""
     if mode not in MODES:
         raise LrlabError(f"mode {mode!r} is not a range-test mode; use one of {list(MODES)}")
-    if method != "auto" and method not in METHODS:
-        raise LrlabError(f"method {method!r} is not a suggestion method; use auto or one of {list(METHODS)}")
+    if method not in METHODS:
+        raise LrlabError(f"method {method!r} is not a suggestion method; use one of {list(METHODS)}")
     if not 0 <= smooth < 1:
         raise LrlabError(f"smooth ({smooth}) must be an EMA factor in [0, 1)")
     if not diverge_factor > 1:
@@ -291,7 +333,7 @@ def _validate(num_iter, mode, smooth, diverge_factor, skip_start, skip_end, accu
     need = (skips[0] + skips[1] + MIN_POINTS) * every
     if not isinstance(num_iter, int) or num_iter < need:
         unit = "" if every == 1 else f" validation points every {every} steps"
-        raise LrlabError(f"num_iter ({num_iter}) is too small for the smoothing and skips: skip_start ({skip_start}), "
+        raise LrlabError(f"num_iter ({num_iter}) is too small for the skips: skip_start ({skip_start}), "
                          f"skip_end ({skip_end}) and {MIN_POINTS}{unit} for the suggestions need at least {need}")
     return skips
 
@@ -299,16 +341,18 @@ def _validate(num_iter, mode, smooth, diverge_factor, skip_start, skip_end, accu
 def range_test(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, loader: Iterable, *,
                scheduler: Any = None, device: torch.device | str | None = None,
                autocast_dtype: torch.dtype | None = None, channels_last: bool = False,
-               batch_fn: Callable[[Any], tuple[Any, Any]] | None = None, **run_kwargs) -> RangeTestResult:
+               batch_fn: Callable[[Any], tuple[Any, Any]] | None = None, method: str = "steepest",
+               **run_kwargs) -> RangeTestResult:
     """One call: ``with LRRangeTest(model, optimizer, scheduler, ...) as f: return f.run(loader, loss_fn, ...)``.
 
-    ``run_kwargs`` are :meth:`LRRangeTest.run`'s (start_lr, end_lr, num_iter, mode, smooth,
-    diverge_factor, skip_start, skip_end, accumulation_steps, val_batches, val_every, method,
-    progress); the other arguments are :class:`LRRangeTest`'s. Everything is restored on return.
+    ``method`` and ``run_kwargs`` are :meth:`LRRangeTest.run`'s (start_lr, end_lr, num_iter,
+    mode, smooth, diverge_factor, skip_start, skip_end, accumulation_steps, val_batches,
+    val_every, progress); the other arguments are :class:`LRRangeTest`'s. Everything is
+    restored on return.
 
     Raises:
         LrlabError: as :class:`LRRangeTest` and :meth:`LRRangeTest.run`.
     """
     with LRRangeTest(model, optimizer, scheduler, device=device, autocast_dtype=autocast_dtype,
                      channels_last=channels_last, batch_fn=batch_fn) as finder:
-        return finder.run(loader, loss_fn, **run_kwargs)
+        return finder.run(loader, loss_fn, method=method, **run_kwargs)

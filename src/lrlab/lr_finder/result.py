@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from lrlab.errors import LrlabError
-from lrlab.io import atomic_write_text
+from lrlab.lr_finder.plot import range_test_figure
 from lrlab.lr_finder.suggest import METHODS, Suggestion, centered_smooth
 
 STOP_REASONS = ("completed", "diverged", "non-finite loss")
@@ -32,13 +33,15 @@ class RangeTestResult:
         losses: raw loss of each point (mean over the batch as ``loss_fn`` returns it; with
             gradient accumulation the mean over the micro-batches; with the validation loss the
             mean over the validation batches).
-        smoothed: bias-corrected exponential moving average of ``losses`` (causal; it drives
-            the divergence stop during the sweep).
+        smoothed: bias-corrected exponential moving average of ``losses`` with the factor
+            ``smooth`` (causal; it only drives the divergence stop during the sweep; the
+            suggestions and the plot read the zero-lag :attr:`centered` curve instead).
         mode: "exp" or "linear", the shape of the sweep.
         start_lr, end_lr: the ends of group 0's planned sweep.
         num_iter: the number of planned optimizer steps.
-        stop_reason: "completed", "diverged" (smoothed loss above ``diverge_factor`` times its
-            best; that last point is kept) or "non-finite loss" (the NaN/inf point is not kept).
+        stop_reason: "completed", "diverged" (the EMA ``smoothed`` above ``diverge_factor``
+            times its best; that last point is kept) or "non-finite loss" (the NaN/inf point
+            is not kept).
         stop_index: the optimizer step (0-based) that ended the sweep early, None when completed.
         stop_lr: group 0's lr at that step (``end_lr`` when completed): the top of the window
             the sweep really explored.
@@ -139,7 +142,7 @@ class RangeTestResult:
     def save_json(self, path: str | os.PathLike) -> Path:
         """Write :meth:`to_dict` to ``path`` atomically (temporary file, then rename)."""
         path = Path(path)
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n")
+        _atomic_write_text(path, json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n")
         return path
 
     @classmethod
@@ -181,23 +184,39 @@ class RangeTestResult:
     # ------------------------------------------------------------------ plot
 
     def plot(self, ax=None, methods: Sequence[str] | None = None):
-        """Loss against learning rate (log x-axis): raw (faint) and smoothed, a marker at every
-        suggestion, and the band of good lrs shaded for ``methods`` (default: the chosen one).
+        """Loss against learning rate (log x-axis): the raw losses (faint) and the zero-lag
+        :attr:`centered` curve the suggestions read (solid; not the EMA ``smoothed``), a marker
+        at every suggestion (the chosen ``method``'s larger, with a dashed line), the band of
+        good lrs shaded for ``methods``, and the y label "validation loss" or "training loss"
+        after ``loss``. Drawn by :func:`lrlab.lr_finder.plot.range_test_figure` (matplotlib is
+        imported then, not before).
 
         Args:
             ax: a matplotlib Axes to draw into; None makes a new figure.
-            methods: whose bands to shade.
+            methods: whose bands to shade; default ``[self.method]``.
 
         Returns:
             the matplotlib Figure (not saved, not closed).
         """
-        from lrlab.plots import range_test_figure
-
         bands = list(methods) if methods is not None else [self.method]
         return range_test_figure(self.lrs, self.losses, self.centered,
                                  {k: (s.lr, s.low, s.high) for k, s in self.suggestions.items()},
                                  chosen=self.method, bands=bands, ax=ax,
                                  ylabel="validation loss" if self.loss == "val" else "training loss")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically: a fresh temporary file in the same folder (created
+    if missing), then ``os.replace``; the temporary file is removed on any error."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A fresh name rather than mkstemp, whose 0600 mode would survive the rename.
+    tmp = path.parent / f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}"
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _json_float(v: float | None) -> float | None:

@@ -1,15 +1,17 @@
 """Learning-rate suggestions from a range-test curve, each with a band of good learning rates.
 
 Every method is a plain function ``method(lrs, smoothed, skip_start, skip_end) -> Suggestion``
-of the recorded curve: lrs (N,) per optimizer step, positive and increasing; smoothed (N,)
-the smoothed loss. The range test passes the zero-lag curve of :func:`centered_smooth`, not
-the running EMA: a bias-corrected EMA with beta 0.98 trails the raw loss by about
-min(n/2, 49) points, which in a 60-step sweep over five decades is more than a decade of lr,
-so every rule applied to it lands too high (measured in benchmarks/lr_suggestion_quality.py:
-with Adam all five EMA-based suggestions were 3-100x the best lr of the grid). The first ``skip_start`` and last ``skip_end`` points are left out, then
-non-finite points; the rest is "the analysed window". Slopes are d(smoothed loss)/d(log10 lr)
-with the real log10(lr) spacing (``np.gradient`` with coordinates), so linear sweeps are
-measured on the same axis the plot shows.
+of the recorded curve, registered in ``METHODS``: lrs (N,) per optimizer step, positive and
+increasing; smoothed (N,) a smoothed loss curve. The range test passes the zero-lag curve of
+:func:`centered_smooth` (``RangeTestResult.centered``), not the running EMA it records as
+``RangeTestResult.smoothed`` (set by ``smooth``, used only for the divergence stop): a
+bias-corrected EMA with beta 0.98 trails the raw loss by about min(n/2, 49) points, which in a
+60-step sweep over five decades is more than a decade of lr, so every rule applied to it lands
+too high (measured in benchmarks/lr_suggestion_quality.py: with Adam all five EMA-based
+suggestions were 3-100x the best lr of the grid). The first ``skip_start`` and last
+``skip_end`` points are left out, then non-finite points; the rest is "the analysed window".
+Slopes are d(smoothed loss)/d(log10 lr) with the real log10(lr) spacing (``np.gradient`` with
+coordinates), so linear sweeps are measured on the same axis the plot shows.
 
 =========  ===============================================================================
 steepest   Most negative slope (Smith 2015, arXiv:1506.01186, section 3.3: "the learning
@@ -78,6 +80,22 @@ class Suggestion:
                    low=float(data["low"]), high=float(data["high"]))
 
 
+SuggestFn = Callable[..., Suggestion]
+METHODS: dict[str, SuggestFn] = {}
+"""The one source of suggestion-method names, in the order results list them, and the registry
+:func:`suggest` dispatches through: name -> function(lrs, smoothed, skip_start, skip_end) ->
+Suggestion. Filled by the ``@_method(name)`` decorator, so a new method is one decorated
+function (and its row in the table above)."""
+
+
+def _method(name: str) -> Callable[[SuggestFn], SuggestFn]:
+    """Decorator: register the decorated function in ``METHODS`` under ``name``."""
+    def register(fn: SuggestFn) -> SuggestFn:
+        METHODS[name] = fn
+        return fn
+    return register
+
+
 class _Curve:
     """The analysed window of a range-test curve: positions ``idx`` into the full arrays,
     x = log10(lr) and y = smoothed loss there (all finite, x strictly increasing)."""
@@ -129,6 +147,7 @@ class _Curve:
         return Suggestion(self.method, lr, index, float(min(low, lr)), float(max(high, lr)))
 
 
+@_method("steepest")
 def steepest(lrs, smoothed, skip_start: int = 10, skip_end: int = 5) -> Suggestion:
     """Steepest descent of the smoothed loss against log10(lr); see the module docstring."""
     c = _Curve("steepest", lrs, smoothed, skip_start, skip_end)
@@ -145,6 +164,7 @@ def steepest(lrs, smoothed, skip_start: int = 10, skip_end: int = 5) -> Suggesti
     return c.make(c.at(k), c.at(a), c.at(b), pos=k)
 
 
+@_method("valley")
 def valley(lrs, smoothed, skip_start: int = 10, skip_end: int = 5) -> Suggestion:
     """Middle of the longest sustained descent; see the module docstring."""
     c = _Curve("valley", lrs, smoothed, skip_start, skip_end)
@@ -167,6 +187,7 @@ def valley(lrs, smoothed, skip_start: int = 10, skip_end: int = 5) -> Suggestion
     return c.make(c.at(pos), 10 ** (c.x[a] + span / 4), 10 ** (c.x[a] + 3 * span / 4), pos=pos)
 
 
+@_method("min10")
 def min10(lrs, smoothed, skip_start: int = 10, skip_end: int = 5) -> Suggestion:
     """The lr at the minimum of the smoothed loss / 10; see the module docstring."""
     c = _Curve("min10", lrs, smoothed, skip_start, skip_end)
@@ -183,6 +204,7 @@ def _crossing(c: _Curve, top: int, bottom: int, fraction: float) -> float:
     return float(c.x[p - 1] + t * (c.x[p] - c.x[p - 1]))
 
 
+@_method("descent")
 def descent(lrs, smoothed, skip_start: int = 10, skip_end: int = 5) -> Suggestion:
     """``DESCENT_FRACTION`` of the way down the descent; see the module docstring."""
     c = _Curve("descent", lrs, smoothed, skip_start, skip_end)
@@ -192,6 +214,7 @@ def descent(lrs, smoothed, skip_start: int = 10, skip_end: int = 5) -> Suggestio
     return c.make(10 ** x[DESCENT_FRACTION], 10 ** x[0.5], 10 ** x[0.9])
 
 
+@_method("max_lr")
 def max_lr(lrs, smoothed, skip_start: int = 10, skip_end: int = 5) -> Suggestion:
     """One-cycle peak lr (Smith 2018); see the module docstring."""
     c = _Curve("max_lr", lrs, smoothed, skip_start, skip_end)
@@ -228,12 +251,6 @@ def centered_smooth(losses, sigma: float | None = None) -> np.ndarray:
     return (w @ y) / w.sum(1)
 
 
-SuggestFn = Callable[..., Suggestion]
-METHODS: dict[str, SuggestFn] = {"steepest": steepest, "valley": valley, "min10": min10,
-                                 "descent": descent, "max_lr": max_lr}
-"""The registry: method name -> function(lrs, smoothed, skip_start, skip_end) -> Suggestion."""
-
-
 def suggest(method: str, lrs, smoothed, skip_start: int = 10, skip_end: int = 5) -> Suggestion:
     """The suggestion of the method named ``method`` (a key of ``METHODS``).
 
@@ -255,12 +272,3 @@ def suggest_all(lrs, smoothed, skip_start: int = 10, skip_end: int = 5
         except LrlabError as e:
             errors[name] = str(e)
     return out, errors
-
-
-def steepest_descent(lrs, smoothed, skip_start: int = 10, skip_end: int = 5) -> int:
-    """Index into ``lrs`` of the ``steepest`` suggestion (kept for callers of the old API).
-
-    Raises:
-        LrlabError: as :func:`steepest`.
-    """
-    return steepest(lrs, smoothed, skip_start, skip_end).index
