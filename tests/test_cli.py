@@ -12,9 +12,10 @@ import torch
 import yaml
 
 from lrlab.cli import main
+from conftest import REPO
 from lrlab.models import build_model
 
-RUN_FILES = ["config.yaml", "lr_finder.json", "lr_finder.png", "history.csv", "history.json", "loss.png",
+RUN_FILES = ["config.yaml", "lr_finder.json", "lr_finder.png", "lr_plan.json", "history.csv", "history.json", "loss.png",
              "accuracy.png", "misclassified.png", "gradcam.png", "summary.json", "mistakes.json",
              "checkpoints/last.pt", "checkpoints/best.pt"]
 
@@ -143,12 +144,26 @@ def bad_inputs(ws: dict, tmp: Path) -> dict[str, tuple[list[str], str]]:
         "unknown Grad-CAM layer": (["run", recipe, "--data", data, "explain.target_layer=layer9"],
                                    "valid layers: stem"),
         "explain of a missing layer": (["explain", str(ws["run"]), "explain.target_layer=nope"], "block2"),
+        # rejected by the checks before the run folder exists
+        "rotation on the tensor path": (["run", recipe, "--data", data, "data.rotate=10"], "needs augment 'albumentations'"),
+        "unknown layer group": (["train", recipe, "--data", data, "train.layer_groups=[[stem], [head9]]"],
+                                "train.layer_groups names 'head9'"),
+        "batch ramp beyond the data": (["train", recipe, "--data", data, "train.batch_size_milestones=[1]",
+                                        "train.batch_size_factor=20"], "is larger than the 500 training images"),
+        # rejected after the range test, inside the new run folder: the folder is removed
+        "range test without a suggestion": (["run", recipe, "--data", data, "lr_finder.start_lr=1000",
+                                             "lr_finder.end_lr=1e6"], "without a 'max_lr' suggestion"),
+        "cyclic base_lr above the found peak": (["run", recipe, "--data", data, "train.schedule=cyclic",
+                                                 "train.cyclic.base_lr=50"], "must be below the cyclic max_lr"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing data path", "tree without test/", "empty class folder",
                                   "file that is not an image", "unknown config key", "lr <= 0",
-                                  "start_lr >= end_lr", "unknown suggestion method", "unknown Grad-CAM layer", "explain of a missing layer"])
+                                  "start_lr >= end_lr", "unknown suggestion method", "unknown Grad-CAM layer",
+                                  "explain of a missing layer", "rotation on the tensor path", "unknown layer group",
+                                  "batch ramp beyond the data", "range test without a suggestion",
+                                  "cyclic base_lr above the found peak"])
 def test_bad_input_is_one_line_error_and_touches_nothing(case, workspace, tmp_path, capsys):
     argv, fragment = bad_inputs(workspace, tmp_path)[case]
     before = snapshot(workspace["out"])
@@ -181,3 +196,21 @@ def test_console_script_exits_nonzero_without_traceback(workspace, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: --data path {tmp_path / 'missing'} does not exist"]
+
+
+def test_time_to_accuracy_trains_through_the_same_stages(small_tree, cache_dir, tmp_path):
+    """benchmarks/time_to_accuracy.py and `lrlab run` give the long recipe the same LR plan and the
+    same lr at every step (shrunk to the 500-image tree and 2 epochs)."""
+    shrink = [f"data.cache_dir={cache_dir}", "train.epochs=2", "train.batch_size=50", "lr_finder.num_iter=20",
+              "lr_finder.skip_start=2", "lr_finder.skip_end=2", "explain.num_images=4"]
+    recipe = str(REPO / "recipes" / "cifar10-long.yaml")
+    assert main(["run", recipe, "--data", str(small_tree), "--out", str(tmp_path / "run"), "--quiet", *shrink]) == 0
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "time_to_accuracy.py"), recipe, "--data",
+                           str(small_tree.resolve()), "--out", str(tmp_path / "bench"), *shrink],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    (run,), (bench,) = (tmp_path / "run").iterdir(), (tmp_path / "bench").iterdir()
+    plan = json.loads((run / "lr_plan.json").read_text())
+    assert plan == json.loads((bench / "lr_plan.json").read_text()) and plan["source"].endswith("lr_factor 2")
+    steps = (run / "lr_steps.csv").read_text()
+    assert steps == (bench / "lr_steps.csv").read_text() and len(steps.splitlines()) == 1 + 2 * 10

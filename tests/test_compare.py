@@ -66,7 +66,7 @@ def tiny(tmp_path_factory, small_tree, cache_dir):
     (["--vary", "train.optimizer=sgd,lamb"], "variant 'optimizer=lamb': "),
     (["--vary", "train.schedule=onecycle", "--train-only"], "needs a max_lr: set train.max_lr or let the range test"),
     (["--variant", "c: train.schedule=cyclic train.max_lr=0.1 train.cyclic.base_lr=0.2"],
-     "cyclic.base_lr (0.2) must be below max_lr (0.1)"),
+     "cyclic.base_lr (0.2) must be below the cyclic max_lr (0.1, train.max_lr)"),
 ])
 def test_bad_compare_input_fails_before_any_training(tiny, tmp_path, capsys, argv, fragment):
     out = tmp_path / "out"

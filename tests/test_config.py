@@ -27,7 +27,7 @@ def test_overrides_parse_yaml_values_and_round_trip(tmp_path):
     ("train.lr=0", "'train.lr'.*greater than 0"),
     ("train.lr=-1", "'train.lr'.*greater than 0"),
     ("lr_finder.start_lr=100", r"start_lr \(100\) must be below end_lr \(10\)"),
-    ("data.augment=magic", "'data.augment'"),
+    ("data.augment=magic", "data.augment: 'magic' is not a valid data.augment; valid: none, tensor, albumentations"),
     ("epochs", "must look like section.key=value"),
 ])
 def test_bad_values_are_one_line_errors(override, message):

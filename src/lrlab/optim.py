@@ -28,6 +28,7 @@ network to the top; every parameter group carries the ``lr_scale`` of its layer 
 
 Every optimizer is registered once in :data:`OPTIMIZERS`: adding one is one decorated builder
 function in this file.
+"""
 
 from __future__ import annotations
 
