@@ -181,6 +181,18 @@ class RangeTestResult:
             raise LrlabError(f"range-test file {path} could not be read as JSON ({exc})") from None
         return cls.from_dict(data, f"range-test file {path}")
 
+    def rows(self) -> list[dict]:
+        """The suggestion table: one row per method of :data:`METHODS` with method, lr, low,
+        high (None when the method gave none), used (True for ``self.method``) and note (why a
+        method gave none). The CLI prints it, the report shows it, run summaries keep it."""
+        rows = []
+        for name in METHODS:
+            s = self.suggestions.get(name)
+            rows.append({"method": name, "lr": s.lr if s else None, "low": s.low if s else None,
+                         "high": s.high if s else None, "used": name == self.method,
+                         "note": "" if s else self.suggestion_errors.get(name, "")})
+        return rows
+
     # ------------------------------------------------------------------ plot
 
     def plot(self, ax=None, methods: Sequence[str] | None = None):
