@@ -14,6 +14,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lrlab.errors import LrlabError
+from lrlab.interpret.cam import CAM_METHODS
+from lrlab.interpret.predictions import SELECT_BY
+
+MistakeOrder = SELECT_BY.field()
+"""A name in ``lrlab.interpret.SELECT_BY`` (explain.select)."""
+CamMethodName = CAM_METHODS.field()
+"""A name in ``lrlab.interpret.CAM_METHODS`` (explain.method)."""
 
 
 class _Section(BaseModel):
@@ -191,8 +198,8 @@ class ExplainConfig(_Section):
     """The mistakes and their class activation maps (lrlab.interpret, torchcam)."""
 
     num_images: int = Field(25, gt=0)
-    select: Literal["loss", "confidence", "first"] = "loss"  # highest loss / most confident wrong / first N
-    method: Literal["gradcam", "gradcampp", "xgradcam", "layercam", "scorecam"] = "gradcam"
+    select: MistakeOrder = "loss"  # highest loss / most confident wrong / first N
+    method: CamMethodName = "gradcam"  # a CAM method registered in lrlab.interpret.cam
     # None: the model's default (8x8 maps for 32x32 inputs); a list of names fuses their maps
     target_layer: str | list[str] | None = None
     alpha: float = Field(0.5, ge=0, le=1)  # overlay strength of the class activation map

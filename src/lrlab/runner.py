@@ -19,12 +19,11 @@ from torch import nn
 from lrlab import plots
 from lrlab.config import Config, load_config, save_config
 from lrlab.data import BatchLoader, Dataset, Split, load_dataset
-from lrlab.compute import autocast_dtype, pick_device
+from lrlab.compute import Compute, autocast_dtype, pick_device
 from lrlab.engine import History, Precision, fit
 from lrlab.errors import LrlabError
-from lrlab.faithfulness import cam_faithfulness
-from lrlab.interpret import (Predictions, class_activation_maps, layer_names, per_class_summary, predict,
-                             select_misclassified)
+from lrlab.interpret import (Predictions, cam_faithfulness, class_activation_maps, layer_names, per_class_summary,
+                             predict, select_misclassified)
 from lrlab.io import write_json
 from lrlab.lr_finder import RangeTestResult, range_test
 from lrlab.models import build_model
@@ -229,8 +228,8 @@ def cam_layer(config: Config, model: nn.Module) -> str | list[str]:
 def predict_test_set(config: Config, data: Dataset, model: nn.Module, precision: Precision) -> Predictions:
     """Class probabilities of ``model`` on the whole test split (with flip TTA when
     ``train.tta``, so the accuracy matches the training history's)."""
-    return predict(model, eval_loader(data.test, data, precision), device=precision.device,
-                   autocast_dtype=precision.dtype, channels_last=precision.channels_last, tta=config.train.tta,
+    compute = Compute(precision.device, precision.dtype, precision.channels_last)
+    return predict(model, eval_loader(data.test, data, precision), compute, tta=config.train.tta,
                    tta_shift=config.train.tta_shift)
 
 
@@ -244,7 +243,7 @@ def explain(config: Config, data: Dataset, model: nn.Module, precision: Precisio
     ``explain.select``: misclassified.png (titled "pred: <class> (<prob>) / true: <class>"),
     gradcam.png (the ``explain.method`` map of the predicted class), gradcam_pred_true.png
     (image | map of the predicted class | map of the true class) and mistakes.json; with
-    ``explain.faithfulness_images`` > 0 also faithfulness.json/.png (lrlab.faithfulness).
+    ``explain.faithfulness_images`` > 0 also faithfulness.json/.png (lrlab.interpret.faithfulness).
 
     Args:
         pred: the test-set predictions of this very model, when already computed
@@ -283,9 +282,8 @@ def explain(config: Config, data: Dataset, model: nn.Module, precision: Precisio
     if cfg.faithfulness_images:
         sample = data.test.subset(min(cfg.faithfulness_images, len(data.test)), seed=config.seed)
         xs = torch.cat([xb for xb, _ in eval_loader(sample, data, precision)]).contiguous()
-        result = cam_faithfulness(model, xs, target_layer=layer, device=precision.device,
-                                  autocast_dtype=precision.dtype, channels_last=precision.channels_last,
-                                  seed=config.seed)
+        compute = Compute(precision.device, precision.dtype, precision.channels_last)
+        result = cam_faithfulness(model, xs, compute, target_layer=layer, seed=config.seed)
         result.save(run_dir / "faithfulness.json")
         plots.plot_faithfulness(result.fractions, result.keep, result.delete, run_dir / "faithfulness.png",
                                 intact=result.intact_confidence)
