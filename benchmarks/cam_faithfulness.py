@@ -9,7 +9,7 @@ pixels by the map of the predicted class. It prints a Markdown table: the drop i
 probability of the predicted class (percentage points) when only the top 10/25/50% of the
 pixels are kept (the rest set to the dataset mean), the areas under the keep curve (higher is
 better) and the delete curve (lower is better), and the map time per image; the last row is a
-random smooth map of the same area. See lrlab/faithfulness.py for the method and references.
+random smooth map of the same area. See lrlab/interpret/faithfulness.py for the method and references.
 With ``--out DIR`` the curves are also written as DIR/faithfulness.json and .png.
 """
 
@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from lrlab import plots
+from lrlab.compute import Compute
 from lrlab.config import load_config
-from lrlab.faithfulness import cam_faithfulness, format_table
-from lrlab.interpret import CAM_METHODS, predict
+from lrlab.interpret import CAM_METHODS, cam_faithfulness, format_table, predict
 from lrlab.runner import cam_layer, eval_loader, load_data, new_model, precision_for
 
 
@@ -48,7 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--images", type=int, default=200, help="test images (class-balanced subset, seed 0)")
-    parser.add_argument("--methods", default=",".join(CAM_METHODS), help="comma-separated CAM methods")
+    parser.add_argument("--methods", default=",".join(CAM_METHODS.names()), help="comma-separated CAM methods")
     parser.add_argument("--layer", help="target layer (comma-separated to fuse); default: the run's")
     parser.add_argument("--data", type=Path, help="data path instead of the run's data.path")
     parser.add_argument("--out", type=Path, help="also write faithfulness.json/.png into this folder")
@@ -67,11 +67,10 @@ def main() -> None:
     layer = cam_layer(config, model)
     sample = data.test.subset(min(args.images, len(data.test)), seed=0)
     x = torch.cat([xb for xb, _ in eval_loader(sample, data, precision)]).contiguous()
-    pred = predict(model, eval_loader(sample, data, precision), device=precision.device,
-                   autocast_dtype=precision.dtype, channels_last=precision.channels_last)
+    compute = Compute(precision.device, precision.dtype, precision.channels_last)
+    pred = predict(model, eval_loader(sample, data, precision), compute)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    result = cam_faithfulness(model, x, target_layer=layer, methods=methods, device=precision.device,
-                              autocast_dtype=precision.dtype, channels_last=precision.channels_last,
+    result = cam_faithfulness(model, x, compute, target_layer=layer, methods=methods,
                               progress=lambda m: print(f"measuring {m} ...", file=sys.stderr))
     wall = time.perf_counter() - start
     print(f"run {args.run_dir} (best.pt, epoch {state.get('epoch', '?')}); {len(x)} test images "

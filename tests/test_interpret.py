@@ -11,14 +11,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lrlab.compute import Compute
 from lrlab.errors import LrlabError
-from lrlab.faithfulness import FRACTIONS, FaithfulnessResult, cam_faithfulness, format_table, keep_masks
 from lrlab.interpret import (
     CAM_METHODS,
+    FRACTIONS,
+    SELECT_BY,
+    FaithfulnessResult,
     Predictions,
+    cam_faithfulness,
     class_activation_maps,
     confusion_matrix,
     denormalize,
+    format_table,
+    keep_masks,
     layer_names,
     per_class_summary,
     predict,
@@ -26,6 +32,9 @@ from lrlab.interpret import (
 )
 
 from conftest import CLASSES, MEAN, STD, load_images
+
+CPU = Compute(torch.device("cpu"))
+VALID_CAM_METHODS = "valid CAM methods: gradcam, gradcampp, xgradcam, layercam, scorecam"
 
 
 def small_cnn() -> nn.Sequential:
@@ -68,7 +77,7 @@ def data(cifar_dir):
             F.cross_entropy(model(xb), yb).backward()
             opt.step()
     opt.zero_grad(set_to_none=True)
-    pred = predict(model, batches(xte, yte, 128), device="cpu")
+    pred = predict(model, batches(xte, yte, 128), CPU)
     return {"model": model, "x": xte, "y": yte, "u8": u8, "pred": pred}
 
 
@@ -103,7 +112,7 @@ def test_predict_restores_mode_and_runs_under_autocast(data):
     model, x, y = data["model"], data["x"][:64], data["y"][:64]
     model.train()
     model.block1.eval()  # a mixed state must come back exactly
-    pred = predict(model, batches(x, y, 32), device="cpu", autocast_dtype=torch.bfloat16, channels_last=True)
+    pred = predict(model, batches(x, y, 32), Compute(torch.device("cpu"), torch.bfloat16, channels_last=True))
     assert model.training and not model.block1.training and model.block2.training
     assert pred.probs.dtype == torch.float32 and torch.isfinite(pred.probs).all()
     # bf16 predictions agree with float32 on nearly every image
@@ -159,7 +168,7 @@ def test_per_class_summary(data):
 
 def test_predict_with_flip_tta(data):
     model, x, y = data["model"], data["x"][:40], data["y"][:40]
-    pred = predict(model, batches(x, y, 16), device="cpu", tta=True)
+    pred = predict(model, batches(x, y, 16), CPU, tta=True)
     model.eval()
     with torch.no_grad():
         expected = (model(x).softmax(1) + model(torch.flip(x, dims=[3])).softmax(1)) / 2
@@ -196,8 +205,10 @@ def test_select_misclassified_other_orders_and_few_wrong(data):
     few = Predictions(probs=probs, targets=torch.tensor([0, 1, 3, 3, 1]))
     got = select_misclassified(few, k=25)
     assert sorted(got.tolist()) == [2, 4]
-    with pytest.raises(LrlabError, match="loss, confidence, first"):
+    valid_orders = "valid mistake orders: loss, confidence, first"
+    with pytest.raises(LrlabError, match=f"unknown explain.select 'random'; {valid_orders}$"):
         select_misclassified(pred, by="random")
+    assert SELECT_BY.names() == ["loss", "confidence", "first"]
 
 
 # --------------------------------------------------------------------------- CAM
@@ -296,7 +307,7 @@ def test_fused_layers_are_the_max_of_normalised_maps(data):
         assert not torch.allclose(fused, b, atol=1e-3)  # the 16x16 layer adds detail
 
 
-@pytest.mark.parametrize("method", CAM_METHODS)
+@pytest.mark.parametrize("method", CAM_METHODS.names())
 def test_predicted_and_true_class_maps_differ(data, method):
     """"Why it said cat" and "where the dog was" are different maps for every mistake."""
     model, pred = data["model"], data["pred"]
@@ -321,7 +332,7 @@ def test_cam_errors_are_one_line(data):
     with pytest.raises(LrlabError) as err:
         class_activation_maps(model, x, cls, target_layer="block2", method="smoothgradcampp")
     msg = str(err.value)
-    assert "\n" not in msg and msg.endswith("valid methods: gradcam, gradcampp, xgradcam, layercam, scorecam")
+    assert "\n" not in msg and "'smoothgradcampp'" in msg and msg.endswith(VALID_CAM_METHODS)
     with pytest.raises(LrlabError) as err:  # one wrong name in a list of layers to fuse
         class_activation_maps(model, x, cls, target_layer=["block1", "block9"], method="layercam")
     msg = str(err.value)
@@ -331,13 +342,13 @@ def test_cam_errors_are_one_line(data):
         class_activation_maps(model, x, torch.tensor([0, 10]), target_layer="block2")
     with pytest.raises(LrlabError, match="not a \\(N, C, h, w\\) feature map"):
         class_activation_maps(model, x, cls, target_layer="fc")
-    for method in CAM_METHODS:
+    for method in CAM_METHODS.names():
         with pytest.raises(LrlabError, match="out of range"):
             class_activation_maps(model, x, torch.tensor([0, 10]), target_layer=["block1", "block2"], method=method)
     assert count_hooks(model) == before
 
 
-@pytest.mark.parametrize("method", CAM_METHODS)
+@pytest.mark.parametrize("method", CAM_METHODS.names())
 def test_cam_leaves_model_untouched(data, method):
     model, x, cls = data["model"], data["x"][:1], data["pred"].preds[:1]
     model.train()
@@ -402,7 +413,7 @@ def test_keep_masks_have_exact_area_and_follow_the_map():
 
 def test_cam_faithfulness_curves(data):
     model, x = data["model"], data["x"][::15]  # 20 images, 2 per class
-    result = cam_faithfulness(model, x, target_layer="block2", methods=("gradcam", "layercam"),
+    result = cam_faithfulness(model, x, CPU, target_layer="block2", methods=("gradcam", "layercam"),
                               fractions=(0.0, 0.1, 0.5, 1.0), random_repeats=2)
     assert result.methods == ["gradcam", "layercam"] and result.num_images == 20 and result.random_grid == [8, 8]
     for name in ("gradcam", "layercam", "random"):
@@ -419,9 +430,9 @@ def test_cam_faithfulness_curves(data):
     assert len(lines) == 2 + 3 and lines[2].startswith("| gradcam |") and "random map (8x8" in lines[-1]
     back = FaithfulnessResult.from_dict(json.loads(json.dumps(result.to_dict())))
     assert back == result
-    with pytest.raises(LrlabError, match="valid methods"):
-        cam_faithfulness(model, x, target_layer="block2", methods=("gradcam", "rise"))
+    with pytest.raises(LrlabError, match=f"unknown explain.method 'rise'; {VALID_CAM_METHODS}$"):
+        cam_faithfulness(model, x, CPU, target_layer="block2", methods=("gradcam", "rise"))
     with pytest.raises(LrlabError, match="valid layers"):
-        cam_faithfulness(model, x, target_layer="block7", methods=("gradcam",))
+        cam_faithfulness(model, x, CPU, target_layer="block7", methods=("gradcam",))
     assert count_hooks(model) == 0
     assert FRACTIONS[0] == 0.0 and FRACTIONS[-1] == 1.0

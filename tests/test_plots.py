@@ -14,6 +14,7 @@ from PIL import Image
 from torch import nn
 
 from lrlab import plots
+from lrlab.compute import Compute
 from lrlab.interpret import class_activation_maps, confusion_matrix, denormalize, predict, select_misclassified
 
 from conftest import CLASSES, MEAN, STD, load_images
@@ -40,7 +41,7 @@ def mistakes(cifar_dir):
         opt.zero_grad()
         F.cross_entropy(model(xtr[idx]), ytr[idx]).backward()
         opt.step()
-    pred = predict(model, [(xte[i : i + 100], yte[i : i + 100]) for i in range(0, len(xte), 100)])
+    pred = predict(model, [(xte[i : i + 100], yte[i : i + 100]) for i in range(0, len(xte), 100)], Compute())
     idx = select_misclassified(pred, k=25)
     assert len(idx) == 25
     titles = [

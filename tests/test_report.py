@@ -232,16 +232,17 @@ def test_explain_reuses_predictions(run, capsys):
 
 def bad_cam_inputs(ws: dict) -> dict[str, tuple[list[str], str]]:
     recipe, data, run_dir = str(ws["recipe"]), str(ws["data"]), str(ws["run"])
-    methods = "valid: gradcam, gradcampp, xgradcam, layercam, scorecam"
+    methods = "is not a valid CAM method; valid: gradcam, gradcampp, xgradcam, layercam, scorecam"
     return {
-        "unknown method (run)": (["run", recipe, "--data", data, "explain.method=gradcam++"], methods),
-        "unknown method (explain)": (["explain", run_dir, "explain.method=rise"], methods),
+        "unknown method (run)": (["run", recipe, "--data", data, "explain.method=gradcam++"], f"'gradcam++' {methods}"),
+        "unknown method (explain)": (["explain", run_dir, "explain.method=rise"], f"'rise' {methods}"),
         "unknown layer in a list": (["explain", run_dir, "explain.target_layer=[block1, block9]"],
                                     "explain.target_layer 'block9' does not exist in fastnet; valid layers: stem, "),
         "unknown layer (run)": (["run", recipe, "--data", data, "explain.target_layer=layer4"],
                                 "valid layers: stem, stem.0"),
         "unknown colormap": (["explain", run_dir, "explain.colormap=rainbowz"], "valid: e.g. jet, turbo"),
-        "unknown selection": (["explain", run_dir, "explain.select=random"], "valid: loss, confidence, first"),
+        "unknown selection": (["explain", run_dir, "explain.select=random"],
+                              "'random' is not a valid mistake order; valid: loss, confidence, first"),
     }
 
 
@@ -258,7 +259,8 @@ def test_bad_cam_settings_are_one_line_errors(case, run, capsys):
 
 
 def test_config_level_cam_errors(run):
-    with pytest.raises(LrlabError, match="valid: gradcam, gradcampp, xgradcam, layercam, scorecam"):
+    with pytest.raises(LrlabError, match="explain.method: 'cam' is not a valid CAM method; "
+                                         "valid: gradcam, gradcampp, xgradcam, layercam, scorecam$"):
         load_config(run["recipe"], ["explain.method=cam"])
     config = load_config(run["recipe"], ["explain.target_layer=[block2, head]"])
     model = build_model("fastnet", 10, width=0.25)

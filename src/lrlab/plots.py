@@ -412,7 +412,7 @@ def plot_faithfulness(
     intact: float | None = None,
     baseline: str = "random",
 ) -> Path:
-    """Keep and delete curves of each CAM method (see ``lrlab.faithfulness``), two panels.
+    """Keep and delete curves of each CAM method (see ``lrlab.interpret.faithfulness``), two panels.
 
     Args:
         fractions: (F,) shares of pixels in [0, 1] (drawn in percent).

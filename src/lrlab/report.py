@@ -306,7 +306,7 @@ def _faithfulness_section(run: RunFolder, ctx: dict) -> str:
     if not isinstance(data, dict):
         return _missing("Not measured in this run (set explain.faithfulness_images=200 to compare the CAM methods, "
                         "or run benchmarks/cam_faithfulness.py on this folder).")
-    from lrlab.faithfulness import FaithfulnessResult, table_rows
+    from lrlab.interpret import FaithfulnessResult, table_rows
 
     try:
         result = FaithfulnessResult.from_dict(data)

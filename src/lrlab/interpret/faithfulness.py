@@ -19,16 +19,17 @@ a low-resolution copy of the whole image and would make a poor, flattering basel
 
 Example::
 
-    result = cam_faithfulness(model, x, target_layer="block2", methods=("gradcam", "scorecam"))
+    result = cam_faithfulness(model, x, Compute.choose(), target_layer="block2", methods=("gradcam", "scorecam"))
     print(format_table(result))
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,12 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrlab.compute import autocast
+from lrlab.compute import Compute, eval_mode
 from lrlab.errors import LrlabError
-from lrlab.interpret import CAM_METHODS, _eval_mode, _model_device, class_activation_maps, target_layers
+from lrlab.interpret.cam import CAM_METHODS, class_activation_maps, target_layers
 from lrlab.io import write_json
 
-__all__ = ["FRACTIONS", "FaithfulnessResult", "cam_faithfulness", "format_table", "keep_masks", "random_maps"]
+__all__ = ["FRACTIONS", "FaithfulnessResult", "cam_faithfulness", "format_table", "keep_masks", "random_maps",
+           "table_rows"]
 
 FRACTIONS = (0.0, 0.05, 0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 """Default shares of pixels at which the keep and delete curves are measured."""
@@ -161,7 +163,7 @@ def _layer_grid(model: nn.Module, layers: list[str], x: torch.Tensor) -> tuple[i
     handles = [modules[name].register_forward_hook(lambda m, i, o: sizes.append(tuple(o.shape[-2:])))
                for name in layers]
     try:
-        with _eval_mode(model), torch.inference_mode():
+        with eval_mode(model), torch.inference_mode():
             model(x[:1])
     finally:
         for h in handles:
@@ -169,29 +171,76 @@ def _layer_grid(model: nn.Module, layers: list[str], x: torch.Tensor) -> tuple[i
     return max(sizes, key=lambda s: s[0] * s[1]) if sizes else tuple(x.shape[-2:])
 
 
-def _confidence(model, x, cls, device, autocast_dtype, batch_size, channels_last) -> torch.Tensor:
-    """(N,) float32 probability of class ``cls`` for each image of ``x`` (N, 3, H, W)."""
-    out = []
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    with _eval_mode(model), torch.inference_mode():
-        for s in range(0, len(x), batch_size):
-            xb = x[s:s + batch_size].to(device, memory_format=memory_format)
-            with autocast(device, autocast_dtype):
-                p = torch.softmax(model(xb).float(), dim=1)
-            out.append(p.gather(1, cls[s:s + batch_size].to(device).view(-1, 1)).squeeze(1).cpu())
-    return torch.cat(out)
+def _batches(x: torch.Tensor, cls: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for s in range(0, len(x), batch_size):
+        yield x[s:s + batch_size], cls[s:s + batch_size]
+
+
+def _softmax(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(model(x).float(), dim=1)
+
+
+def _predicted(model: nn.Module, x: torch.Tensor, compute: Compute, batch_size: int) -> torch.Tensor:
+    """(N,) int64 predicted class (top-1) of each image of ``x`` (N, 3, H, W), on the CPU."""
+    batches = _batches(x, torch.arange(len(x)), batch_size)  # (images, their indices): no labels needed
+    return torch.cat([out.argmax(1).cpu() for out, _ in compute.forward_batches(model, batches)])
+
+
+def _confidence(model: nn.Module, x: torch.Tensor, cls: torch.Tensor, compute: Compute,
+                batch_size: int) -> torch.Tensor:
+    """(N,) float32 probability of class ``cls`` for each image of ``x`` (N, 3, H, W), on the CPU."""
+    outs = compute.forward_batches(model, _batches(x, cls, batch_size), _softmax)
+    return torch.cat([p.gather(1, c.view(-1, 1)).squeeze(1).cpu() for p, c in outs])
+
+
+def _curves(confidence: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
+            preds: torch.Tensor, maps_list: list[torch.Tensor], fractions: list[float],
+            gen: torch.Generator) -> tuple[list[float], list[float]]:
+    """Mean keep / delete confidence of the predicted class per fraction, averaged over the maps
+    (each (N, H, W)) in ``maps_list``; ``confidence(images, classes)`` gives (N,) probabilities."""
+    n, _, h, w = x.shape
+    nf = len(fractions)
+    ks = torch.tensor([round(f * h * w) for f in fractions]).view(-1, 1, 1, 1, 1)  # (F, 1, 1, 1, 1)
+    keep, delete = torch.zeros(nf), torch.zeros(nf)
+    cls = preds.repeat(nf)
+    for mp in maps_list:
+        ranks = _ranks(mp, gen).view(1, n, 1, h, w)
+        kept = (ranks < ks).float()  # (F, N, 1, H, W): one masked copy of every image per fraction
+        for sign, acc in ((kept, keep), (1.0 - kept, delete)):
+            p = confidence((x.unsqueeze(0) * sign).flatten(0, 1), cls).view(nf, n)
+            acc += p.mean(1) / len(maps_list)
+    return keep.tolist(), delete.tolist()
+
+
+def _timed_maps(model: nn.Module, x: torch.Tensor, preds: torch.Tensor, layers: list[str], method: str,
+                device: torch.device) -> tuple[torch.Tensor, float]:
+    """``method``'s maps of ``x`` for the classes ``preds`` and the wall seconds per image they took.
+    One image goes first, untimed, so that one-off warm-up costs do not count for the first method."""
+    class_activation_maps(model, x[:1], preds[:1], target_layer=layers, method=method, device=device)
+    start = time.perf_counter()
+    maps = class_activation_maps(model, x, preds, target_layer=layers, method=method, device=device)
+    return maps, (time.perf_counter() - start) / max(len(x), 1)
+
+
+def _checked(methods: Sequence[str] | None, fractions: Sequence[float]) -> tuple[list[str], list[float]]:
+    """The methods (None: every one in ``CAM_METHODS``) and the sorted fractions, checked."""
+    methods = CAM_METHODS.names() if methods is None else list(methods)
+    for m in methods:
+        CAM_METHODS.get(m)
+    fractions = sorted(float(f) for f in fractions)
+    if not fractions or fractions[0] < 0 or fractions[-1] > 1:
+        raise LrlabError(f"faithfulness fractions must lie in [0, 1], got {fractions}")
+    return methods, fractions
 
 
 def cam_faithfulness(
     model: nn.Module,
     images: torch.Tensor,
+    compute: Compute,
     *,
     target_layer: str | Sequence[str],
-    methods: Sequence[str] = CAM_METHODS,
+    methods: Sequence[str] | None = None,
     fractions: Sequence[float] = FRACTIONS,
-    device: torch.device | str | None = None,
-    autocast_dtype: torch.dtype | None = None,
-    channels_last: bool = False,
     batch_size: int = 500,
     random_repeats: int = 3,
     seed: int = 0,
@@ -200,15 +249,15 @@ def cam_faithfulness(
     """Keep and delete curves of the predicted class's confidence for each CAM method.
 
     Args:
-        model: a classifier returning (B, K) logits (eval mode during the call, restored after).
+        model: a classifier returning (B, K) logits, on ``compute.device`` (eval mode during the
+            call, restored after).
         images: (N, 3, H, W) float, normalised (so 0 is the dataset mean, the fill value).
+        compute: device, autocast dtype and memory layout of the prediction and confidence
+            forward passes (e.g. bfloat16, as the model is evaluated in training); the maps
+            themselves are computed in float32 on ``compute.device``.
         target_layer: layer name or list of names (see ``lrlab.interpret.layer_names``).
-        methods: CAM methods from ``lrlab.interpret.CAM_METHODS``.
+        methods: names in ``lrlab.interpret.CAM_METHODS``; None: all of them, in registration order.
         fractions: shares of pixels in [0, 1] at which to measure the curves.
-        device: where to run; default the device of the model's parameters.
-        autocast_dtype: dtype of the confidence forward passes (e.g. torch.bfloat16, as the
-            model is evaluated in training); the maps themselves are computed in float32.
-        channels_last: feed the confidence passes in channels_last memory format.
         batch_size: images per confidence forward pass.
         random_repeats: random maps per image for the baseline (averaged).
         seed: seed of the random maps and of the tie-breaking.
@@ -220,56 +269,26 @@ def cam_faithfulness(
     Raises:
         LrlabError: unknown method or layer (lists the valid ones); a fraction outside [0, 1].
     """
-    for m in methods:
-        if m not in CAM_METHODS:
-            raise LrlabError(f"CAM method {m!r} is not known; valid methods: {', '.join(CAM_METHODS)}")
-    fractions = sorted(float(f) for f in fractions)
-    if not fractions or fractions[0] < 0 or fractions[-1] > 1:
-        raise LrlabError(f"faithfulness fractions must lie in [0, 1], got {fractions}")
+    methods, fractions = _checked(methods, fractions)
     layers = target_layers(model, target_layer)
-    device = torch.device(device) if device is not None else _model_device(model)
     x = torch.as_tensor(images).detach().float().cpu()
     n, _, h, w = x.shape
-    conf = lambda xs, c: _confidence(model, xs, c, device, autocast_dtype, batch_size, channels_last)  # noqa: E731
-
-    with _eval_mode(model), torch.inference_mode():
-        mf = torch.channels_last if channels_last else torch.contiguous_format
-        with autocast(device, autocast_dtype):
-            preds = torch.cat([model(x[s:s + batch_size].to(device, memory_format=mf)).argmax(1).cpu()
-                               for s in range(0, n, batch_size)])
-    intact = conf(x, preds)
+    confidence = functools.partial(_confidence, model, compute=compute, batch_size=batch_size)
+    preds = _predicted(model, x, compute, batch_size)
+    intact = confidence(x, preds)
     gen = torch.Generator().manual_seed(seed)
-
-    ks = torch.tensor([round(f * h * w) for f in fractions]).view(-1, 1, 1, 1, 1)  # (F, 1, 1, 1, 1)
-
-    def curves(maps_list: list[torch.Tensor]) -> tuple[list[float], list[float]]:
-        """Mean keep / delete confidence per fraction, averaged over the maps in ``maps_list``."""
-        keep, delete = torch.zeros(len(fractions)), torch.zeros(len(fractions))
-        cls = preds.repeat(len(fractions))
-        for mp in maps_list:
-            ranks = _ranks(mp, gen).view(1, n, 1, h, w)
-            kept = (ranks < ks).float()  # (F, N, 1, H, W): one masked copy of every image per fraction
-            for sign, acc in ((kept, keep), (1.0 - kept, delete)):
-                p = conf((x.unsqueeze(0) * sign).flatten(0, 1), cls).view(len(fractions), n)
-                acc += p.mean(1) / len(maps_list)
-        return keep.tolist(), delete.tolist()
-
-    keep_curves: dict[str, list[float]] = {}
-    delete_curves: dict[str, list[float]] = {}
+    keep: dict[str, list[float]] = {}
+    delete: dict[str, list[float]] = {}
     seconds: dict[str, float] = {}
     for method in methods:
         if progress is not None:
             progress(method)
-        # One image first, untimed, so that one-off warm-up costs do not count for the first method.
-        class_activation_maps(model, x[:1], preds[:1], target_layer=layers, method=method, device=device)
-        start = time.perf_counter()
-        maps = class_activation_maps(model, x, preds, target_layer=layers, method=method, device=device)
-        seconds[method] = (time.perf_counter() - start) / max(n, 1)
-        keep_curves[method], delete_curves[method] = curves([maps])
-    grid = _layer_grid(model, layers, x.to(device))
+        maps, seconds[method] = _timed_maps(model, x, preds, layers, method, compute.device)
+        keep[method], delete[method] = _curves(confidence, x, preds, [maps], fractions, gen)
+    grid = _layer_grid(model, layers, x[:1].to(compute.device))
     rand = [random_maps(n, (h, w), grid, gen) for _ in range(max(1, random_repeats))]
-    keep_curves[RANDOM], delete_curves[RANDOM] = curves(rand)
-    return FaithfulnessResult(fractions=fractions, methods=list(methods), keep=keep_curves, delete=delete_curves,
+    keep[RANDOM], delete[RANDOM] = _curves(confidence, x, preds, rand, fractions, gen)
+    return FaithfulnessResult(fractions=fractions, methods=methods, keep=keep, delete=delete,
                               intact_confidence=intact.mean().item(), cam_seconds_per_image=seconds,
                               num_images=n, target_layer=layers, random_grid=list(grid))
 
