@@ -22,17 +22,15 @@ from pathlib import Path
 
 import torch
 
-from lrlab import plots
-from lrlab.compute import Compute
-from lrlab.config import load_config
+from lrlab import pipeline
 from lrlab.interpret import CAM_METHODS, cam_faithfulness, format_table, predict
-from lrlab.runner import cam_layer, eval_loader, load_data, new_model, precision_for
+from lrlab.run_folder import RunFolder
 
 
-def load_best(model: torch.nn.Module, path: Path) -> dict:
-    """Load ``path``'s model state. A checkpoint written before a layer gained a bias loads with
-    that bias at zero, which is the same function (said on stderr); anything else must match."""
-    state = torch.load(path, map_location="cpu")
+def load_best(model: torch.nn.Module, run: RunFolder) -> dict:
+    """Load the run's best model state. A checkpoint written before a layer gained a bias loads
+    with that bias at zero, which is the same function (said on stderr); anything else must match."""
+    state = run.load_checkpoint("best_checkpoint")
     missing, unexpected = model.load_state_dict(state["model"], strict=False)
     if unexpected or any(not k.endswith(".bias") for k in missing):
         model.load_state_dict(state["model"])  # raises with torch's full message
@@ -40,7 +38,7 @@ def load_best(model: torch.nn.Module, path: Path) -> dict:
     for key in missing:
         current[key].zero_()
     if missing:
-        print(f"note: {path} predates the bias(es) {', '.join(missing)}; loaded them as zeros", file=sys.stderr)
+        print(f"note: {run.file('best_checkpoint')} predates the bias(es) {', '.join(missing)}; loaded them as zeros", file=sys.stderr)
     return state
 
 
@@ -51,39 +49,36 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(CAM_METHODS.names()), help="comma-separated CAM methods")
     parser.add_argument("--layer", help="target layer (comma-separated to fuse); default: the run's")
     parser.add_argument("--data", type=Path, help="data path instead of the run's data.path")
-    parser.add_argument("--out", type=Path, help="also write faithfulness.json/.png into this folder")
+    parser.add_argument("--out", type=Path, help="also write the faithfulness table and figure into this folder")
     args, overrides = parser.parse_known_args()
     if args.data is not None:
         overrides.append(f"data.path={args.data.resolve()}")
     if args.layer:
         layers = args.layer.split(",")
         overrides.append(f"explain.target_layer={layers[0] if len(layers) == 1 else '[' + ', '.join(layers) + ']'}")
-    config = load_config(args.run_dir / "config.yaml", overrides)
+    source = RunFolder.open(args.run_dir)
+    config = source.load_config(overrides)
     start = time.perf_counter()
-    precision = precision_for(config)
-    data = load_data(config)
-    model = new_model(config, data, precision)
-    state = load_best(model, args.run_dir / "checkpoints" / "best.pt")
-    layer = cam_layer(config, model)
-    sample = data.test.subset(min(args.images, len(data.test)), seed=0)
-    x = torch.cat([xb for xb, _ in eval_loader(sample, data, precision)]).contiguous()
-    compute = Compute(precision.device, precision.dtype, precision.channels_last)
-    pred = predict(model, eval_loader(sample, data, precision), compute)
+    setup = pipeline.prepare(config, range_test=False, train=False, explain=True, init_from_data=False)
+    model, compute = setup.model, setup.compute
+    state = load_best(model, source)
+    layer = pipeline.cam_layer(config, model)
+    sample = setup.data.test.subset(min(args.images, len(setup.data.test)), seed=0)
+    x = torch.cat([xb for xb, _ in pipeline.eval_loader(setup, sample)]).contiguous()
+    pred = predict(model, pipeline.eval_loader(setup, sample), compute)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     result = cam_faithfulness(model, x, compute, target_layer=layer, methods=methods,
                               progress=lambda m: print(f"measuring {m} ...", file=sys.stderr))
     wall = time.perf_counter() - start
     print(f"run {args.run_dir} (best.pt, epoch {state.get('epoch', '?')}); {len(x)} test images "
-          f"({100 * pred.accuracy:.1f}% top-1 on them, no TTA); layer {layer}; {precision.device}, "
-          f"autocast {precision.dtype}; torch {torch.__version__}; {torch.get_num_threads()} threads; "
+          f"({100 * pred.accuracy:.1f}% top-1 on them, no TTA); layer {layer}; {compute.device}, "
+          f"autocast {compute.dtype_name}; torch {torch.__version__}; {torch.get_num_threads()} threads; "
           f"mean p(predicted) on intact images {result.intact_confidence:.3f}; {wall:.0f} s")
     print()
     print(format_table(result))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        result.save(args.out / "faithfulness.json")
-        plots.plot_faithfulness(result.fractions, result.keep, result.delete, args.out / "faithfulness.png",
-                                intact=result.intact_confidence)
+        RunFolder(args.out).save_faithfulness(result)
 
 
 if __name__ == "__main__":

@@ -148,12 +148,12 @@ def bad_inputs(ws: dict, tmp: Path) -> dict[str, tuple[list[str], str]]:
         "rotation on the tensor path": (["run", recipe, "--data", data, "data.rotate=10"], "needs augment 'albumentations'"),
         "unknown layer group": (["train", recipe, "--data", data, "train.layer_groups=[[stem], [head9]]"],
                                 "train.layer_groups names 'head9'"),
-        "batch ramp beyond the data": (["train", recipe, "--data", data, "train.batch_size_milestones=[1]",
+        "batch ramp beyond the data": (["run", recipe, "--data", data, "train.batch_size_milestones=[1]",
                                         "train.batch_size_factor=20"], "is larger than the 500 training images"),
         # rejected after the range test, inside the new run folder: the folder is removed
-        "range test without a suggestion": (["run", recipe, "--data", data, "lr_finder.start_lr=1000",
+        "range test without a suggestion": (["run", recipe, "--data", data, "--quiet", "lr_finder.start_lr=1000",
                                              "lr_finder.end_lr=1e6"], "without a 'max_lr' suggestion"),
-        "cyclic base_lr above the found peak": (["run", recipe, "--data", data, "train.schedule=cyclic",
+        "cyclic base_lr above the found peak": (["run", recipe, "--data", data, "--quiet", "train.schedule=cyclic",
                                                  "train.cyclic.base_lr=50"], "must be below the cyclic max_lr"),
     }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from lrlab import pipeline
 from lrlab.config import load_config
@@ -85,7 +86,7 @@ def test_range_test_sweeps_every_layer_group_at_its_ratio(small_tree, cache_dir)
                                 "lr_finder.skip_end=2", "lr_finder.start_lr=1e-3", "lr_finder.end_lr=1"])
     setup = pipeline.prepare(config, range_test=True, train=True, explain=False)
     seen = []
-    hook = torch.optim.Optimizer.register_optimizer_step_pre_hook(
+    hook = register_optimizer_step_pre_hook(
         lambda opt, args, kwargs: seen.append({g["layer_group"]: g["lr"] for g in opt.param_groups}))
     try:
         result = pipeline.range_test(setup)

@@ -97,7 +97,7 @@ def test_bad_optimizer_input_is_one_line():
         load_config(None, ["train.optimizer=lamb"])
     msg = str(e.value)
     assert "train.optimizer" in msg and "\n" not in msg
-    assert all(f"'{name}'" in msg for name in OPTIMIZERS)
+    assert f"'lamb' is not a valid optimizer; valid: {', '.join(OPTIMIZERS)}" in msg
     with pytest.raises(LrlabError) as e:
         load_config(None, ["train.momentum=-0.9"])
     assert str(e.value) == ("config: invalid value for 'train.momentum' (-0.9): "

@@ -112,14 +112,14 @@ def test_cyclic_period_is_exact_and_modes_scale_the_amplitude():
     # through build_schedule, stepped: the lr of each step follows lr_at
     opt = _optimizer()
     sched = build_schedule(_cfg("train.schedule=cyclic", "train.epochs=4", "train.cyclic.cycle_epochs=2",
-                                "train.cyclic.base_lr=0.01"), opt, 0.1, 10)
+                                "train.cyclic.base_lr=0.01"), opt, 0.1, Clock(10, 4))
     assert _trajectory(sched, opt, [10] * 4) == pytest.approx(lrs[:40])
 
 
 def test_warmup_is_linear_then_hands_over():
     opt = _optimizer()
     sched = build_schedule(_cfg("train.schedule=step", "train.epochs=6", "train.warmup_epochs=1.5",
-                                "train.step.step_size=3", "train.step.gamma=0.1"), opt, 0.3, 10)
+                                "train.step.step_size=3", "train.step.gamma=0.1"), opt, 0.3, Clock(10, 6))
     assert isinstance(sched, Warmup) and sched.warmup_steps == 15
     lrs = _trajectory(sched, opt, [10] * 6)
     assert lrs[:15] == pytest.approx([0.3 * (t + 1) / 15 for t in range(15)])
@@ -127,7 +127,7 @@ def test_warmup_is_linear_then_hands_over():
     # in front of ReduceLROnPlateau: ramps to the plateau's lr, which then cuts as torch does
     opt = _optimizer()
     sched = build_schedule(_cfg("train.schedule=plateau", "train.epochs=4", "train.warmup_epochs=1",
-                                "train.plateau.patience=0"), opt, 0.2, 4)
+                                "train.plateau.patience=0"), opt, 0.2, Clock(4, 4))
     lrs = _trajectory(sched, opt, [4] * 4, losses=[1.0, 0.5, 0.5, 0.5])
     assert lrs == pytest.approx([0.05, 0.1, 0.15, 0.2] + [0.2] * 8 + [0.02] * 4)  # cut after epoch 3
 

@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
                            help='one variant setting several keys, e.g. "sgd: train.optimizer=sgd train.momentum=0"')
             p.add_argument("--train-only", action="store_true",
                            help="no range test per variant: train at train.lr (train.max_lr for onecycle/cyclic)")
-    text = "rebuild report.html of a run folder from its files (the only file written there)"
+    text = "rebuild the report page of a run folder from its files (the only file written there)"
     p = sub.add_parser("report", help=text, description=text)
     p.add_argument("run_dir", type=Path, help="a run folder, e.g. runs/cifar10-quick-20261122-052508")
     return parser

@@ -182,7 +182,3 @@ class Compute:
                     out = forward(model, self.to_device(x))
                 yield out.float(), torch.as_tensor(y).to(self.device, non_blocking=True)
 
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """TEMPORARY (removed when every caller uses Compute): ``Compute(device, dtype).autocast()``."""
-    return Compute(device, dtype).autocast()

@@ -227,7 +227,7 @@ def train(setup: Setup, plan: LRPlan, callbacks: Callbacks = Callbacks(), run: R
     callbacks.stage("train", clock.total_steps)
     extra = {"config": config.model_dump(mode="json"), "classes": setup.data.classes,
              "mean": setup.data.mean, "std": setup.data.std}
-    scalars = TensorBoardScalars(run.file("tensorboard")) if run is not None else None
+    scalars = TensorBoardScalars(run.file("tensorboard_dir")) if run is not None else None
     try:
         def on_epoch(record: dict) -> None:
             if scalars is not None:

@@ -62,6 +62,13 @@ class Registry(Generic[T]):
     def __contains__(self, name: object) -> bool:
         return name in self._items
 
+    def __iter__(self) -> Iterator[str]:
+        """The names, in registration order."""
+        return iter(list(self._items))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
     def get(self, name: str) -> T:
         """The object registered as ``name``.
 

@@ -51,7 +51,7 @@ FILES = {
     "faithfulness_figure": "faithfulness.png",
     "summary": "summary.json",
     "report": "report.html",
-    "tensorboard": "tensorboard",
+    "tensorboard_dir": "tensorboard",
     "last_checkpoint": "checkpoints/last.pt",
     "best_checkpoint": "checkpoints/best.pt",
 }
@@ -229,11 +229,14 @@ class RunFolder:
                                  [r["prob"] for r in m], [r["true"] for r in m], self.file("cam_pairs_figure"),
                                  alpha=alpha, cmap=colormap)
         if found.faithfulness is not None:
-            f = found.faithfulness
-            f.save(self.file("faithfulness"))
-            plots.plot_faithfulness(f.fractions, f.keep, f.delete, self.file("faithfulness_figure"),
-                                    intact=f.intact_confidence)
+            self.save_faithfulness(found.faithfulness)
         write_json(self.file("mistakes"), {**found.details, "mistakes": m})
+
+    def save_faithfulness(self, result) -> None:
+        """faithfulness.json and faithfulness.png (keep and delete curves per CAM method)."""
+        result.save(self.file("faithfulness"))
+        plots.plot_faithfulness(result.fractions, result.keep, result.delete, self.file("faithfulness_figure"),
+                                intact=result.intact_confidence)
 
     # ------------------------------------------------------------------ report
 
