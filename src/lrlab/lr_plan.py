@@ -79,11 +79,12 @@ class LRPlan:
         """
         t = config.train
         schedule = SCHEDULES.get(t.schedule)
-        found = None if suggestion is None else suggestion * config.lr_finder.lr_factor
+        used = None  # the suggestion the lr comes from
         if schedule.lr_is_peak and t.max_lr is not None:
             lr, source = t.max_lr, "train.max_lr"
-        elif found is not None:
-            lr, source = found, f"range test: {method} {suggestion:.3g} x lr_factor {config.lr_finder.lr_factor:g}"
+        elif suggestion is not None:
+            used, factor = suggestion, config.lr_finder.lr_factor
+            lr, source = suggestion * factor, f"range test: {method} {suggestion:.3g} x lr_factor {factor:g}"
         elif schedule.lr_is_peak:
             raise LrlabError(f"train.schedule {t.schedule!r} needs a max_lr: set train.max_lr or let the range "
                              f"test find it (lr_finder.enabled=true, the run command)")
@@ -93,7 +94,7 @@ class LRPlan:
             schedule.check_lr(getattr(t, t.schedule), lr, source)
         names = tuple("+".join(g) for g in t.layer_groups) or ("all",)
         return cls(lr, "peak" if schedule.lr_is_peak else "initial", source, layer_scales(len(names), t.lr_ratio),
-                   names, suggestion if found is not None and source != "train.max_lr" else None, method)
+                   names, used, method if used is not None else None)
 
     @classmethod
     def check(cls, config, range_test_runs: bool) -> None:

@@ -292,11 +292,11 @@ def interpret(setup: Setup, pred: Predictions) -> Interpretation:
     mistakes = [{"index": i, "pred": classes[p], "prob": pred.probs[i, p].item(), "true": classes[t],
                  "prob_true": pred.probs[i, t].item(), "loss": pred.losses[i].item()} for i, p, t in rows]
     shown = Split(data.test.images[idx], data.test.labels[idx])
-    maps = np.zeros((0, *shown.images.shape[1:3]), np.float32), np.zeros((0, *shown.images.shape[1:3]), np.float32)
+    maps = [np.zeros((0, *shown.images.shape[1:3]), np.float32)] * 2  # predicted, true class
     if mistakes:
         x = torch.cat([xb for xb, _ in eval_loader(setup, shown)])
-        cam = dict(target_layer=layer, method=cfg.method, device=setup.compute.device)
-        maps = tuple(class_activation_maps(setup.model, x, c[idx], **cam).numpy() for c in (pred.preds, pred.targets))
+        maps = [class_activation_maps(setup.model, x, classes_[idx], target_layer=layer, method=cfg.method,
+                                      device=setup.compute.device).numpy() for classes_ in (pred.preds, pred.targets)]
     faithfulness = None
     if cfg.faithfulness_images:
         sample = data.test.subset(min(cfg.faithfulness_images, len(data.test)), seed=config.seed)
