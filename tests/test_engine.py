@@ -4,7 +4,6 @@ import torch
 
 from lrlab.config import load_config
 from lrlab import pipeline
-from lrlab.lr_plan import LRPlan
 from lrlab.run_folder import RunFolder
 
 

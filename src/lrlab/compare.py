@@ -27,7 +27,6 @@ from __future__ import annotations
 import csv
 import io
 import itertools
-import json
 import re
 import typing
 from collections.abc import Callable, Sequence

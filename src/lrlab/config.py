@@ -27,6 +27,15 @@ from lrlab.registry import Section as _Section
 from lrlab.registry import choice
 from lrlab.schedules import SCHEDULES, Milestones
 
+# Allowed values, from the modules that own the names (see lrlab.registry).
+AugmentMode = choice(AUGMENT_MODES, "data.augment")
+SweepMode = choice(MODES, "lr_finder.mode")
+SuggestionMethod = choice(("auto", *METHODS), "lr_finder.method")
+OptimizerName = OPTIMIZERS.field()
+ScheduleName = SCHEDULES.field()
+MistakeOrder = SELECT_BY.field()
+CamMethodName = CAM_METHODS.field()
+
 
 class ComputeConfig(_Section):
     """Where and how to compute (lrlab.compute.Compute.choose)."""
@@ -43,7 +52,7 @@ class DataConfig(_Section):
     cache_dir: str | None = None  # decoded-array cache; None: $LRLAB_CACHE or ~/.cache/lrlab
     train_subset: int | None = Field(None, gt=0)  # class-balanced subset sizes, for quick tries
     test_subset: int | None = Field(None, gt=0)
-    augment: choice(AUGMENT_MODES, "data.augment") = "tensor"
+    augment: AugmentMode = "tensor"
     crop_padding: int = Field(4, ge=0)  # pad-and-random-crop (translation) in pixels
     flip: bool | Literal["alternate"] = True  # random horizontal flip; alternate: every other epoch
     cutout: int = Field(16, ge=0)  # side of the one square Cutout hole in pixels; 0: off
@@ -63,7 +72,7 @@ class LRFinderConfig(_Section):
     start_lr: float = Field(1e-5, gt=0)
     end_lr: float = Field(10.0, gt=0)
     num_iter: int = Field(100, gt=0)
-    mode: choice(MODES, "lr_finder.mode") = "exp"
+    mode: SweepMode = "exp"
     smooth: float = Field(0.98, ge=0, lt=1)  # EMA beta of the running loss (divergence stop only)
     diverge_factor: float = Field(5.0, gt=1)  # stop when smoothed loss > factor x best
     skip_start: int = Field(10, ge=0)  # points left out of the suggestion at each end
@@ -73,7 +82,7 @@ class LRFinderConfig(_Section):
     # which suggestion becomes train.lr (lrlab.lr_finder.suggest: steepest, valley, min10,
     # descent, max_lr; auto: max_lr for SGD, steepest for adaptive optimizers, chosen from
     # benchmarks/lr_suggestion_quality.py); every method's lr and band are saved either way
-    method: choice(("auto", *METHODS), "lr_finder.method") = "auto"
+    method: SuggestionMethod = "auto"
     lr_factor: float = Field(1.0, gt=0)  # train.lr = suggestion x lr_factor
     # "val": Smith's validation loss on val_images class-balanced test images, evaluated every
     # val_every steps (cost: val_images / batch_size forward passes per val_every steps)
@@ -103,7 +112,7 @@ class _TrainBase(_Section):
     batch_size: int = Field(128, gt=0)
     # sgd: SGD with train.momentum (0: plain SGD) and train.nesterov; nesterov: SGD with
     # Nesterov momentum; the others are torch.optim's (see lrlab.optim.build_optimizer).
-    optimizer: OPTIMIZERS.field() = "sgd"
+    optimizer: OptimizerName = "sgd"
     lr: float = Field(0.05, gt=0)  # used as is when the range test is off
     max_lr: float | None = Field(None, gt=0)  # onecycle/cyclic peak; None: the range test's lr
     # discriminative lrs: module names per layer group, bottom to top (others join the top
@@ -117,7 +126,7 @@ class _TrainBase(_Section):
     weight_decay: float = Field(5e-4, ge=0)
     decay_norm_and_bias: bool = False  # false: no weight decay on biases and norm weights
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    schedule: SCHEDULES.field() = "plateau"  # its options: train.<schedule>, see lrlab.schedules
+    schedule: ScheduleName = "plateau"  # its options: train.<schedule>, see lrlab.schedules
     warmup_epochs: float = Field(0.0, ge=0)  # linear lr warm-up in front of any schedule
     # Batch-size schedule (Smith et al. 2017, arXiv:1711.00489): batch_size x factor at each
     # milestone epoch (0-based), instead of decaying the lr.
@@ -148,8 +157,8 @@ class ExplainConfig(_Section):
     """The mistakes and their class activation maps (lrlab.interpret, torchcam)."""
 
     num_images: int = Field(25, gt=0)
-    select: SELECT_BY.field() = "loss"  # highest loss / most confident wrong / first N
-    method: CAM_METHODS.field() = "gradcam"
+    select: MistakeOrder = "loss"  # highest loss / most confident wrong / first N
+    method: CamMethodName = "gradcam"
     # None: the model's default (8x8 maps for 32x32 inputs); a list of names fuses their maps
     target_layer: str | list[str] | None = None
     alpha: float = Field(0.5, ge=0, le=1)  # overlay strength of the class activation map

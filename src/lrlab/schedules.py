@@ -62,6 +62,7 @@ CYCLIC_MODES = {
     "exp_range": lambda cycle, position, gamma: gamma ** position,
 }
 """train.cyclic.mode -> amplitude scale (cycle index, epochs elapsed, gamma) of :class:`Cyclic`."""
+CyclicMode = choice(tuple(CYCLIC_MODES), "train.cyclic.mode")
 
 
 def _increasing_epochs(milestones: list[int]) -> list[int]:
@@ -347,7 +348,7 @@ class Cyclic(Schedule):
     class Options(Section):
         """train.cyclic (Smith 2015, arXiv:1506.01186): lr between base_lr and max_lr."""
 
-        mode: choice(tuple(CYCLIC_MODES), "train.cyclic.mode") = "triangular"
+        mode: CyclicMode = "triangular"
         base_lr: float | None = Field(None, gt=0)  # None: max_lr / 4
         cycle_epochs: float = Field(4.0, gt=0)  # one full cycle (up and down), in epochs
         gamma: float = Field(0.9, gt=0, le=1)  # exp_range: amplitude x gamma^epochs
