@@ -1,6 +1,6 @@
 """Per-epoch scalars for TensorBoard, as PyTorch users expect: ``tensorboard --logdir runs``.
 
-``lrlab.runner.train`` passes every History record to a :class:`TensorBoardScalars` through the
+``lrlab.pipeline.train`` passes every History record to a :class:`TensorBoardScalars` through the
 training loop's ``on_epoch`` callback; the event files go to ``<run>/tensorboard/``.
 """
 
