@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from lrlab.errors import LrlabError
-from lrlab.schedules import SCHEDULES
+from lrlab.schedules import SCHEDULES, schedule_options
 
 
 def suggestion_method(method: str, optimizer: torch.optim.Optimizer) -> str:
@@ -90,16 +90,15 @@ class LRPlan:
                              f"test find it (lr_finder.enabled=true, the run command)")
         else:
             lr, source = t.lr, "train.lr"
-        if schedule.Options is not None:
-            schedule.check_lr(getattr(t, t.schedule), lr, source)
+        schedule.check_lr(schedule_options(t), lr, source)
         names = tuple("+".join(g) for g in t.layer_groups) or ("all",)
         return cls(lr, "peak" if schedule.lr_is_peak else "initial", source, layer_scales(len(names), t.lr_ratio),
                    names, used, method if used is not None else None)
 
     @classmethod
     def check(cls, config, range_test_runs: bool) -> None:
-        """Before any work: would :meth:`make` succeed? A range test that will run stands in
-        with a placeholder suggestion, so only what is known now is checked.
+        """Before any work: would :meth:`make` succeed? When the lr will come from a range test
+        that has not run yet, nothing can be checked now (:meth:`make` checks its value later).
 
         Raises:
             LrlabError: as :meth:`make`.

@@ -547,6 +547,11 @@ def check_batch_sizes(train_cfg, train_images: int) -> None:
                              f"move train.batch_size_milestones")
 
 
+def schedule_options(train_cfg):
+    """The ``train.<schedule>`` options section of the configured schedule, or None if it has none."""
+    return getattr(train_cfg, train_cfg.schedule) if SCHEDULES.get(train_cfg.schedule).Options else None
+
+
 def build_schedule(train_cfg, optimizer: torch.optim.Optimizer, lr: float, clock: Clock) -> Schedule:
     """The schedule named by ``train_cfg.schedule`` (from :data:`SCHEDULES`, with its
     ``train.<name>`` options), with a linear warm-up in front when ``train_cfg.warmup_epochs`` > 0.
@@ -558,9 +563,7 @@ def build_schedule(train_cfg, optimizer: torch.optim.Optimizer, lr: float, clock
             initial lr, per step.
         clock: the optimizer steps of every epoch.
     """
-    cls = SCHEDULES.get(train_cfg.schedule)
-    options = getattr(train_cfg, train_cfg.schedule) if cls.Options is not None else None
-    schedule = cls.from_options(optimizer, lr, options, clock)
+    schedule = SCHEDULES.get(train_cfg.schedule).from_options(optimizer, lr, schedule_options(train_cfg), clock)
     if train_cfg.warmup_epochs > 0:
         schedule = Warmup(schedule, max(1, clock.steps_until(train_cfg.warmup_epochs)))
     return schedule
