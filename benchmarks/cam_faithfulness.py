@@ -8,8 +8,10 @@ class-balanced subset of ``--images`` test images (seed 0) and, for each CAM met
 pixels by the map of the predicted class. It prints a Markdown table: the drop in the mean
 probability of the predicted class (percentage points) when only the top 10/25/50% of the
 pixels are kept (the rest set to the dataset mean), the areas under the keep curve (higher is
-better) and the delete curve (lower is better), and the map time per image; the last row is a
-random smooth map of the same area. See lrlab/interpret/faithfulness.py for the method and references.
+better) and the delete curve (lower is better), the ROAD scores (imputation instead of the mean;
+MoRF lower is better, LeRF higher is better) and the map time per image; the last row is a
+random smooth map of the same area. The bf16 matmul peak of the machine is measured first, so
+that the times can be compared across machines. See lrlab/interpret/faithfulness.py for the method and references.
 With ``--out DIR`` the curves are also written as DIR/faithfulness.json and .png.
 """
 
@@ -25,6 +27,7 @@ import torch
 from lrlab import pipeline
 from lrlab.interpret import CAM_METHODS, cam_faithfulness, format_table, predict
 from lrlab.run_folder import RunFolder
+from time_to_accuracy import matmul_peak
 
 
 def load_best(model: torch.nn.Module, run: RunFolder) -> dict:
@@ -51,6 +54,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help="data path instead of the run's data.path")
     parser.add_argument("--out", type=Path, help="also write the faithfulness table and figure into this folder")
     args, overrides = parser.parse_known_args()
+    peak_bf16 = matmul_peak(torch.bfloat16)
     if args.data is not None:
         overrides.append(f"data.path={args.data.resolve()}")
     if args.layer:
@@ -73,6 +77,7 @@ def main() -> None:
     print(f"run {args.run_dir} (best.pt, epoch {state.get('epoch', '?')}); {len(x)} test images "
           f"({100 * pred.accuracy:.1f}% top-1 on them, no TTA); layer {layer}; {compute.device}, "
           f"autocast {compute.dtype_name}; torch {torch.__version__}; {torch.get_num_threads()} threads; "
+          f"bf16 matmul peak {peak_bf16:.0f} GFLOP/s; "
           f"mean p(predicted) on intact images {result.intact_confidence:.3f}; {wall:.0f} s")
     print()
     print(format_table(result))

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lrlab import plots
 from lrlab.compute import Compute
 from lrlab.errors import LrlabError
 from lrlab.interpret import (
@@ -238,73 +239,156 @@ def test_cam_maps_shape_range_and_class_dependence(data):
     torch.testing.assert_close(maps_a, class_activation_maps(model, x, cls_a, target_layer="block2"))
 
 
-def test_gradcam_matches_definition(data):
-    """Grad-CAM = ReLU(sum_k mean_ij(dY_c/dA_k) A_k), upsampled, min-max normalised."""
-    model, x = data["model"], data["x"][:8]
-    cls = torch.arange(8) % 10
+def hooked(model, layer: str, x, cls):
+    """Activations A (N, C, h, w) of ``layer`` and the gradients dY_c/dA of the class scores."""
     model.eval()
     store = {}
-    handle = model.block2.register_forward_hook(lambda m, i, o: store.update(a=o))
+    handle = getattr(model, layer).register_forward_hook(lambda m, i, o: store.update(a=o))
     try:
         scores = model(x)
-        act = store["a"]
-        (grad,) = torch.autograd.grad(scores.gather(1, cls.view(-1, 1)).sum(), act)
     finally:
         handle.remove()
-    cam = F.relu((grad.mean((2, 3), keepdim=True) * act).sum(1, keepdim=True))
-    cam = F.interpolate(cam, size=(32, 32), mode="bilinear", align_corners=False).squeeze(1).detach()
+    (grad,) = torch.autograd.grad(scores.gather(1, cls.view(-1, 1)).sum(), store["a"])
+    return store["a"].detach(), grad
+
+
+def finish(raw, size=(32, 32)):
+    """ReLU, bilinear upsampling to the image, min-max normalisation (all-zero stays zero)."""
+    cam = F.interpolate(F.relu(raw).unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
     lo, hi = cam.amin((1, 2), keepdim=True), cam.amax((1, 2), keepdim=True)
-    expected = torch.where(hi > lo, (cam - lo) / (hi - lo), torch.zeros_like(cam))
-    got = class_activation_maps(model, x, cls, target_layer="block2")
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    return torch.where(hi > lo, (cam - lo) / (hi - lo), torch.zeros_like(cam))
+
+
+def channel_sum(w, a):
+    return (w[:, :, None, None] * a).sum(1)
+
+
+def grad_cam(a, g):  # Selvaraju et al. 2017, eq. 1-2
+    return channel_sum(g.mean((2, 3)), a)
+
+
+def grad_cam_pp(a, g):  # Chattopadhyay et al. 2018, eq. 19 (alpha) and eq. 10 (weights)
+    g2, g3 = g ** 2, g ** 3
+    denom = 2 * g2 + a.sum((2, 3), keepdim=True) * g3
+    alpha = torch.where(denom != 0, g2 / denom, torch.zeros_like(g))
+    return channel_sum((alpha * F.relu(g)).sum((2, 3)), a)
+
+
+def xgrad_cam(a, g):  # Fu et al. 2020, eq. 12; a channel that is zero everywhere weighs 0
+    s = a.sum((2, 3))
+    return channel_sum(torch.where(s != 0, (g * a).sum((2, 3)) / s, torch.zeros_like(s)), a)
+
+
+def layer_cam(a, g):  # Jiang et al. 2021, eq. 5-6
+    return (F.relu(g) * a).sum(1)
+
+
+PAPER = {"gradcam": grad_cam, "gradcampp": grad_cam_pp, "xgradcam": xgrad_cam, "layercam": layer_cam}
+
+
+def drop_grads(model):
     for p in model.parameters():
         p.grad = None
 
 
-@pytest.mark.parametrize("method", ["gradcampp", "xgradcam", "layercam", "scorecam"])
-def test_other_cam_methods(data, method):
-    maps = class_activation_maps(data["model"], data["x"][:4], data["pred"].preds[:4], target_layer="block1",
-                                 method=method)
-    assert maps.shape == (4, 32, 32) and torch.isfinite(maps).all() and 0 <= maps.min() <= maps.max() <= 1
-    assert (maps.amax((1, 2)) == 1).any()
+@pytest.mark.parametrize("layer", ["block1", "block2"])
+@pytest.mark.parametrize("method", sorted(PAPER))
+def test_gradient_cam_equals_its_paper_formula(data, method, layer):
+    """Each gradient method's map is its paper's formula, recomputed from hooked A and dY_c/dA,
+    for the predicted class of some images and another class of the others."""
+    model, x, pred = data["model"], data["x"][:12], data["pred"]
+    cls = torch.where(torch.arange(12) % 2 == 0, pred.preds[:12], (pred.preds[:12] + 3) % 10)
+    a, g = hooked(model, layer, x, cls)
+    drop_grads(model)
+    expected = finish(PAPER[method](a, g))
+    got = class_activation_maps(model, x, cls, target_layer=layer, method=method, batch_size=5)
+    assert got.shape == (12, 32, 32) and got.dtype == torch.float32 and torch.isfinite(got).all()
+    assert 0 <= got.min() and got.max() <= 1 and (got.amax((1, 2)) == 1).sum() >= 6
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
 
 
-def test_scorecam_matches_definition(data):
-    """Score-CAM = ReLU(sum_k softmax_k(Y_c(M_k * x) - Y_c(0)) A_k), M_k the min-max-normalised
-    upsampled activation k (Wang et al. 2020), here with torchcam's zero (= mean) baseline."""
-    model, x = data["model"], data["x"][:2]
-    cls = data["pred"].preds[:2]
+def test_gradcampp_is_not_the_library_denominator(data):
+    """pytorch-grad-cam adds 1e-6 to eq. 19's denominator; here g^2 is of that order, so that
+    version is a different map, and lrlab's must not be it."""
+    model, x, cls = data["model"], data["x"][:12], data["pred"].preds[:12]
+    a, g = hooked(model, "block2", x, cls)
+    drop_grads(model)
+    assert (g ** 2).mean() < 1e-4
+    g2 = g ** 2
+    alpha = torch.where(g != 0, g2 / (2 * g2 + a.sum((2, 3), keepdim=True) * g2 * g + 1e-6), torch.zeros_like(g))
+    library = finish(channel_sum((alpha * F.relu(g)).sum((2, 3)), a))
+    got = class_activation_maps(model, x, cls, target_layer="block2", method="gradcampp")
+    assert (got - library).abs().max() > 0.01
+
+
+def test_scorecam_equals_its_paper_formula(data):
+    """Score-CAM (Wang et al. 2020, Algorithm 1) = ReLU(sum_k softmax_k(p_c(X * H_k)) A_k), H_k the
+    min-max-normalised upsampled activation k (zero for a constant channel), p_c the softmax
+    probability of class c (the baseline's probability is constant over k and cancels)."""
+    model, x = data["model"], data["x"][:3]
+    cls = data["pred"].preds[:3]
     model.eval()
     store = {}
     handle = model.block2.register_forward_hook(lambda m, i, o: store.update(a=o))
     with torch.no_grad():
         try:
-            base = model(x).gather(1, cls.view(-1, 1))  # torchcam's baseline: the input itself
+            model(x)
         finally:
             handle.remove()
-        act = store["a"]  # (2, 64, 8, 8)
-        lo, hi = act.amin((2, 3), keepdim=True), act.amax((2, 3), keepdim=True)
-        masks = F.interpolate((act - lo) / (hi - lo + 1e-8), size=(32, 32), mode="bilinear", align_corners=False)
-        scores = torch.stack([model(x[i:i + 1] * masks[i].unsqueeze(1))[:, cls[i]] for i in range(2)])  # (2, 64)
-        weights = torch.softmax(scores - base, dim=1)
-        cam = F.relu((weights[:, :, None, None] * act).sum(1, keepdim=True))
-    cam = F.interpolate(cam, size=(32, 32), mode="bilinear", align_corners=False).squeeze(1)
-    lo, hi = cam.amin((1, 2), keepdim=True), cam.amax((1, 2), keepdim=True)
-    expected = (cam - lo) / (hi - lo)
+        act = store["a"]  # (3, 64, 8, 8)
+        up = F.interpolate(act, size=(32, 32), mode="bilinear", align_corners=False)
+        lo, hi = up.amin((2, 3), keepdim=True), up.amax((2, 3), keepdim=True)
+        masks = torch.where(hi > lo, (up - lo) / (hi - lo), torch.zeros_like(up))
+        probs = torch.stack([torch.softmax(model(x[i:i + 1] * masks[i].unsqueeze(1)), 1)[:, cls[i]] for i in range(3)])
+        expected = finish(channel_sum(torch.softmax(probs, dim=1), act))
     got = class_activation_maps(model, x, cls, target_layer="block2", method="scorecam")
-    torch.testing.assert_close(got, expected, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
 
 
-def test_fused_layers_are_the_max_of_normalised_maps(data):
+def test_all_negative_map_is_zero_and_labelled(data):
+    """Where the weighted sum is negative at every position (real pairs of image and class,
+    found by hand), the map is all zero, and the figures label it instead of drawing it."""
+    model, x = data["model"], data["x"]
+    found = []
+    for c in range(10):
+        a, g = hooked(model, "block2", x, torch.full((len(x),), c))
+        found += [(i, c) for i in torch.nonzero(grad_cam(a, g).amax((1, 2)) < 0).flatten().tolist()]
+    drop_grads(model)
+    assert len(found) >= 2, "no all-negative Grad-CAM among 300 images x 10 classes"
+    idx, cls = (torch.tensor(v) for v in zip(*found[:4], strict=True))
+    maps = class_activation_maps(model, x[idx], cls, target_layer="block2")
+    assert torch.equal(maps, torch.zeros_like(maps))
+    positive = class_activation_maps(model, x[idx], data["pred"].preds[idx], target_layer="block2")
+    n, u8 = len(idx), data["u8"][idx.numpy()]
+    fig = plots._cam_pairs_figure(u8, positive.numpy(), maps.numpy(), ["cat"] * n, [0.5] * n, ["dog"] * n)
+    label = plots.EMPTY_MAP.split(" (")[0]
+    labelled = [ax for ax in fig.axes if any(label in t.get_text() for t in ax.texts)]
+    assert len(labelled) == n and all(len(ax.images) == 1 for ax in labelled)  # the image, no heatmap
+    assert sum(len(ax.images) == 2 for ax in fig.axes) == int((positive.amax((1, 2)) > 0).sum())
+    grid = plots._cam_figure(u8, maps.numpy(), ["x"] * n)
+    assert sum(len(ax.texts) for ax in grid.axes) == n and all(len(ax.images) <= 1 for ax in grid.axes)
+    plots.plt.close(fig)
+    plots.plt.close(grid)
+
+
+def test_fused_layers_are_the_mean_of_normalised_maps(data):
+    """Several layers: each layer's map normalised at its resolution, upsampled, averaged, normalised."""
     model, x, cls = data["model"], data["x"][:6], data["pred"].preds[:6]
+
+    def normalise(m):
+        lo, hi = m.amin((1, 2), keepdim=True), m.amax((1, 2), keepdim=True)
+        return (m - lo) / (hi - lo)
+
     for method in ("gradcam", "layercam"):
-        a = class_activation_maps(model, x, cls, target_layer="block1", method=method)
-        b = class_activation_maps(model, x, cls, target_layer="block2", method=method)
+        ups = []
+        for layer in ("block1", "block2"):
+            low = normalise(F.relu(PAPER[method](*hooked(model, layer, x, cls))))
+            ups.append(F.interpolate(low.unsqueeze(1), size=(32, 32), mode="bilinear", align_corners=False).squeeze(1))
+        drop_grads(model)
         fused = class_activation_maps(model, x, cls, target_layer=["block1", "block2"], method=method)
-        top = torch.maximum(a, b)
-        lo, hi = top.amin((1, 2), keepdim=True), top.amax((1, 2), keepdim=True)
-        torch.testing.assert_close(fused, (top - lo) / (hi - lo), atol=1e-5, rtol=1e-5)
-        assert not torch.allclose(fused, b, atol=1e-3)  # the 16x16 layer adds detail
+        torch.testing.assert_close(fused, normalise((ups[0] + ups[1]) / 2), atol=2e-5, rtol=1e-4)
+        single = class_activation_maps(model, x, cls, target_layer="block2", method=method)
+        assert not torch.allclose(fused, single, atol=1e-3)  # the 16x16 layer adds detail
 
 
 @pytest.mark.parametrize("method", CAM_METHODS.names())
@@ -317,6 +401,11 @@ def test_predicted_and_true_class_maps_differ(data, method):
     where = class_activation_maps(model, x, pred.targets[idx], target_layer="block2", method=method)
     assert (pred.preds[idx] != pred.targets[idx]).all()
     diff = (why - where).abs().mean((1, 2))
+    if method == "scorecam":
+        # The paper's weights are a softmax over channels of probabilities in [0, 1], nearly
+        # uniform: its maps depend on the class, but far less than the gradient methods' maps.
+        assert (diff > 1e-3).all(), diff
+        return
     assert (diff > 0.02).all(), diff
     assert diff.mean() > 0.1
 
@@ -354,6 +443,9 @@ def test_cam_leaves_model_untouched(data, method):
     model.train()
     model.stem.eval()
     model.fc.weight.requires_grad_(False)  # a partly frozen model stays partly frozen
+    F.cross_entropy(model(data["x"][:8]), data["y"][:8]).backward()  # .grad as in mid-training
+    grads = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+    assert grads["fc.weight"] is None and grads["block2.0.weight"] is not None
     flags = [p.requires_grad for p in model.parameters()]
     state = {k: v.clone() for k, v in model.state_dict().items()}
     before = count_hooks(model)
@@ -365,13 +457,15 @@ def test_cam_leaves_model_untouched(data, method):
         assert count_hooks(model) == before
         assert model.training and not model.stem.training and model.block2.training
         assert [p.requires_grad for p in model.parameters()] == flags
-        assert all(p.grad is None for p in model.parameters())
+        for n, p in model.named_parameters():  # .grad untouched (the library's zero_grad is undone)
+            assert (p.grad is None) if grads[n] is None else torch.equal(p.grad, grads[n]), n
         # eval mode during CAM: BatchNorm running statistics unchanged
         for k, v in model.state_dict().items():
             assert torch.equal(v, state[k]), k
     finally:
         model.fc.weight.requires_grad_(True)
         model.eval()
+        drop_grads(model)
 
 
 def test_cam_inside_inference_mode_and_frozen_model(data):
@@ -425,11 +519,20 @@ def test_cam_faithfulness_curves(data):
         assert keep[0] == pytest.approx(delete[-1], abs=1e-5)
         assert 0 < result.auc(name, "keep") < 1 and 0 < result.auc(name, "delete") < 1
     assert result.drop_at("gradcam", 0.1) == pytest.approx(result.intact_confidence - result.keep["gradcam"][1])
+    # ROAD: imputing the most relevant pixels costs more confidence than imputing the least relevant
+    assert set(result.road_morf) == set(result.road_lerf) == {"gradcam", "layercam", "random"}
+    for name in ("gradcam", "layercam"):
+        assert -1 < result.road_morf[name] < result.road_lerf[name] < 1
     table = format_table(result, at=(0.1, 0.5))
     lines = table.splitlines()
     assert len(lines) == 2 + 3 and lines[2].startswith("| gradcam |") and "random map (8x8" in lines[-1]
+    assert "ROAD MoRF (lower better) | ROAD LeRF (higher better)" in lines[0]
+    assert f"| {100 * result.road_morf['gradcam']:+.1f} pp |" in lines[2]
     back = FaithfulnessResult.from_dict(json.loads(json.dumps(result.to_dict())))
     assert back == result
+    # a faithfulness.json written before ROAD existed still reads; its table shows "-"
+    older = FaithfulnessResult.from_dict({k: v for k, v in result.to_dict().items() if not k.startswith("road")})
+    assert "| - | - |" in format_table(older, at=(0.1, 0.5)).splitlines()[2]
     with pytest.raises(LrlabError, match=f"unknown explain.method 'rise'; {VALID_CAM_METHODS}$"):
         cam_faithfulness(model, x, CPU, target_layer="block2", methods=("gradcam", "rise"))
     with pytest.raises(LrlabError, match="valid layers"):

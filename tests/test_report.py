@@ -117,7 +117,7 @@ def test_run_writes_report_predictions_and_confusion(run):
     assert per_class["accuracy"] == pytest.approx(pred.accuracy)
     # the mistakes are exactly the highest-loss wrong predictions of the saved predictions
     mistakes = json.loads((run_dir / "mistakes.json").read_text())
-    assert mistakes["method"] == "gradcam" and mistakes["select"] == "loss"
+    assert mistakes["method"] == "layercam" and mistakes["select"] == "loss"
     assert [m["index"] for m in mistakes["mistakes"]] == select_misclassified(pred, 9, by="loss").tolist()
     assert all(m["pred"] != m["true"] for m in mistakes["mistakes"])
     faith = json.loads((run_dir / "faithfulness.json").read_text())
@@ -270,4 +270,4 @@ def test_config_level_cam_errors(run):
     assert "\n" not in msg and "'head'" in msg
     assert msg.endswith("valid layers: " + ", ".join(name for name, _ in model.named_modules() if name))
     assert pipeline.cam_layer(load_config(run["recipe"]), model) == "block2"
-    assert yaml.safe_load((run["run"] / "config.yaml").read_text())["explain"]["method"] == "gradcam"
+    assert yaml.safe_load((run["run"] / "config.yaml").read_text())["explain"]["method"] == "layercam"

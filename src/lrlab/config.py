@@ -154,16 +154,16 @@ schedule that has options (``train.onecycle.warmup_pct``, ``train.plateau.patien
 
 
 class ExplainConfig(_Section):
-    """The mistakes and their class activation maps (lrlab.interpret, torchcam)."""
+    """The mistakes and their class activation maps (lrlab.interpret, pytorch-grad-cam)."""
 
     num_images: int = Field(25, gt=0)
     select: MistakeOrder = "loss"  # highest loss / most confident wrong / first N
-    method: CamMethodName = "gradcam"
+    method: CamMethodName = "layercam"  # the most faithful in the README's table, at Grad-CAM's cost
     # None: the model's default (8x8 maps for 32x32 inputs); a list of names fuses their maps
     target_layer: str | list[str] | None = None
     alpha: float = Field(0.5, ge=0, le=1)  # overlay strength of the class activation map
     colormap: str = "jet"  # matplotlib colormap of the overlay
-    faithfulness_images: int = Field(0, ge=0)  # >0: keep/delete test of all CAM methods on N test images
+    faithfulness_images: int = Field(0, ge=0)  # >0: keep/delete and ROAD test of all CAM methods on N test images
 
     @model_validator(mode="after")
     def _explain_values(self):

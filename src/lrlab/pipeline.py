@@ -295,8 +295,8 @@ def interpret(setup: Setup, pred: Predictions) -> Interpretation:
     maps = [np.zeros((0, *shown.images.shape[1:3]), np.float32)] * 2  # predicted, true class
     if mistakes:
         x = torch.cat([xb for xb, _ in eval_loader(setup, shown)])
-        maps = [class_activation_maps(setup.model, x, classes_[idx], target_layer=layer, method=cfg.method,
-                                      device=setup.compute.device).numpy() for classes_ in (pred.preds, pred.targets)]
+        maps = [class_activation_maps(setup.model, x, classes_[idx], target_layer=layer, method=cfg.method).numpy()
+                for classes_ in (pred.preds, pred.targets)]
     faithfulness = None
     if cfg.faithfulness_images:
         sample = data.test.subset(min(cfg.faithfulness_images, len(data.test)), seed=config.seed)

@@ -25,6 +25,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from lrlab.io import atomic_path  # noqa: E402
 
 __all__ = [
+    "EMPTY_MAP",
     "mistake_title",
     "plot_accuracy",
     "plot_cam_grid",
@@ -39,6 +40,21 @@ __all__ = [
 
 DPI = 120
 TITLE_SEP = " / "
+EMPTY_MAP = "no positive evidence (map all zero)"
+"""Drawn instead of a heatmap whose map is zero everywhere (the method's weighted sum was
+negative at every position, so nothing survives the ReLU)."""
+
+
+def _overlay(ax, cam: np.ndarray, *, cmap: str, alpha: float, interpolation: str) -> None:
+    """Draw the map ``cam`` (H, W) in [0, 1] over the image in ``ax``; an all-zero map is not
+    drawn (a colormap would paint it as a confident uniform map) but labelled :data:`EMPTY_MAP`
+    across the image."""
+    if cam.max() > 0:
+        ax.imshow(cam, cmap=cmap, alpha=alpha, vmin=0.0, vmax=1.0, interpolation=interpolation)
+        return
+    ax.text(0.5, 0.5, EMPTY_MAP.replace(" (", "\n("), transform=ax.transAxes, ha="center", va="center",
+            fontsize=6, color="white", bbox={"facecolor": "black", "alpha": 0.6, "pad": 2})
+    return False
 
 
 def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
@@ -223,7 +239,7 @@ def _cam_figure(
     for ax, img, cam, title in zip(axes, images, maps, titles, strict=True):
         ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, interpolation="nearest",
                   cmap="gray" if img.shape[-1] == 1 else None)
-        ax.imshow(cam, cmap=cmap, alpha=alpha, vmin=0.0, vmax=1.0, interpolation="bilinear")
+        _overlay(ax, cam, cmap=cmap, alpha=alpha, interpolation="bilinear")
         _style_cell(ax, title)
     return fig
 
@@ -256,7 +272,8 @@ def plot_cam_grid(
 
     Args:
         images_uint8: (N, H, W, 3) uint8.
-        maps: (N, H, W) float in [0, 1] (from ``lrlab.interpret.class_activation_maps``).
+        maps: (N, H, W) float in [0, 1] (from ``lrlab.interpret.class_activation_maps``); an
+            all-zero map is labelled :data:`EMPTY_MAP` instead of drawn.
         titles: N labels.
         path: the PNG to write.
         alpha: opacity of the heatmap.
@@ -357,7 +374,7 @@ def _cam_pairs_figure(
         for j, (ax, caption) in enumerate(zip(axes, captions, strict=True)):
             ax.imshow(img, interpolation="nearest", cmap=gray)
             if j:
-                ax.imshow(maps[j - 1][i], cmap=cmap, alpha=alpha, vmin=0.0, vmax=1.0, interpolation="nearest")
+                _overlay(ax, maps[j - 1][i], cmap=cmap, alpha=alpha, interpolation="nearest")
             ax.set_xlabel(caption, fontsize=7, labelpad=2)
             ax.set_xticks([])
             ax.set_yticks([])
@@ -387,7 +404,8 @@ def plot_cam_pairs(
     Args:
         images_uint8: (N, H, W, 3) uint8.
         pred_maps, true_maps: (N, H, W) float in [0, 1], maps of the predicted and of the true
-            class (from ``lrlab.interpret.class_activation_maps``).
+            class (from ``lrlab.interpret.class_activation_maps``); an all-zero map is labelled
+            :data:`EMPTY_MAP` instead of drawn.
         pred_names, true_names: N class names; probs: N probabilities of the predicted class.
         path: the PNG to write.
         alpha: opacity of the heatmaps; cmap: their matplotlib colormap.

@@ -3,8 +3,9 @@ whether those maps point at what the model uses.
 
 - :mod:`lrlab.interpret.predictions`: :class:`Predictions`, :func:`predict`, the mistakes in a
   registered order (:data:`SELECT_BY`), :func:`confusion_matrix`, :func:`per_class_summary`.
-- :mod:`lrlab.interpret.cam`: the CAM methods (:data:`CAM_METHODS`, torchcam),
-  :func:`class_activation_maps`, :func:`layer_names`, :func:`target_layers`, :func:`denormalize`.
+- :mod:`lrlab.interpret.cam`: the CAM methods (:data:`CAM_METHODS`, pytorch-grad-cam;
+  Grad-CAM++ and Score-CAM in :mod:`lrlab.interpret.cam_methods`), :func:`class_activation_maps`, :func:`layer_names`,
+  :func:`target_layers`, :func:`denormalize`.
 - :mod:`lrlab.interpret.faithfulness`: the keep / delete test of the CAM methods
   (:func:`cam_faithfulness`, :class:`FaithfulnessResult`).
 

@@ -1,11 +1,14 @@
 """Class activation maps: where in the image the evidence for a class lies.
 
-The maps come from torchcam's extractors, one registered per name in :data:`CAM_METHODS`
-(Grad-CAM: Selvaraju et al. 2017, arXiv:1610.02391; Grad-CAM++: Chattopadhyay et al. 2018,
-arXiv:1710.11063; XGrad-CAM: Fu et al. 2020, arXiv:2008.02312; LayerCAM: Jiang et al. 2021,
-IEEE TIP 30; Score-CAM: Wang et al. 2020, arXiv:1910.01279). Adding a method is one
-registered function here; the config's ``explain.method`` and the faithfulness test's default
-list follow from the registry.
+The maps come from pytorch-grad-cam (github.com/jacobgil/pytorch-grad-cam), one class registered
+per name in :data:`CAM_METHODS`: Grad-CAM (Selvaraju et al. 2017, arXiv:1610.02391), XGrad-CAM
+(Fu et al. 2020, arXiv:2008.02312) and LayerCAM (Jiang et al. 2021, IEEE TIP 30) as the library
+has them; Grad-CAM++ (Chattopadhyay et al. 2018, arXiv:1710.11063) and Score-CAM (Wang et al.
+2020, arXiv:1910.01279), whose library versions depart from their papers, as
+:mod:`lrlab.interpret.cam_methods` writes them on the library's base class.
+tests/test_interpret.py recomputes every method by hand from the hooked activations and
+gradients with its paper's formula. Adding a method is one registered function here; the
+config's ``explain.method`` and the faithfulness test's default list follow from the registry.
 
 Example::
 
@@ -17,14 +20,10 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import itertools
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lrlab.compute import eval_mode
@@ -33,7 +32,7 @@ from lrlab.registry import Registry
 
 __all__ = [
     "CAM_METHODS",
-    "CamMethod",
+    "ClassScore",
     "class_activation_maps",
     "denormalize",
     "layer_names",
@@ -41,70 +40,75 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class CamMethod:
-    """How to run one CAM method.
-
-    Attributes:
-        extractor: the torchcam extractor class, called as
-            ``extractor(model, target_layer=[names], enable_hooks=True, **options)``.
-        gradients: False for a gradient-free method (it then runs under ``torch.no_grad``).
-        options: extra keyword arguments of the extractor.
-    """
-
-    extractor: type
-    gradients: bool = True
-    options: dict[str, Any] = field(default_factory=dict)
-
-
-CAM_METHODS: Registry[Callable[[], CamMethod]] = Registry("CAM method", "explain.method")
+CAM_METHODS: Registry[Callable[[], type]] = Registry("CAM method", "explain.method")
 """Valid ``method`` names for :func:`class_activation_maps`, in registration order: name ->
-function returning its :class:`CamMethod` (torchcam is imported only when a method is used).
+function returning its pytorch-grad-cam ``BaseCAM`` class (imported only when a method is used).
 Grad-CAM, Grad-CAM++, XGrad-CAM and LayerCAM take one forward + backward pass per batch;
 Score-CAM is gradient-free: one extra forward pass per channel of the target layer and image,
 so C times slower."""
 
 
 @CAM_METHODS.register("gradcam")
-def _gradcam() -> CamMethod:
-    """Grad-CAM (Selvaraju et al. 2017, arXiv:1610.02391)."""
-    from torchcam.methods import GradCAM
+def _gradcam() -> type:
+    """Grad-CAM (Selvaraju et al. 2017, arXiv:1610.02391): ReLU(sum_k mean_ij(dY_c/dA_kij) A_k)."""
+    from pytorch_grad_cam import GradCAM
 
-    return CamMethod(GradCAM)
+    return GradCAM
 
 
 @CAM_METHODS.register("gradcampp")
-def _gradcampp() -> CamMethod:
-    """Grad-CAM++ (Chattopadhyay et al. 2018, arXiv:1710.11063)."""
-    from torchcam.methods import GradCAMpp
+def _gradcampp() -> type:
+    """Grad-CAM++ (Chattopadhyay et al. 2018, arXiv:1710.11063): weights
+    sum_ij alpha_kij ReLU(g_kij), alpha = g^2 / (2 g^2 + sum_ab(A_kab) g^3) (eq. 19, with the
+    exponential's closed form; alpha = 0 where g = 0), g = dY_c/dA."""
+    from lrlab.interpret.cam_methods import GradCAMPlusPlus
 
-    return CamMethod(GradCAMpp)
+    return GradCAMPlusPlus
 
 
 @CAM_METHODS.register("xgradcam")
-def _xgradcam() -> CamMethod:
-    """XGrad-CAM (Fu et al. 2020, arXiv:2008.02312)."""
-    from torchcam.methods import XGradCAM
+def _xgradcam() -> type:
+    """XGrad-CAM (Fu et al. 2020, arXiv:2008.02312): weights sum_ij (A_kij / sum_ab A_kab) g_kij."""
+    from pytorch_grad_cam import XGradCAM
 
-    return CamMethod(XGradCAM)
+    return XGradCAM
 
 
 @CAM_METHODS.register("layercam")
-def _layercam() -> CamMethod:
-    """LayerCAM (Jiang et al. 2021, IEEE TIP 30)."""
-    from torchcam.methods import LayerCAM
+def _layercam() -> type:
+    """LayerCAM (Jiang et al. 2021, IEEE TIP 30): ReLU(sum_k ReLU(g_k) * A_k), pixel-wise weights."""
+    from pytorch_grad_cam import LayerCAM
 
-    return CamMethod(LayerCAM)
+    return LayerCAM
 
 
 @CAM_METHODS.register("scorecam")
-def _scorecam() -> CamMethod:
-    """Score-CAM (Wang et al. 2020, arXiv:1910.01279): gradient-free; one forward pass per channel
-    of each target layer and image, with the channel's upsampled activation as a mask on the
-    input; 256 masked images per forward pass."""
-    from torchcam.methods import ScoreCAM
+def _scorecam() -> type:
+    """Score-CAM (Wang et al. 2020, arXiv:1910.01279, Algorithm 1): gradient-free; one forward
+    pass per channel of each target layer and image (see :mod:`lrlab.interpret.cam_methods`)."""
+    from lrlab.interpret.cam_methods import ScoreCAM
 
-    return CamMethod(ScoreCAM, gradients=False, options={"batch_size": 256})
+    return ScoreCAM
+
+
+class ClassScore:
+    """The score of one class as a pytorch-grad-cam target: ``output[..., index]`` of a (K,) or
+    (B, K) model output (logits for the gradient methods, probabilities inside Score-CAM).
+
+    Raises:
+        LrlabError: ``index`` outside 0..K-1, or an output that is not (K,) or (B, K).
+    """
+
+    def __init__(self, index: int) -> None:
+        self.index = int(index)
+
+    def __call__(self, output: torch.Tensor) -> torch.Tensor:
+        if not isinstance(output, torch.Tensor) or output.ndim not in (1, 2):
+            raise LrlabError(f"class activation maps need a model that returns (N, K) logits, got {type(output)}")
+        if not 0 <= self.index < output.shape[-1]:
+            raise LrlabError(f"class index {self.index} is out of range; "
+                             f"valid class indices: 0 to {output.shape[-1] - 1}")
+        return output[..., self.index]
 
 
 # --------------------------------------------------------------------------- target layers
@@ -146,23 +150,20 @@ def class_activation_maps(
     *,
     target_layer: str | Sequence[str],
     method: str = "gradcam",
-    device: torch.device | str | None = None,
     batch_size: int = 64,
 ) -> torch.Tensor:
     """Class activation maps of ``images`` for the classes ``class_idx``, at image resolution.
 
-    Uses torchcam's extractors: "gradcam" (Selvaraju et al. 2017, arXiv:1610.02391),
-    "gradcampp" (Chattopadhyay et al. 2018, arXiv:1710.11063), "xgradcam" (Fu et al. 2020,
-    arXiv:2008.02312), "layercam" (Jiang et al. 2021) and the gradient-free "scorecam" (Wang et
-    al. 2020, arXiv:1910.01279; one forward pass per channel of each target layer and image,
-    with the channel's upsampled activation as a mask on the input). The model runs in float32
-    (autocast off, whatever the caller's precision) and in eval mode; its train/eval flags and
-    its parameters' ``requires_grad`` flags are restored afterwards, parameter ``.grad`` is not
-    touched, and every hook is removed even when an error is raised.
+    The methods are those of :data:`CAM_METHODS` (see the module docstring for the papers).
+    The model runs on the device of its parameters, in float32 (autocast off, whatever the
+    caller's precision) and in eval mode; its train/eval flags, its parameters'
+    ``requires_grad`` flags and their ``.grad`` are as before the call, and every hook is removed
+    even when an error is raised.
 
-    Several target layers are fused: each layer's map is upsampled to (H, W) and min-max
-    normalised, then the pixel-wise maximum is taken and normalised again (so a coarse deep
-    layer and a finer shallow one both count, whatever their raw scales).
+    A map whose weighted sum is negative everywhere (no pixel with positive evidence for the
+    class) is all zeros after the ReLU; the figures label such maps instead of drawing them.
+    Several target layers are fused as pytorch-grad-cam does: each layer's map is min-max
+    normalised and upsampled, then the maps are averaged pixel-wise and normalised again.
 
     Args:
         model: a classifier returning (B, K) logits.
@@ -171,37 +172,39 @@ def class_activation_maps(
         target_layer: a name from :func:`layer_names` whose output is (B, C, h, w), or a list
             of such names to fuse.
         method: a name in :data:`CAM_METHODS`.
-        device: where to run; default the device of the model's parameters.
-        batch_size: images per forward/backward pass (Score-CAM: images whose C masked copies
-            are scored together, 256 masked images per forward pass).
+        batch_size: images per forward/backward pass (Score-CAM: images per pass of the
+            unmasked model; the masked copies go 256 per forward pass).
 
     Returns:
-        (N, H, W) float32 maps on the CPU, bilinearly upsampled from (h, w) and min-max
-        normalised to [0, 1] per image (a constant map gives zeros); always finite.
+        (N, H, W) float32 maps on the CPU: ReLU of the method's weighted sum at (h, w),
+        bilinearly upsampled and min-max normalised to [0, 1] per image (an all-zero map stays
+        zero); always finite.
 
     Raises:
         LrlabError: unknown ``target_layer`` or ``method`` (the message lists the valid ones);
-            a layer whose output is not a spatial feature map or is not used for the scores; a
-            class index out of range.
+            a layer whose output is not a spatial feature map, is not used, or does not feed the
+            class scores; a class index out of range.
         ValueError: ``images`` and ``class_idx`` shapes do not match.
     """
-    cam_method = CAM_METHODS.get(method)()
+    cam_class = CAM_METHODS.get(method)()
     layers = target_layers(model, target_layer)
     images, class_idx = _checked_inputs(images, class_idx, batch_size)
     n, _, height, width = images.shape
     if n == 0:
         return torch.zeros(0, height, width, dtype=torch.float32)
-    if device is None:  # the device of the model's weights
-        first = next(itertools.chain(model.parameters(), model.buffers()), None)
-        device = first.device if first is not None else "cpu"
-    device = torch.device(device)
-    parts: list[torch.Tensor] = []
-    with _extraction(model, cam_method, layers, device) as extractor:
-        for start in range(0, n, batch_size):
-            batch = slice(start, start + batch_size)
-            cams = _batch_maps(model, extractor, layers, images[batch], class_idx[batch], device)
-            parts.append(_fuse(cams, (height, width)))
-    return torch.cat(parts)
+    with _extraction(model, cam_class, layers) as (cam, seen):
+        parts = [_batch_maps(cam, layers, seen, images[s:s + batch_size], class_idx[s:s + batch_size])
+                 for s in range(0, n, batch_size)]
+    return _renormalise(torch.nan_to_num(torch.cat(parts), nan=0.0, posinf=0.0, neginf=0.0))
+
+
+def _renormalise(cam: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) -> exactly min-max normalised to [0, 1] per map (the library divides by max + 1e-7);
+    constant maps -> zeros."""
+    lo = cam.amin(dim=(1, 2), keepdim=True)
+    span = cam.amax(dim=(1, 2), keepdim=True) - lo
+    cam = torch.where(span > 0, (cam - lo) / span.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(cam))
+    return cam.clamp_(0.0, 1.0)
 
 
 def _checked_inputs(images, class_idx, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,99 +221,79 @@ def _checked_inputs(images, class_idx, batch_size: int) -> tuple[torch.Tensor, t
     return images, class_idx
 
 
+def _feature_map_check(name: str, seen: set[str]) -> Callable:
+    """A forward hook on layer ``name`` that records the call in ``seen`` and stops at once (one
+    line) when the layer's output is not a (N, C, h, w) feature map."""
+
+    def hook(module: nn.Module, inputs, output) -> None:
+        seen.add(name)
+        if not isinstance(output, torch.Tensor) or output.ndim != 4:
+            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+            raise LrlabError(f"target layer {name!r} outputs shape {shape}, not a (N, C, h, w) feature map; "
+                             f"choose a convolutional layer or block")
+
+    return hook
+
+
 @contextlib.contextmanager
-def _extraction(model: nn.Module, cam_method: CamMethod, layers: list[str],
-                device: torch.device) -> Iterator[Any]:
-    """The torchcam extractor on ``layers``, hooked into ``model`` in eval mode, float32 (autocast
-    off), outside inference mode, with gradients on (off for a gradient-free method); on exit the
-    hooks are removed and the modes and the parameters' ``requires_grad`` flags restored."""
+def _extraction(model: nn.Module, cam_class: type, layers: list[str]) -> Iterator[tuple[object, set[str]]]:
+    """The pytorch-grad-cam object of ``cam_class`` on ``layers`` and the set of layers seen in
+    the last forward pass; ``model`` in eval mode, float32 (autocast off), outside inference mode,
+    gradients on (off for a gradient-free method). On exit every hook is removed and the modes,
+    the parameters' ``requires_grad`` flags and their ``.grad`` tensors are restored (the library
+    calls ``model.zero_grad()``)."""
     params = list(model.parameters())
-    grad_flags = [p.requires_grad for p in params]
-    # Score-CAM needs no gradients; the gradient methods need a graph from input to scores.
-    grad_mode = torch.enable_grad if cam_method.gradients else torch.no_grad
+    saved = [(p.requires_grad, p.grad) for p in params]
+    modules = dict(model.named_modules())
+    seen: set[str] = set()
+    checks = [modules[name].register_forward_hook(_feature_map_check(name, seen)) for name in layers]
+    device = params[0].device if params else torch.device("cpu")
+    cam = None
     try:
-        # Gradients are wanted only w.r.t. the hooked activation, never for the weights:
-        # freezing the parameters keeps .grad untouched and the saved graph small, and making the
-        # input require grad keeps the graph alive for models whose weights are already frozen.
+        # Gradients are wanted only w.r.t. the hooked activations, never for the weights: frozen
+        # parameters keep the graph small, and the input that requires grad keeps it alive.
         for p in params:
             p.requires_grad_(False)
-        with (
-            eval_mode(model),
-            torch.inference_mode(False),
-            grad_mode(),
-            torch.autocast(device.type, enabled=False),
-            cam_method.extractor(model, target_layer=layers, enable_hooks=True, **cam_method.options) as extractor,
-        ):
-            yield extractor
+        with eval_mode(model), torch.inference_mode(False), torch.autocast(device.type, enabled=False):
+            cam = cam_class(model, target_layers=[modules[name] for name in layers])
+            with torch.enable_grad() if cam.uses_gradients else torch.no_grad():
+                yield cam, seen
     finally:
-        for p, flag in zip(params, grad_flags, strict=True):
+        if cam is not None:
+            cam.activations_and_grads.release()
+        for handle in checks:
+            handle.remove()
+        for p, (flag, grad) in zip(params, saved, strict=True):
             p.requires_grad_(flag)
+            p.grad = grad
 
 
-def _batch_maps(model: nn.Module, extractor, layers: list[str], images: torch.Tensor, cls: torch.Tensor,
-                device: torch.device) -> list[torch.Tensor]:
-    """Raw maps of one batch of ``images`` (B, 3, H, W) for the classes ``cls`` (B,): one (B, h, w)
-    per layer, on ``device``. Run inside :func:`_extraction`.
+def _batch_maps(cam, layers: list[str], seen: set[str], images: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) float32 maps on the CPU of one batch ``images`` (B, 3, H, W) for the classes
+    ``cls`` (B,). Run inside :func:`_extraction`.
 
     Raises:
-        LrlabError: a target layer that does not feed the class scores, and see :func:`_check_scores`.
+        LrlabError: a class index out of range; a target layer that is not a feature map, is not
+            used in the forward pass or does not feed the class scores.
     """
-    x = images.detach().to(device, torch.float32).clone().requires_grad_(True)
+    x = images.detach().to(cam.device, torch.float32).clone().requires_grad_(cam.uses_gradients)
+    seen.clear()
     try:
-        scores = model(x)
-        _check_scores(scores, cls, layers, extractor)
-        return extractor(cls.tolist(), scores.float(), normalized=False)
-    except RuntimeError as exc:
-        if "not connected" not in str(exc):
-            raise
-        raise LrlabError(
-            f"target layer {', '.join(map(repr, layers))} does not feed the class scores; "
-            f"choose a layer before the classifier head"
-        ) from None
+        return torch.from_numpy(cam(x, [ClassScore(c) for c in cls.tolist()])).float()
+    except LrlabError:
+        raise
+    except Exception:
+        unused = [name for name in layers if name not in seen]
+        if unused:
+            raise LrlabError(f"target layer {unused[0]!r} is not used in the model's forward pass; "
+                             f"pick another layer") from None
+        if cam.uses_gradients and len(cam.activations_and_grads.gradients) < len(layers):
+            raise LrlabError(f"target layer {', '.join(map(repr, layers))} does not feed the class scores; "
+                             f"choose a layer before the classifier head") from None
+        raise
     finally:
-        extractor.reset_hooks()  # drop the stored activations and their graph
-        if hasattr(extractor, "_input"):
-            del extractor._input  # Score-CAM keeps a copy of the last input batch
-
-
-def _check_scores(scores: torch.Tensor, cls: torch.Tensor, layers: list[str], extractor) -> None:
-    if not isinstance(scores, torch.Tensor) or scores.ndim != 2:
-        raise LrlabError(f"class activation maps need a model that returns (N, K) logits, got {type(scores)}")
-    bad = cls[(cls < 0) | (cls >= scores.shape[1])]
-    if len(bad):
-        raise LrlabError(
-            f"class index {bad[0].item()} is out of range; valid class indices: 0 to {scores.shape[1] - 1}"
-        )
-    for name, act in zip(layers, extractor.hook_a, strict=True):
-        if act is None:
-            raise LrlabError(f"target layer {name!r} is not used in the model's forward pass; pick another layer")
-        if act.ndim != 4:
-            raise LrlabError(
-                f"target layer {name!r} outputs shape {tuple(act.shape)}, not a (N, C, h, w) feature map; "
-                f"choose a convolutional layer or block"
-            )
-
-
-def _fuse(cams: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-    """One (B, h_l, w_l) raw map per layer -> (B, H, W) float32 on the CPU in [0, 1]: each upsampled
-    and normalised, then (several layers) the pixel-wise maximum, normalised again."""
-    maps = [_upsample_normalise(cam, size) for cam in cams]
-    return maps[0] if len(maps) == 1 else _renormalise(torch.stack(maps).amax(0))
-
-
-def _renormalise(cam: torch.Tensor) -> torch.Tensor:
-    """(B, H, W) -> min-max normalised to [0, 1] per map; constant maps -> zeros."""
-    lo = cam.amin(dim=(1, 2), keepdim=True)
-    span = cam.amax(dim=(1, 2), keepdim=True) - lo
-    cam = torch.where(span > 0, (cam - lo) / span.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(cam))
-    return cam.clamp_(0.0, 1.0)
-
-
-def _upsample_normalise(cam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(B, h, w) raw maps -> (B, H, W) float32 in [0, 1]; constant or non-finite maps -> zeros."""
-    cam = torch.nan_to_num(cam.detach().float(), nan=0.0, posinf=0.0, neginf=0.0)
-    cam = F.interpolate(cam.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
-    return _renormalise(cam).cpu()
+        cam.activations_and_grads.clear()  # drop the stored activations and gradients
+        cam.outputs = None  # and the graph the library keeps with the outputs
 
 
 # --------------------------------------------------------------------------- display

@@ -12,6 +12,14 @@ the share ``f`` of pixels:
 - **delete**: the top-``f`` pixels are set to the mean, the rest stay. A faithful map makes
   the confidence fall fast (Petsiuk et al. 2018, RISE, arXiv:1806.07421, "deletion").
 
+Third, **ROAD** (RemOve And Debias, Rong et al. 2022, arXiv:2202.00449), from pytorch-grad-cam:
+the top (MoRF: most relevant first) or bottom (LeRF: least relevant first) p% of the pixels are
+not set to the mean but filled in from their neighbours by noisy linear imputation, so that the
+shape of the removed region does not leak the class; the change in the predicted class's
+probability is averaged over p = 10, 20, ..., 90%. A faithful map makes MoRF fall far and LeRF
+hardly at all. The maps are passed as their pixel ranks (ties broken at random), so each p
+removes exactly that share even where a ReLU'd map is flat at zero.
+
 The baseline is a *random map of the same area and smoothness*: uniform noise at the target
 layer's resolution (e.g. 8x8), upsampled bilinearly to the image like a CAM, so the random
 regions are blobs of the same size as the CAM's, not scattered pixels (scattered pixels keep
@@ -30,9 +38,10 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,7 +51,7 @@ from lrlab.errors import LrlabError
 from lrlab.interpret.cam import CAM_METHODS, class_activation_maps, target_layers
 from lrlab.io import write_json
 
-__all__ = ["FRACTIONS", "FaithfulnessResult", "cam_faithfulness", "format_table", "keep_masks", "random_maps",
+__all__ = ["FRACTIONS", "ROAD_PERCENTILES", "FaithfulnessResult", "cam_faithfulness", "format_table", "keep_masks", "random_maps",
            "table_rows"]
 
 FRACTIONS = (0.0, 0.05, 0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -53,6 +62,9 @@ RANDOM = "random"
 
 TABLE_AT = (0.1, 0.25, 0.5)
 """Shares of kept pixels reported in :func:`format_table`."""
+
+ROAD_PERCENTILES = (10, 20, 30, 40, 50, 60, 70, 80, 90)
+"""Percentages of pixels removed (imputed) by the ROAD test, averaged over."""
 
 
 @dataclass
@@ -70,6 +82,10 @@ class FaithfulnessResult:
         num_images: N, the number of images averaged over.
         target_layer: the layer name(s) the maps were computed on.
         random_grid: (h, w) resolution of the random baseline maps.
+        road_morf: method or "random" -> mean change of the predicted class's probability when
+            the most relevant p% of pixels are imputed (ROAD MoRF), averaged over
+            :data:`ROAD_PERCENTILES`; more negative is more faithful.
+        road_lerf: the same for the least relevant p% (ROAD LeRF); closer to 0 is more faithful.
     """
 
     fractions: list[float]
@@ -81,6 +97,8 @@ class FaithfulnessResult:
     num_images: int
     target_layer: list[str]
     random_grid: list[int]
+    road_morf: dict[str, float] = field(default_factory=dict)
+    road_lerf: dict[str, float] = field(default_factory=dict)
 
     def drop_at(self, name: str, fraction: float) -> float:
         """Mean drop in confidence (probability, 0..1) when only the top ``fraction`` is kept."""
@@ -212,13 +230,39 @@ def _curves(confidence: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x:
     return keep.tolist(), delete.tolist()
 
 
-def _timed_maps(model: nn.Module, x: torch.Tensor, preds: torch.Tensor, layers: list[str], method: str,
-                device: torch.device) -> tuple[torch.Tensor, float]:
+def _road(model: nn.Module, x: torch.Tensor, preds: torch.Tensor, maps_list: list[torch.Tensor],
+          gen: torch.Generator, device: torch.device, batch_size: int) -> tuple[float, float]:
+    """Mean ROAD MoRF and LeRF change of the predicted class's probability (pytorch-grad-cam's
+    ``ROAD*RelevantFirstAverage`` over :data:`ROAD_PERCENTILES`), averaged over images and over
+    the maps (each (N, H, W)) in ``maps_list``; float32, imputation noise seeded from ``gen``."""
+    from pytorch_grad_cam.metrics.road import ROADLeastRelevantFirstAverage, ROADMostRelevantFirstAverage
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
+
+    metrics = (ROADMostRelevantFirstAverage(list(ROAD_PERCENTILES)),
+               ROADLeastRelevantFirstAverage(list(ROAD_PERCENTILES)))
+    totals = [0.0, 0.0]
+    n, _, h, w = x.shape
+    with (eval_mode(model), torch.inference_mode(), torch.autocast(device.type, enabled=False),
+          torch.random.fork_rng(devices=[])):
+        torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
+        for mp in maps_list:
+            relevance = (1.0 - _ranks(mp, gen).float() / (h * w)).view(n, h, w).numpy()
+            for s in range(0, n, batch_size):
+                targets = [ClassifierOutputSoftmaxTarget(c) for c in preds[s:s + batch_size].tolist()]
+                xb = x[s:s + batch_size].to(device)
+                for i, metric in enumerate(metrics):
+                    totals[i] += float(np.sum(metric(xb, relevance[s:s + batch_size], targets, model)))
+    morf, lerf = (t / (n * len(maps_list)) for t in totals)
+    return morf, lerf
+
+
+def _timed_maps(model: nn.Module, x: torch.Tensor, preds: torch.Tensor, layers: list[str],
+                method: str) -> tuple[torch.Tensor, float]:
     """``method``'s maps of ``x`` for the classes ``preds`` and the wall seconds per image they took.
     One image goes first, untimed, so that one-off warm-up costs do not count for the first method."""
-    class_activation_maps(model, x[:1], preds[:1], target_layer=layers, method=method, device=device)
+    class_activation_maps(model, x[:1], preds[:1], target_layer=layers, method=method)
     start = time.perf_counter()
-    maps = class_activation_maps(model, x, preds, target_layer=layers, method=method, device=device)
+    maps = class_activation_maps(model, x, preds, target_layer=layers, method=method)
     return maps, (time.perf_counter() - start) / max(len(x), 1)
 
 
@@ -246,7 +290,7 @@ def cam_faithfulness(
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> FaithfulnessResult:
-    """Keep and delete curves of the predicted class's confidence for each CAM method.
+    """Keep and delete curves and ROAD scores of the predicted class's confidence for each CAM method.
 
     Args:
         model: a classifier returning (B, K) logits, on ``compute.device`` (eval mode during the
@@ -254,7 +298,7 @@ def cam_faithfulness(
         images: (N, 3, H, W) float, normalised (so 0 is the dataset mean, the fill value).
         compute: device, autocast dtype and memory layout of the prediction and confidence
             forward passes (e.g. bfloat16, as the model is evaluated in training); the maps
-            themselves are computed in float32 on ``compute.device``.
+            and the ROAD scores are computed in float32 on ``compute.device``.
         target_layer: layer name or list of names (see ``lrlab.interpret.layer_names``).
         methods: names in ``lrlab.interpret.CAM_METHODS``; None: all of them, in registration order.
         fractions: shares of pixels in [0, 1] at which to measure the curves.
@@ -277,41 +321,49 @@ def cam_faithfulness(
     preds = _predicted(model, x, compute, batch_size)
     intact = confidence(x, preds)
     gen = torch.Generator().manual_seed(seed)
-    keep: dict[str, list[float]] = {}
-    delete: dict[str, list[float]] = {}
+    curves: dict[str, tuple] = {}  # name -> (keep, delete, ROAD MoRF, ROAD LeRF)
     seconds: dict[str, float] = {}
+
+    def score(name: str, maps_list: list[torch.Tensor]) -> None:
+        curves[name] = (*_curves(confidence, x, preds, maps_list, fractions, gen),
+                        *_road(model, x, preds, maps_list, gen, compute.device, batch_size))
+
     for method in methods:
         if progress is not None:
             progress(method)
-        maps, seconds[method] = _timed_maps(model, x, preds, layers, method, compute.device)
-        keep[method], delete[method] = _curves(confidence, x, preds, [maps], fractions, gen)
+        maps, seconds[method] = _timed_maps(model, x, preds, layers, method)
+        score(method, [maps])
     grid = _layer_grid(model, layers, x[:1].to(compute.device))
-    rand = [random_maps(n, (h, w), grid, gen) for _ in range(max(1, random_repeats))]
-    keep[RANDOM], delete[RANDOM] = _curves(confidence, x, preds, rand, fractions, gen)
+    score(RANDOM, [random_maps(n, (h, w), grid, gen) for _ in range(max(1, random_repeats))])
+    keep, delete, morf, lerf = ({name: c[i] for name, c in curves.items()} for i in range(4))
     return FaithfulnessResult(fractions=fractions, methods=methods, keep=keep, delete=delete,
                               intact_confidence=intact.mean().item(), cam_seconds_per_image=seconds,
-                              num_images=n, target_layer=layers, random_grid=list(grid))
+                              num_images=n, target_layer=layers, random_grid=list(grid),
+                              road_morf=morf, road_lerf=lerf)
 
 
 def table_rows(result: FaithfulnessResult, at: Sequence[float] = TABLE_AT) -> list[list[str]]:
     """Header + one row per method + the random baseline, as strings (see :func:`format_table`)."""
-    header = ["method"] + [f"drop, top {100 * f:g}% kept" for f in at] + ["keep AUC (higher better)",
-                                                                          "deletion AUC (lower better)",
-                                                                          "ms / image"]
+    header = ["method"] + [f"drop, top {100 * f:g}% kept" for f in at] + [
+        "keep AUC (higher better)", "deletion AUC (lower better)", "ROAD MoRF (lower better)",
+        "ROAD LeRF (higher better)", "ms / image"]
     rows = [header]
     for name in [*result.methods, RANDOM]:
         label = f"random map ({result.random_grid[0]}x{result.random_grid[1]}, same area)" if name == RANDOM else name
         ms = result.cam_seconds_per_image.get(name)
+        road = [result.road_morf.get(name), result.road_lerf.get(name)]
         rows.append([label] + [f"{100 * result.drop_at(name, f):.1f} pp" for f in at]
-                    + [f"{result.auc(name, 'keep'):.3f}", f"{result.auc(name, 'delete'):.3f}",
-                       "-" if ms is None else f"{1000 * ms:.1f}"])
+                    + [f"{result.auc(name, 'keep'):.3f}", f"{result.auc(name, 'delete'):.3f}"]
+                    + ["-" if r is None else f"{100 * r:+.1f} pp" for r in road]
+                    + ["-" if ms is None else f"{1000 * ms:.1f}"])
     return rows
 
 
 def format_table(result: FaithfulnessResult, at: Sequence[float] = TABLE_AT) -> str:
     """A Markdown table: per method, the drop in the predicted class's mean probability (in
     percentage points) when only the top 10/25/50% of pixels are kept, the areas under the keep
-    and delete curves, and the map time per image; the random baseline last."""
+    and delete curves, the ROAD MoRF and LeRF changes (percentage points), and the map time per
+    image; the random baseline last."""
     rows = table_rows(result, at)
     lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
