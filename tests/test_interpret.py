@@ -356,9 +356,9 @@ def test_all_negative_map_is_zero_and_labelled(data):
     drop_grads(model)
     assert len(found) >= 2, "no all-negative Grad-CAM among 300 images x 10 classes"
     idx, cls = (torch.tensor(v) for v in zip(*found[:4], strict=True))
-    maps = class_activation_maps(model, x[idx], cls, target_layer="block2")
+    maps = class_activation_maps(model, x[idx], cls, target_layer="block2", method="gradcam")
     assert torch.equal(maps, torch.zeros_like(maps))
-    positive = class_activation_maps(model, x[idx], data["pred"].preds[idx], target_layer="block2")
+    positive = class_activation_maps(model, x[idx], data["pred"].preds[idx], target_layer="block2", method="gradcam")
     n, u8 = len(idx), data["u8"][idx.numpy()]
     fig = plots._cam_pairs_figure(u8, positive.numpy(), maps.numpy(), ["cat"] * n, [0.5] * n, ["dog"] * n)
     label = plots.EMPTY_MAP.split(" (")[0]

@@ -20,7 +20,7 @@ from pydantic import Field, ValidationError, create_model, model_validator
 
 from lrlab.data import AUGMENT_MODES
 from lrlab.errors import LrlabError
-from lrlab.interpret import CAM_METHODS, SELECT_BY
+from lrlab.interpret import CAM_METHODS, DEFAULT_CAM_METHOD, SELECT_BY
 from lrlab.lr_finder import METHODS, MODES
 from lrlab.optim import OPTIMIZERS
 from lrlab.registry import Section as _Section
@@ -158,7 +158,7 @@ class ExplainConfig(_Section):
 
     num_images: int = Field(25, gt=0)
     select: MistakeOrder = "loss"  # highest loss / most confident wrong / first N
-    method: CamMethodName = "layercam"  # the most faithful in the README's table, at Grad-CAM's cost
+    method: CamMethodName = DEFAULT_CAM_METHOD
     # None: the model's default (8x8 maps for 32x32 inputs); a list of names fuses their maps
     target_layer: str | list[str] | None = None
     alpha: float = Field(0.5, ge=0, le=1)  # overlay strength of the class activation map

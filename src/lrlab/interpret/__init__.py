@@ -21,7 +21,14 @@ Example::
     result = cam_faithfulness(model, images, compute, target_layer="layer4")
 """
 
-from lrlab.interpret.cam import CAM_METHODS, class_activation_maps, denormalize, layer_names, target_layers
+from lrlab.interpret.cam import (
+    CAM_METHODS,
+    DEFAULT_CAM_METHOD,
+    class_activation_maps,
+    denormalize,
+    layer_names,
+    target_layers,
+)
 from lrlab.interpret.faithfulness import (
     FRACTIONS,
     FaithfulnessResult,
@@ -42,6 +49,7 @@ from lrlab.interpret.predictions import (
 
 __all__ = [
     "CAM_METHODS",
+    "DEFAULT_CAM_METHOD",
     "FRACTIONS",
     "SELECT_BY",
     "FaithfulnessResult",

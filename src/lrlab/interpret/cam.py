@@ -32,10 +32,12 @@ from lrlab.registry import Registry
 
 __all__ = [
     "CAM_METHODS",
+    "DEFAULT_CAM_METHOD",
     "ClassScore",
     "class_activation_maps",
     "denormalize",
     "layer_names",
+    "normalise_maps",
     "target_layers",
 ]
 
@@ -46,6 +48,11 @@ function returning its pytorch-grad-cam ``BaseCAM`` class (imported only when a 
 Grad-CAM, Grad-CAM++, XGrad-CAM and LayerCAM take one forward + backward pass per batch;
 Score-CAM is gradient-free: one extra forward pass per channel of the target layer and image,
 so C times slower."""
+
+
+DEFAULT_CAM_METHOD = "layercam"
+"""The default of ``explain.method`` and :func:`class_activation_maps`: the most faithful method at
+Grad-CAM's cost in the README's faithfulness table (benchmarks/cam_faithfulness.py)."""
 
 
 @CAM_METHODS.register("gradcam")
@@ -149,7 +156,7 @@ def class_activation_maps(
     class_idx: torch.Tensor | Sequence[int],
     *,
     target_layer: str | Sequence[str],
-    method: str = "gradcam",
+    method: str = DEFAULT_CAM_METHOD,
     batch_size: int = 64,
 ) -> torch.Tensor:
     """Class activation maps of ``images`` for the classes ``class_idx``, at image resolution.
@@ -195,12 +202,13 @@ def class_activation_maps(
     with _extraction(model, cam_class, layers) as (cam, seen):
         parts = [_batch_maps(cam, layers, seen, images[s:s + batch_size], class_idx[s:s + batch_size])
                  for s in range(0, n, batch_size)]
-    return _renormalise(torch.nan_to_num(torch.cat(parts), nan=0.0, posinf=0.0, neginf=0.0))
+    # exact min-max (the library divides by max + 1e-7)
+    return normalise_maps(torch.nan_to_num(torch.cat(parts), nan=0.0, posinf=0.0, neginf=0.0))
 
 
-def _renormalise(cam: torch.Tensor) -> torch.Tensor:
-    """(N, H, W) -> exactly min-max normalised to [0, 1] per map (the library divides by max + 1e-7);
-    constant maps -> zeros."""
+def normalise_maps(cam: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) float maps -> min-max normalised to [0, 1] per map, same shape and dtype; a
+    constant map (e.g. all zero) gives zeros."""
     lo = cam.amin(dim=(1, 2), keepdim=True)
     span = cam.amax(dim=(1, 2), keepdim=True) - lo
     cam = torch.where(span > 0, (cam - lo) / span.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(cam))

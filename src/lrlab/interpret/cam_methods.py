@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from pytorch_grad_cam.base_cam import BaseCAM
 from torch import nn
 
+from lrlab.interpret.cam import normalise_maps
+
 __all__ = ["GradCAMPlusPlus", "ScoreCAM"]
 
 MASKED_BATCH = 256
@@ -68,10 +70,8 @@ class ScoreCAM(BaseCAM):
 
     def _image_weights(self, x: torch.Tensor, act: torch.Tensor, target) -> torch.Tensor:
         """(C,) softmax over the channels of p_c(x * H_k) for one image x (3, H, W), act (C, h, w)."""
-        masks = F.interpolate(act.unsqueeze(1), size=x.shape[-2:], mode="bilinear", align_corners=False)
-        lo = masks.amin(dim=(2, 3), keepdim=True)
-        span = masks.amax(dim=(2, 3), keepdim=True) - lo
-        masks = torch.where(span > 0, (masks - lo) / span.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+        up = F.interpolate(act.unsqueeze(1), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        masks = normalise_maps(up.squeeze(1)).unsqueeze(1)  # (C, 1, H, W)
         scores = []
         for chunk in masks.split(MASKED_BATCH):
             probs = torch.softmax(self.model(x.unsqueeze(0) * chunk).float(), dim=1)

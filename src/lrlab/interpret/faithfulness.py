@@ -51,8 +51,8 @@ from lrlab.errors import LrlabError
 from lrlab.interpret.cam import CAM_METHODS, class_activation_maps, target_layers
 from lrlab.io import write_json
 
-__all__ = ["FRACTIONS", "ROAD_PERCENTILES", "FaithfulnessResult", "cam_faithfulness", "format_table", "keep_masks", "random_maps",
-           "table_rows"]
+__all__ = ["FRACTIONS", "ROAD_PERCENTILES", "FaithfulnessResult", "cam_faithfulness", "format_table", "keep_masks",
+           "random_maps", "table_rows"]
 
 FRACTIONS = (0.0, 0.05, 0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 """Default shares of pixels at which the keep and delete curves are measured."""
