@@ -267,19 +267,19 @@ def grad_cam(a, g):  # Selvaraju et al. 2017, eq. 1-2
     return channel_sum(g.mean((2, 3)), a)
 
 
-def grad_cam_pp(a, g):  # Chattopadhyay et al. 2018, eq. 19 (alpha) and eq. 10 (weights)
+def grad_cam_pp(a, g):  # Chattopadhyay et al. 2018: alpha by eq. 19, w_k = sum_ij alpha ReLU(g)
     g2, g3 = g ** 2, g ** 3
     denom = 2 * g2 + a.sum((2, 3), keepdim=True) * g3
     alpha = torch.where(denom != 0, g2 / denom, torch.zeros_like(g))
     return channel_sum((alpha * F.relu(g)).sum((2, 3)), a)
 
 
-def xgrad_cam(a, g):  # Fu et al. 2020, eq. 12; a channel that is zero everywhere weighs 0
+def xgrad_cam(a, g):  # Fu et al. 2020; a channel that is zero everywhere weighs 0
     s = a.sum((2, 3))
     return channel_sum(torch.where(s != 0, (g * a).sum((2, 3)) / s, torch.zeros_like(s)), a)
 
 
-def layer_cam(a, g):  # Jiang et al. 2021, eq. 5-6
+def layer_cam(a, g):  # Jiang et al. 2021
     return (F.relu(g) * a).sum(1)
 
 
