@@ -728,7 +728,7 @@ def test_the_library_imports_nothing_of_the_application():
         for name in now | later:
             root = name.split(".")[0]
             assert (root in {"torch", "numpy", "matplotlib"} or root in sys.stdlib_module_names
-                    or name == "lrlab.errors" or name.startswith("lrlab.lr_finder")), (path.name, name)
+                    or name in {"lrlab.errors", "lrlab.io"} or name.startswith("lrlab.lr_finder")), (path.name, name)
         assert not any(n.split(".")[0] == "matplotlib" for n in now), f"{path.name} imports matplotlib eagerly"
     _, later = module_imports(LIBRARY / "plot.py")
     assert "matplotlib.pyplot" in later

@@ -1,23 +1,28 @@
-"""The ``lrlab`` command: run, find-lr, train, explain, compare.
+"""The ``lrlab`` command: run, find-lr, train, explain, compare, resume, report.
 
-    lrlab run RECIPE [--data PATH] [--out DIR] [--quiet] [section.key=value ...]
+    lrlab run RECIPE [--data PATH] [--out DIR] [--quiet] [--resume RUN_DIR] [section.key=value ...]
     lrlab compare RECIPE --vary KEY=V1,V2 [--vary ...] [--variant "[LABEL:] KEY=V ..."] [...]
+    lrlab resume RUN_DIR   # continue a killed or interrupted run in its own folder
     lrlab report RUN_DIR   # rebuild RUN_DIR/report.html from the run's files
 
-Bad input ends with one line ``error: ...`` on stderr and exit status 2, no traceback.
+Every failure ends with one line ``error: ...`` on stderr and no traceback. Exit status: 0 done,
+1 a file could not be written, 2 bad input, 3 training stopped at a non-finite loss, 130 / 143
+stopped by SIGINT / SIGTERM (after a checkpoint when it came during training).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
+from lrlab import interrupts
 from lrlab.config import load_config
 from lrlab.errors import LrlabError
-from lrlab.pipeline import Callbacks, explain_run, run_pipeline
+from lrlab.pipeline import Callbacks, explain_run, resume_pipeline, run_pipeline
 from lrlab.run_folder import RunFolder
 
 STAGES = {"run": dict(range_test_stage=True, train_stage=True, explain_stage=True),
@@ -34,9 +39,17 @@ def _parser() -> argparse.ArgumentParser:
              "find-lr": "the LR range test only",
              "train": "training only, at train.lr (no range test)",
              "explain": "mistakes + Grad-CAM from the best checkpoint of an earlier run",
-             "compare": "train variants of a recipe (--vary grid, --variant) and draw them on the same axes"}
+             "compare": "train variants of a recipe (--vary grid, --variant) and draw them on the same axes",
+             "resume": "continue a killed or interrupted run in its own folder, from its last checkpoint"}
     for name, text in helps.items():
         p = sub.add_parser(name, help=text, description=text)
+        if name == "resume":
+            p.add_argument("run_dir", type=Path, help="the run folder to continue")
+            p.add_argument("--quiet", action="store_true", help="print nothing but errors and the final line")
+            continue
+        if name in STAGES:
+            p.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                           help="continue this earlier run of the same recipe instead of starting a new folder")
         if name == "explain":
             p.add_argument("run_dir", type=Path, help="folder of an earlier run (only read)")
         else:
@@ -108,7 +121,7 @@ def _final_line(command: str, summary: dict) -> str:
         return (f"top-1 test accuracy {100 * summary['best_test_acc']:.2f}% at epoch "
                 f"{summary['best_epoch']}/{summary['epochs']} (lr {summary['lr']:.3g}, "
                 f"{summary['wall_seconds']:.0f}s): {where}")
-    if command == "find-lr":
+    if "target_layer" not in summary:  # find-lr, or a resumed find-lr
         return f"suggested lr {summary['lr']:.3g} ({summary.get('lr_method', 'steepest')}): {where}"
     layer = summary["target_layer"]
     layer = "+".join(layer) if isinstance(layer, list) else layer
@@ -125,40 +138,67 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [a for a in extra if a.startswith("-") or "=" not in a]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    overrides = list(args.overrides) + extra
-    if args.data is not None:
+    overrides = list(getattr(args, "overrides", [])) + extra
+    if args.command == "resume" and overrides:
+        parser.error(f"unrecognized arguments: {' '.join(overrides)} (a run resumes with its own config)")
+    if getattr(args, "data", None) is not None:
         if not args.data.exists():
             return _fail(f"--data path {args.data} does not exist")
         overrides.append(f"data.path={args.data.resolve()}")
-    progress = None
     try:
-        if args.command == "explain":
-            source = RunFolder.open(args.run_dir)
-            summary = explain_run(source, source.load_config(overrides), args.out)
-        elif args.command == "compare":
-            from lrlab.compare import run_compare
-
-            config = load_config(args.recipe, overrides)
-            progress = None if args.quiet else _Progress(config.train.epochs)
-            summary = run_compare(args.recipe, overrides, args.vary, args.variant, args.out,
-                                  range_test_stage=not args.train_only,
-                                  callbacks=progress, on_variant=None if args.quiet else progress.variant,
-                                  on_result=None if args.quiet else _result_line)
-        else:
-            config = load_config(args.recipe, overrides)
-            progress = None if args.quiet else _Progress(config.train.epochs)
-            summary = run_pipeline(config, args.out, progress or Callbacks(), **STAGES[args.command]).summary
+        with interrupts.handle_signals():
+            summary = _command(args, overrides)
     except LrlabError as e:
-        return _fail(str(e))
-    except KeyboardInterrupt:
-        return _fail("interrupted", 130)
-    finally:
-        if progress is not None:
-            progress.close()
+        return _fail(str(e), e.exit_status)
+    except KeyboardInterrupt as e:
+        return _interrupted(e)
     if args.command == "find-lr" and not args.quiet:
         print(suggestion_table_text(summary.get("lr_suggestions") or []))
     print(_final_line(args.command, summary))
     return 0
+
+
+def _command(args: argparse.Namespace, overrides: list[str]) -> dict:
+    """Run the command of ``args``; returns its summary."""
+    if args.command == "explain":
+        source = RunFolder.open(args.run_dir)
+        return explain_run(source, source.load_config(overrides), args.out)
+    if args.command == "resume":
+        run = RunFolder.open(args.run_dir)
+        config, command = None, None
+    else:
+        config, command = load_config(args.recipe, overrides), args.command
+        run = RunFolder.open(args.resume) if getattr(args, "resume", None) else None
+    epochs = (config or (run.load_config() if run else None)).train.epochs
+    progress = None if args.quiet else _Progress(epochs)
+    try:
+        if run is not None:
+            return resume_pipeline(run, progress or Callbacks(), config, command).summary
+        if args.command == "compare":
+            from lrlab.compare import run_compare
+
+            return run_compare(args.recipe, overrides, args.vary, args.variant, args.out,
+                               range_test_stage=not args.train_only, callbacks=progress,
+                               on_variant=None if args.quiet else progress.variant,
+                               on_result=None if args.quiet else _result_line)
+        return run_pipeline(config, args.out, progress or Callbacks(), command=args.command,
+                            **STAGES[args.command]).summary
+    finally:
+        if progress is not None:
+            progress.close()
+
+
+def _interrupted(e: KeyboardInterrupt) -> int:
+    """One line for a SIGINT/SIGTERM: how far the run got and the command that resumes it."""
+    signum = getattr(e, "signum", signal.SIGINT)
+    where = getattr(e, "where", "")
+    run_dir = getattr(e, "run_dir", None)
+    text = f"interrupted by {signal.Signals(signum).name}"
+    if where:
+        text += f" {where} (checkpoint written)"
+    if run_dir is not None:
+        text += f"; resume with: lrlab resume {run_dir}"
+    return _fail(text, 128 + signum)
 
 
 def suggestion_table_text(rows: list[dict]) -> str:

@@ -52,7 +52,7 @@ def cpu_supports_bf16() -> bool:
 def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
     """The autocast dtype for ``precision`` on ``device``, or None for plain float32.
 
-    precision: "auto" (bf16 on bf16-capable CPUs and on CUDA with bf16, else float32),
+    precision: "auto" (bf16 on bf16-capable CPUs; on CUDA :func:`cuda_autocast_dtype`; else float32),
     "bf16", "fp16" (CUDA only) or "fp32". Weights always stay float32; only activations
     and matrix products run in the lower precision.
     """
@@ -67,8 +67,18 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     if device.type == "cpu":
         return torch.bfloat16 if cpu_supports_bf16() else None
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return cuda_autocast_dtype(torch.cuda.get_device_capability(device))
     return None
+
+
+def cuda_autocast_dtype(capability: tuple[int, int]) -> torch.dtype:
+    """The "auto" autocast dtype of a CUDA GPU of compute ``capability`` (major, minor).
+
+    bfloat16 only where the tensor cores compute it natively (Ampere and later, capability >= 8.0);
+    float16, trained with a ``torch.amp.GradScaler``, on older GPUs (T4 7.5, V100 7.0), where
+    ``torch.cuda.is_bf16_supported()`` is also True but bf16 runs through slow emulation.
+    """
+    return torch.bfloat16 if capability >= (8, 0) else torch.float16
 
 
 @lru_cache(maxsize=None)
@@ -149,6 +159,11 @@ class Compute:
             retain_freed_memory()
         model = model.to(self.device)
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """A ``torch.amp.GradScaler`` for training, enabled only under float16 autocast (whose
+        small gradients underflow without loss scaling); disabled, it passes everything through."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
 
     def autocast(self):
         """A ``torch.autocast`` context for this dtype and device; a no-op for float32."""

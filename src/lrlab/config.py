@@ -19,6 +19,7 @@ import yaml
 from pydantic import Field, ValidationError, create_model, model_validator
 
 from lrlab.data import AUGMENT_MODES
+from lrlab.engine import NONFINITE_POLICIES
 from lrlab.errors import LrlabError
 from lrlab.interpret import CAM_METHODS, DEFAULT_CAM_METHOD, SELECT_BY
 from lrlab.lr_finder import METHODS, MODES
@@ -136,6 +137,10 @@ class _TrainBase(_Section):
     # TTA belongs to training's final evaluation (and to the predictions made from it)
     tta: bool = False  # final evaluation on image + its mirror image (flip test-time augmentation)
     tta_shift: int = Field(0, ge=0, le=8)  # with tta: also both views translated by +-this many pixels
+    # checkpoints/last.pt after every epoch and, when > 0, also every this many optimizer steps
+    checkpoint_every: int = Field(0, ge=0)
+    # a NaN or infinite training loss: stop (exit 3, the report says where) or skip the step
+    on_nonfinite: Literal[NONFINITE_POLICIES] = "stop"
 
     @model_validator(mode="after")
     def _schedule_values(self):

@@ -2,25 +2,32 @@
 
 One path for every device: the caller passes a :class:`lrlab.compute.Compute` chosen once;
 the loops move nothing but what the loaders yield. Learning rates are per optimizer step.
-Nothing here knows file names: ``fit`` hands each epoch's state to a ``checkpoint`` callback
-(``lrlab.run_folder.RunFolder.save_checkpoint`` in a run).
+Nothing here knows file names: ``fit`` hands its state to a ``checkpoint`` callback
+(``lrlab.run_folder.RunFolder.save_checkpoint`` in a run) and can continue from such a state,
+exactly as if it had never stopped (:class:`Trainer`).
 """
 
 from __future__ import annotations
 
+import itertools
+import math
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lrlab import interrupts
 from lrlab.compute import Compute
 from lrlab.tta import tta_probs
 
 COLUMNS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds", "train_seconds",
-           "batch_size", "steps"]
+           "batch_size", "steps", "skipped_steps"]
+NONFINITE_POLICIES = ("stop", "skip")
 
 
 @dataclass
@@ -29,13 +36,16 @@ class History:
     cross-entropy per image), train/test top-1 accuracy in [0, 1], lr (of the reference group at
     the end of the epoch), seconds (training + evaluation wall time of that epoch),
     train_seconds (the training pass alone), batch_size (images per training batch) and steps
-    (optimizer steps of the epoch).
+    (optimizer steps of the epoch, skipped ones included), skipped_steps (steps whose loss was not
+    finite and that changed nothing, ``on_nonfinite="skip"``).
 
     ``step_lrs`` holds the lr (per step, reference group) that every optimizer step of the run
-    used, in order."""
+    used, in order. ``stopped`` says why training ended before its last epoch (None: it did not):
+    reason, epoch (1-based), step (0-based, as in lr_steps.csv), lr, last_finite_loss."""
 
     records: list[dict] = field(default_factory=list)
     step_lrs: list[float] = field(default_factory=list)
+    stopped: dict | None = None
 
     def best(self) -> dict:
         """The record with the highest test accuracy (the earliest on ties)."""
@@ -50,35 +60,6 @@ class History:
                     rows.append((step, r["epoch"], self.step_lrs[step], r.get("batch_size")))
                 step += 1
         return rows
-
-def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, schedule,
-                compute: Compute, label_smoothing: float = 0.0,
-                on_step: Callable[[int, float], None] | None = None) -> tuple[float, float]:
-    """One pass over ``loader`` ((N, C, H, W) float32, (N,) int64 batches on the device).
-
-    Returns (mean training loss per image, top-1 training accuracy in [0, 1]), measured on
-    the augmented images. ``on_step(step, loss)`` is called after each step (for progress
-    bars); reading the loss there forces a device sync, so it is optional.
-    """
-    model.train()
-    total_loss = torch.zeros((), device=compute.device)
-    total_correct = torch.zeros((), device=compute.device, dtype=torch.long)
-    seen = 0
-    for step, (x, y) in enumerate(loader):
-        with compute.autocast():
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step_batch()
-        total_loss += loss.detach() * len(y)
-        total_correct += (logits.argmax(1) == y).sum()
-        seen += len(y)
-        if on_step is not None:
-            on_step(step, loss.item())
-    return total_loss.item() / seen, total_correct.item() / seen
-
 
 def evaluate(model: nn.Module, loader: Iterable, compute: Compute, tta: bool = False,
              tta_shift: int = 0) -> tuple[float, float]:
@@ -97,69 +78,230 @@ def evaluate(model: nn.Module, loader: Iterable, compute: Compute, tta: bool = F
     return total_loss / seen, correct / seen
 
 
-def training_state(model: nn.Module, optimizer, schedule, history: History, epoch: int) -> dict:
-    """Everything a checkpoint holds of the training: model, optimizer and schedule states, the
-    history so far, the torch RNG state and the epoch (1-based) it ends."""
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-            "history": history.records, "rng": torch.get_rng_state(), "epoch": epoch}
 
 
-class _RecordStepLR:
-    """Stands in for the schedule inside the loop: records the lr each optimizer step used
-    (the schedule's reference lr when ``step_batch`` is called), then steps the schedule."""
+def rng_state() -> dict:
+    """The global random states: torch CPU, every CUDA device, numpy and Python's ``random``, in
+    types that ``torch.load(..., weights_only=True)`` reads back."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "python": random.getstate()}
 
-    def __init__(self, schedule, out: list[float]):
-        self.schedule, self.out = schedule, out
 
-    def step_batch(self) -> None:
-        self.out.append(self.schedule.lr)
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` returned (CUDA states only where CUDA is available)."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA), numpy and Python's ``random`` with ``seed``."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+@dataclass
+class EpochProgress:
+    """Running totals of the epoch under way: optimizer steps taken (skipped ones included),
+    summed loss (per image) and correct predictions over ``seen`` images, skipped steps, and
+    training seconds so far."""
+
+    steps: int = 0
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+
+    def means(self) -> tuple[float, float]:
+        """(mean training loss per image, top-1 training accuracy); NaN when no step counted."""
+        if self.seen == 0:
+            return math.nan, math.nan
+        return self.loss_sum / self.seen, self.correct / self.seen
+
+
+class Trainer:
+    """The training loop's state, and one optimizer step.
+
+    Everything that decides the rest of a run is in :meth:`state_dict`: model, optimizer,
+    schedule, GradScaler, gradient noise, completed epochs and the progress of the epoch under
+    way (the data loader's position: its per-epoch seed is the epoch index, and the batches
+    already taken are drawn again and dropped on resume), the random states and the history.
+    :meth:`load_state_dict` puts all of it back, so training continues bit for bit as if it
+    had not stopped.
+
+    ``on_nonfinite``: "stop" (training ends at the first step whose loss is NaN or infinite,
+    before that step changes anything; ``history.stopped`` says where) or "skip" (the step
+    changes nothing and is counted in the record's ``skipped_steps``).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, schedule, compute: Compute, *,
+                 label_smoothing: float = 0.0, on_nonfinite: str = "stop", grad_noise=None):
+        if on_nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"on_nonfinite {on_nonfinite!r} is not one of {NONFINITE_POLICIES}")
+        self.model, self.optimizer, self.schedule, self.compute = model, optimizer, schedule, compute
+        self.label_smoothing, self.on_nonfinite, self.grad_noise = label_smoothing, on_nonfinite, grad_noise
+        self.scaler = compute.grad_scaler()
+        self.history = History()
+        self.epoch = 0  # completed epochs
+        self.progress = EpochProgress()
+        self.last_finite_loss: float | None = None
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One optimizer step on the batch x (B, C, H, W) float32, y (B,) int64 (training mode);
+        returns the loss (mean cross-entropy). A non-finite loss changes nothing: with "stop" it
+        sets ``history.stopped`` and the step is not counted."""
+        with self.compute.autocast():
+            logits = self.model(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+        value = loss.item()
+        if not math.isfinite(value):
+            return self._nonfinite(value)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self._count(value, (logits.argmax(1) == y).sum().item(), len(y))
+        self.last_finite_loss = value
+        return value
+
+    def _count(self, loss: float, correct: int, n: int, skipped: int = 0) -> None:
+        self.history.step_lrs.append(self.schedule.lr)
         self.schedule.step_batch()
+        p = self.progress
+        p.steps, p.loss_sum, p.correct, p.seen, p.skipped = (p.steps + 1, p.loss_sum + loss * n, p.correct + correct,
+                                                             p.seen + n, p.skipped + skipped)
 
-    def step_epoch(self, test_loss: float) -> None:
-        self.schedule.step_epoch(test_loss)
+    def _nonfinite(self, value: float) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.on_nonfinite == "skip":
+            self._count(0.0, 0, 0, skipped=1)
+        else:
+            self.history.stopped = {"reason": "non-finite training loss", "loss": str(value),
+                                    "epoch": self.epoch + 1, "step": len(self.history.step_lrs),
+                                    "lr": self.schedule.lr, "last_finite_loss": self.last_finite_loss}
+        return value
+
+    def end_epoch(self, record: dict) -> None:
+        """Append the finished epoch's ``record`` and start the next epoch's totals."""
+        self.history.records.append(record)
+        self.epoch += 1
+        self.progress = EpochProgress()
+
+    def state_dict(self) -> dict:
+        """Everything :meth:`load_state_dict` needs (loadable with ``weights_only=True``)."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "schedule": self.schedule.state_dict(), "scaler": self.scaler.state_dict(),
+                "grad_noise": self.grad_noise.state_dict() if self.grad_noise is not None else None,
+                "epoch": self.epoch, "step": len(self.history.step_lrs), "epoch_progress": vars(self.progress).copy(),
+                "last_finite_loss": self.last_finite_loss, "history": self.history.records,
+                "step_lrs": self.history.step_lrs, "rng": rng_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a :meth:`state_dict` (model and optimizer tensors go to their devices)."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        if self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        if self.grad_noise is not None and state.get("grad_noise") is not None:
+            self.grad_noise.load_state_dict(state["grad_noise"])
+        self.epoch, self.last_finite_loss = int(state["epoch"]), state["last_finite_loss"]
+        self.progress = EpochProgress(**state["epoch_progress"])
+        self.history = History(list(state["history"]), list(state["step_lrs"]))
+        set_rng_state(state["rng"])
+
+
+def _train_epoch(trainer: Trainer, loader, checkpoint: Callable[[dict, bool], None] | None, checkpoint_every: int,
+                 on_step: Callable[[int, float], None] | None) -> None:
+    """The training pass of epoch ``trainer.epoch + 1``, from the step it had reached; stops early
+    at a non-finite loss ("stop") or a pending signal (checkpoint, then :class:`Interrupted`)."""
+    trainer.model.train()
+    if hasattr(loader, "epoch"):
+        loader.epoch = trainer.epoch  # the loader's per-epoch seed: the same order on resume
+    p, start = trainer.progress, time.perf_counter() - trainer.progress.seconds
+    for x, y in itertools.islice(iter(loader), p.steps, None):
+        loss = trainer.step(x, y)
+        if trainer.history.stopped is not None:
+            return
+        p.seconds = time.perf_counter() - start
+        if on_step is not None:
+            on_step(p.steps - 1, loss)
+        signum = interrupts.pending()
+        if checkpoint is not None and (signum or (checkpoint_every and len(trainer.history.step_lrs) % checkpoint_every == 0)):
+            checkpoint(trainer.state_dict(), False)
+        if signum:
+            raise interrupts.Interrupted(signum, f"at epoch {trainer.epoch + 1}, step {len(trainer.history.step_lrs)}")
 
 
 def fit(model: nn.Module, train_loader, test_loader, optimizer, schedule, epochs: int,
         compute: Compute, *, label_smoothing: float = 0.0, tta: bool = False, tta_shift: int = 0,
-        batch_sizes: list[int] | None = None,
-        checkpoint: Callable[[dict, bool], None] | None = None,
+        batch_sizes: list[int] | None = None, grad_noise=None, on_nonfinite: str = "stop",
+        checkpoint: Callable[[dict, bool], None] | None = None, checkpoint_every: int = 0,
+        resume: dict | None = None,
         on_step: Callable[[int, float], None] | None = None,
         on_epoch: Callable[[dict], None] | None = None) -> History:
-    """Train for ``epochs`` epochs, evaluating on ``test_loader`` after each.
+    """Train for ``epochs`` epochs, evaluating on ``test_loader`` after each (see :class:`Trainer`
+    for the step, ``on_nonfinite`` and the state a checkpoint holds).
 
-    ``batch_sizes`` (one per epoch, a batch-size schedule) is set on
-    ``train_loader.batch_size`` before each epoch. The lr of every step goes to
-    ``History.step_lrs``.
-
-    Test-time augmentation (``tta``, ``tta_shift``, see :func:`evaluate`) is used for the
-    final epoch only; earlier epochs are evaluated on the plain images, which costs a half
-    (a sixth with shifts) of a TTA evaluation and does not change training.
+    ``batch_sizes`` (one per epoch, a batch-size schedule) is set on ``train_loader.batch_size``
+    before each epoch. The lr of every step goes to ``History.step_lrs``. Test-time augmentation
+    (``tta``, ``tta_shift``, see :func:`evaluate`) is used for the final epoch only.
 
     After every epoch: the schedule sees the test loss (ReduceLROnPlateau), the record is
-    appended to the History, ``checkpoint(training_state(...), is_best)`` is called (is_best:
-    the epoch has the best test accuracy so far) and then ``on_epoch(record)``.
+    appended to the History, ``checkpoint(state, is_best)`` is called (is_best: the best test
+    accuracy so far) and then ``on_epoch(record)``; with ``checkpoint_every`` > 0 also
+    ``checkpoint(state, False)`` every that many optimizer steps. ``resume``: a state from an
+    earlier ``checkpoint`` call to continue from (also one at the end of training: then nothing
+    is trained). ``grad_noise``: the :class:`lrlab.optim.GradientNoise` attached to the optimizer,
+    whose state the checkpoints carry.
+
+    Raises:
+        Interrupted: a SIGINT/SIGTERM arrived while training (:mod:`lrlab.interrupts`); the step
+            under way was finished and ``checkpoint`` called first.
     """
-    history = History()
-    recorder = _RecordStepLR(schedule, history.step_lrs)
-    for epoch in range(1, epochs + 1):
-        start = time.perf_counter()
-        if batch_sizes is not None:
-            train_loader.batch_size = batch_sizes[epoch - 1]
-        steps_before = len(history.step_lrs)
-        train_loss, train_acc = train_epoch(model, train_loader, optimizer, recorder, compute,
-                                            label_smoothing, on_step)
-        train_seconds = time.perf_counter() - start
-        test_loss, test_acc = evaluate(model, test_loader, compute, tta and epoch == epochs, tta_shift)
-        schedule.step_epoch(test_loss)
-        record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
-                  "test_loss": test_loss, "test_acc": test_acc,
-                  "lr": schedule.lr,
-                  "seconds": time.perf_counter() - start, "train_seconds": train_seconds,
-                  "batch_size": getattr(train_loader, "batch_size", None),
-                  "steps": len(history.step_lrs) - steps_before}
-        history.records.append(record)
-        if checkpoint is not None:
-            checkpoint(training_state(model, optimizer, schedule, history, epoch), history.best() is record)
-        if on_epoch is not None:
-            on_epoch(record)
-    return history
+    trainer = Trainer(model, optimizer, schedule, compute, label_smoothing=label_smoothing,
+                      on_nonfinite=on_nonfinite, grad_noise=grad_noise)
+    if resume is not None:
+        trainer.load_state_dict(resume)
+    with interrupts.deferring():
+        while trainer.epoch < epochs:
+            epoch = trainer.epoch + 1
+            if batch_sizes is not None:
+                train_loader.batch_size = batch_sizes[epoch - 1]
+            _train_epoch(trainer, train_loader, checkpoint, checkpoint_every, on_step)
+            if trainer.history.stopped is not None:
+                break
+            _end_epoch(trainer, epoch, test_loader, tta and epoch == epochs, tta_shift,
+                       getattr(train_loader, "batch_size", None), checkpoint, on_epoch)
+    return trainer.history
+
+
+def _end_epoch(trainer: Trainer, epoch: int, test_loader, tta: bool, tta_shift: int, batch_size: int | None,
+               checkpoint, on_epoch) -> None:
+    """Evaluate, step the schedule on the test loss, record, checkpoint, report; then raise
+    :class:`Interrupted` if a signal came meanwhile."""
+    start = time.perf_counter()
+    p = trainer.progress
+    test_loss, test_acc = evaluate(trainer.model, test_loader, trainer.compute, tta, tta_shift)
+    trainer.schedule.step_epoch(test_loss)
+    train_loss, train_acc = p.means()
+    record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss,
+              "test_acc": test_acc, "lr": trainer.schedule.lr, "seconds": p.seconds + time.perf_counter() - start,
+              "train_seconds": p.seconds, "batch_size": batch_size, "steps": p.steps, "skipped_steps": p.skipped}
+    trainer.end_epoch(record)
+    if checkpoint is not None:
+        checkpoint(trainer.state_dict(), trainer.history.best() is record)
+    if on_epoch is not None:
+        on_epoch(record)
+    if interrupts.pending():
+        raise interrupts.Interrupted(interrupts.pending(), f"after epoch {epoch}")

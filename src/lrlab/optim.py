@@ -205,7 +205,10 @@ class GradientNoise:
         return optimizer.register_step_pre_hook(hook)
 
     def state_dict(self) -> dict:
-        return {"t": self.t}
+        """The step count and the state of each device's generator (keyed by device name)."""
+        return {"t": self.t, "generators": {str(d): g.get_state() for d, g in self._generators.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.t = int(state["t"])
+        for name, gen_state in state.get("generators", {}).items():
+            self._generator(torch.device(name)).set_state(gen_state)

@@ -14,6 +14,7 @@ reaches the caller through :class:`Callbacks`.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +28,9 @@ from torch import nn
 from lrlab.compute import Compute
 from lrlab.config import Config
 from lrlab.data import BatchLoader, Dataset, Split, load_dataset
-from lrlab.engine import History, fit
-from lrlab.errors import LrlabError
+from lrlab.engine import History, fit, seed_everything
+from lrlab.errors import Diverged, LrlabError, RunStopped, WriteError
+from lrlab.io import check_writable
 from lrlab.interpret import (FaithfulnessResult, Predictions, cam_faithfulness, class_activation_maps,
                              layer_names, per_class_summary, predict, select_misclassified)
 from lrlab.lr_finder import RangeTestResult, range_test as sweep
@@ -212,22 +214,44 @@ def _steps_per_epoch(loader: BatchLoader, sizes: list[int]) -> list[int]:
     return steps
 
 
-def train(setup: Setup, plan: LRPlan, callbacks: Callbacks = Callbacks(), run: RunFolder | None = None) -> History:
+def _tensorboard(run: RunFolder | None, resume: dict | None) -> TensorBoardScalars | None:
+    """The run's TensorBoard writer; a resumed run's event files are written again from the
+    checkpoint's history, so no epoch appears twice."""
+    if run is None:
+        return None
+    if resume is not None:
+        run.clear_tensorboard()
+    scalars = TensorBoardScalars(run.file("tensorboard_dir"))
+    for record in (resume or {}).get("history", []):
+        scalars(record)
+    return scalars
+
+
+def train(setup: Setup, plan: LRPlan, callbacks: Callbacks = Callbacks(), run: RunFolder | None = None,
+          resume: dict | None = None) -> History:
     """Train the model with the configured optimizer and schedule over ``plan``, the batch-size
-    schedule and gradient noise. With ``run``: checkpoints every epoch, TensorBoard scalars,
-    and the history with its figures (``RunFolder.save_history``)."""
+    schedule and gradient noise; from the checkpoint state ``resume`` when given. With ``run``:
+    checkpoints every epoch (and every ``train.checkpoint_every`` steps), TensorBoard scalars,
+    and the history with its figures (``RunFolder.save_history``). The global random states are
+    seeded from ``seed`` first, so training does not depend on what ran before it.
+
+    Raises:
+        Interrupted: SIGINT/SIGTERM while training, after a checkpoint (see :func:`lrlab.engine.fit`).
+    """
     config, cfg = setup.config, setup.config.train
+    seed_everything(config.seed)
     sizes = batch_sizes(cfg)
     loader = train_loader(setup, sizes[0])
     clock = Clock(_steps_per_epoch(loader, sizes))
     optimizer = build_optimizer(cfg, setup.model, plan.lr, plan.scales)
-    if cfg.grad_noise.eta > 0:
-        GradientNoise(cfg.grad_noise.eta, cfg.grad_noise.gamma, seed=config.seed).attach(optimizer)
+    noise = GradientNoise(cfg.grad_noise.eta, cfg.grad_noise.gamma, seed=config.seed) if cfg.grad_noise.eta > 0 else None
+    if noise is not None:
+        noise.attach(optimizer)
     schedule = build_schedule(cfg, optimizer, plan.lr, clock)
     callbacks.stage("train", clock.total_steps)
     extra = {"config": config.model_dump(mode="json"), "classes": setup.data.classes,
              "mean": setup.data.mean, "std": setup.data.std}
-    scalars = TensorBoardScalars(run.file("tensorboard_dir")) if run is not None else None
+    scalars = _tensorboard(run, resume)
     try:
         def on_epoch(record: dict) -> None:
             if scalars is not None:
@@ -237,13 +261,14 @@ def train(setup: Setup, plan: LRPlan, callbacks: Callbacks = Callbacks(), run: R
 
         history = fit(setup.model, loader, eval_loader(setup, setup.data.test), optimizer, schedule, cfg.epochs,
                       setup.compute, label_smoothing=cfg.label_smoothing, tta=cfg.tta, tta_shift=cfg.tta_shift,
-                      batch_sizes=sizes if cfg.batch_size_milestones else None,
+                      batch_sizes=sizes if cfg.batch_size_milestones else None, grad_noise=noise,
+                      on_nonfinite=cfg.on_nonfinite, checkpoint_every=cfg.checkpoint_every, resume=resume,
                       checkpoint=(lambda state, best: run.save_checkpoint({**state, **extra}, best)) if run else None,
                       on_step=callbacks.on_step, on_epoch=on_epoch)
     finally:
         if scalars is not None:
             scalars.close()
-    if run is not None:
+    if run is not None and history.records:
         pd = cfg.plateau_detect
         spans = find_plateaus([r["test_loss"] for r in history.records], pd.window, pd.rel_threshold)
         run.save_history(history, config.name, spans)
@@ -319,52 +344,149 @@ class Outcome:
     history: History | None = None
 
 
-def run_pipeline(config: Config, out: str | Path, callbacks: Callbacks = Callbacks(), *,
-                 range_test_stage: bool = True, train_stage: bool = True, explain_stage: bool = True) -> Outcome:
-    """The workflow into a new run folder under ``out``: config.yaml, range test, LRPlan, training,
-    the best checkpoint's predictions and mistakes, summary.json and report.html.
+STAGE_NAMES = ("range_test", "train", "explain")
+"""The stages a command runs, as the run folder's status records them for ``lrlab resume``."""
 
-    Everything that can reject the recipe is checked before the folder is created, and a
-    recipe rejected later (e.g. a range test without a suggestion) removes its folder, so bad
-    input leaves nothing behind.
+
+def run_pipeline(config: Config, out: str | Path, callbacks: Callbacks = Callbacks(), *,
+                 range_test_stage: bool = True, train_stage: bool = True, explain_stage: bool = True,
+                 command: str = "run") -> Outcome:
+    """The workflow into a new run folder under ``out``: config.yaml, status.json, range test,
+    LRPlan, training, the best checkpoint's predictions and mistakes, summary.json and report.html.
+
+    ``out`` is checked writable before any work. Everything that can reject the recipe is checked
+    before the folder is created, and a recipe rejected later (e.g. a range test without a
+    suggestion) removes its folder, so bad input leaves nothing behind; a run stopped on the way
+    (:class:`~lrlab.errors.RunStopped`, :class:`~lrlab.interrupts.Interrupted`) keeps its folder
+    for :func:`resume_pipeline`.
+
+    Raises:
+        LrlabError: rejected input; WriteError: ``out`` or a file cannot be written; Diverged:
+            a non-finite loss stopped training (after the report was written); Interrupted.
     """
     start = time.perf_counter()
+    check_writable(out, "output folder")
     testing = range_test_stage and config.lr_finder.enabled
     setup = prepare(config, range_test=testing, train=train_stage, explain=explain_stage)
     run = RunFolder.create(out, config.name)
-    try:
+    run.save_status(command, dict(zip(STAGE_NAMES, (range_test_stage, train_stage, explain_stage))))
+    with _stopping(run, discard=True):
+        run.save_config(setup.config)
         outcome = _run_stages(setup, run, callbacks, testing, train_stage, explain_stage)
-    except LrlabError:
-        run.discard()
+    return _finish(run, outcome, start)
+
+
+def resume_pipeline(run: RunFolder, callbacks: Callbacks = Callbacks(), config: Config | None = None,
+                    command: str | None = None) -> Outcome:
+    """Continue the run in ``run`` with its own config and stages (status.json): reuse its LRPlan
+    and range test when saved, continue training from checkpoints/last.pt exactly (see
+    :class:`lrlab.engine.Trainer`), then explain, summary and report, all in the same folder.
+
+    ``config`` / ``command`` (``lrlab run RECIPE --resume RUN_DIR``) must be the run's own.
+
+    Raises:
+        LrlabError: not a resumable run folder, a different recipe or command, a corrupt
+            checkpoint; and as :func:`run_pipeline` (never removes the folder).
+    """
+    start = time.perf_counter()
+    saved_command, stages = run.load_status()
+    saved = run.load_config()
+    if command is not None and command != saved_command:
+        raise LrlabError(f"{run.path} was made by 'lrlab {saved_command}'; resume it with 'lrlab resume {run.path}'")
+    if config is not None and config != saved:
+        raise LrlabError(f"the recipe differs from {run.file('config')} in {', '.join(_differing_keys(config, saved))}; "
+                         f"resume with the run's own recipe ('lrlab resume {run.path}')")
+    check_writable(run.path, "run folder")
+    testing = stages["range_test"] and saved.lr_finder.enabled
+    setup = prepare(saved, range_test=testing, train=stages["train"], explain=stages["explain"])
+    with _stopping(run, discard=False):
+        outcome = _run_stages(setup, run, callbacks, testing, stages["train"], stages["explain"], resume=True)
+    return _finish(run, outcome, start)
+
+
+def _differing_keys(a: Config, b: Config) -> list[str]:
+    """Dotted keys whose values differ between two configs."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    fa, fb = flat(a.model_dump(mode="json")), flat(b.model_dump(mode="json"))
+    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
+
+
+@contextlib.contextmanager
+def _stopping(run: RunFolder, discard: bool):
+    """Tag an interrupt with the run folder to resume; remove the folder (``discard``) when the
+    recipe was rejected, never when the run was stopped on the way."""
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        e.run_dir = run.path
         raise
+    except WriteError as e:
+        raise WriteError(f"{e}; once it can be written: lrlab resume {run.path}") from None
+    except LrlabError as e:
+        if discard and not isinstance(e, RunStopped):
+            run.discard()
+        raise
+
+
+def _finish(run: RunFolder, outcome: Outcome, start: float) -> Outcome:
+    """summary.json (with the wall time) and report.html; then raise Diverged for a run whose
+    training stopped at a non-finite loss."""
     outcome.summary["wall_seconds"] = time.perf_counter() - start
     run.save_summary(outcome.summary)
-    write_report(run)
+    report = write_report(run)
+    stopped = outcome.history.stopped if outcome.history is not None else None
+    if stopped is not None:
+        last = stopped["last_finite_loss"]
+        raise Diverged(f"training stopped at a non-finite loss ({stopped['loss']}) at step {stopped['step']} "
+                       f"(epoch {stopped['epoch']}, lr {stopped['lr']:.3g}, last finite loss "
+                       f"{'none' if last is None else f'{last:.4g}'}); the last good checkpoint is kept and "
+                       f"{report} says so")
     return outcome
 
 
-def _run_stages(setup: Setup, run: RunFolder, callbacks: Callbacks, testing: bool, training: bool,
-                explaining: bool) -> Outcome:
-    """The stages of :func:`run_pipeline` inside its folder; returns the summary so far."""
-    run.save_config(setup.config)
-    compute, data = setup.compute, setup.data
-    summary: dict = {"run_dir": str(run), "device": str(compute.device), "autocast": compute.dtype_name,
-                     "train_images": len(data.train), "test_images": len(data.test), "classes": data.classes}
+def _plan(setup: Setup, run: RunFolder, callbacks: Callbacks, testing: bool,
+          resume: bool) -> tuple[LRPlan, RangeTestResult | None]:
+    """The run's LRPlan and range test: read back when resuming a run that saved them, else made
+    (range test first when ``testing``) and saved."""
+    if resume:
+        plan, result = run.load_plan(), run.load_range_test() if testing else None
+        if plan is not None and (result is not None or not testing):
+            return plan, result
     result = None
     if testing:
         result = range_test(setup, callbacks)
         run.save_range_test(result)
-        summary.update(lr_suggestion=result.suggestion, lr_method=result.method, lr_suggestions=result.rows())
     plan = make_plan(setup, result)
     run.save_plan(plan)
+    return plan, result
+
+
+def _run_stages(setup: Setup, run: RunFolder, callbacks: Callbacks, testing: bool, training: bool,
+                explaining: bool, resume: bool = False) -> Outcome:
+    """The stages of :func:`run_pipeline` inside its folder; returns the summary so far."""
+    compute, data = setup.compute, setup.data
+    summary: dict = {"run_dir": str(run), "device": str(compute.device), "autocast": compute.dtype_name,
+                     "train_images": len(data.train), "test_images": len(data.test), "classes": data.classes}
+    plan, result = _plan(setup, run, callbacks, testing, resume)
+    if result is not None:
+        summary.update(lr_suggestion=result.suggestion, lr_method=result.method, lr_suggestions=result.rows())
     summary.update(lr=plan.lr, lr_plan=plan.rows())
     history = None
     if training:
-        history = train(setup, plan, callbacks, run)
-        best, last = history.best(), history.records[-1]
-        summary.update(best_test_acc=best["test_acc"], best_epoch=best["epoch"], final_test_acc=last["test_acc"],
-                       epochs=len(history.records), train_seconds=sum(r["seconds"] for r in history.records))
-    if explaining:
+        state = run.load_checkpoint("last_checkpoint") if resume and run.file("last_checkpoint").is_file() else None
+        history = train(setup, plan, callbacks, run, state)
+        if history.records:
+            best, last = history.best(), history.records[-1]
+            summary.update(best_test_acc=best["test_acc"], best_epoch=best["epoch"], final_test_acc=last["test_acc"],
+                           epochs=len(history.records), train_seconds=sum(r["seconds"] for r in history.records))
+        skipped = sum(r.get("skipped_steps") or 0 for r in history.records)
+        summary.update(stopped=history.stopped, **({"skipped_steps": skipped} if skipped else {}))
+    if explaining and run.file("best_checkpoint").is_file():
         setup.model.load_state_dict(run.load_checkpoint("best_checkpoint", compute.device)["model"])
         callbacks.stage("explain", 0)
         explain_into(setup, run)

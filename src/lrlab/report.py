@@ -176,12 +176,21 @@ def _summary_section(run: RunFolder, ctx: dict) -> str:
                      f"{_e(epoch)} of {_e(epochs)}.</p>")
     else:
         parts.append("<p>No training in this run (no test accuracy).</p>")
+    stopped = summary.get("stopped")
+    if stopped:
+        last = stopped.get("last_finite_loss")
+        parts.append(f'<p class="missing">Training stopped early: {_e(stopped.get("reason"))} '
+                     f'({_e(stopped.get("loss"))}) at optimizer step {_e(stopped.get("step"))} (0-based, as in '
+                     f'{_e(run.FILES["lr_steps"])}) of epoch {_e(stopped.get("epoch"))}, lr {_num(stopped.get("lr"))}; '
+                     f'last finite loss {_num(last) if last is not None else "none"}. The checkpoints and '
+                     f'curves are those of the epochs completed before it.</p>')
     rows = []
     labels = [("final_test_acc", "final test accuracy", _pct), ("lr", "learning rate (peak / initial, per step)", _num),
               ("lr_suggestion", "range-test suggestion", _num), ("train_images", "training images", str),
               ("test_images", "test images", str), ("device", "device", str), ("autocast", "autocast dtype", str),
               ("train_seconds", "training time (s)", lambda v: _num(v, ".0f")),
               ("wall_seconds", "wall time, whole command (s)", lambda v: _num(v, ".0f")),
+              ("skipped_steps", "skipped steps (non-finite loss)", str),
               ("source_run", "explained run", str)]
     for key, label, fmt in labels:
         if summary.get(key) is not None:

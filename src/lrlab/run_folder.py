@@ -24,7 +24,7 @@ from lrlab import plots
 from lrlab.config import Config, load_config, save_config
 from lrlab.engine import COLUMNS, History
 from lrlab.errors import LrlabError
-from lrlab.io import atomic_path, atomic_write_text, write_json
+from lrlab.io import atomic_write_bytes, atomic_write_text, write_json
 from lrlab.lr_plan import LRPlan
 
 FILES = {
@@ -50,6 +50,7 @@ FILES = {
     "faithfulness": "faithfulness.json",
     "faithfulness_figure": "faithfulness.png",
     "summary": "summary.json",
+    "status": "status.json",
     "report": "report.html",
     "tensorboard_dir": "tensorboard",
     "last_checkpoint": "checkpoints/last.pt",
@@ -96,7 +97,7 @@ class RunFolder:
 
     @classmethod
     def open(cls, path: str | Path) -> RunFolder:
-        """An earlier run folder.
+        """An earlier run folder (read it, rebuild its report, or :meth:`resume` it).
 
         Raises:
             LrlabError: ``path`` is not a run folder (it has no config.yaml).
@@ -173,26 +174,78 @@ class RunFolder:
         plots.plot_lr(history.records, self.file("lr_figure"))
 
     def save_checkpoint(self, state: dict, is_best: bool) -> None:
-        """checkpoints/last.pt, and best.pt (a copy of it) when ``is_best``; both atomic."""
-        with atomic_path(self.file("last_checkpoint")) as tmp:
-            torch.save(state, tmp)
-        if is_best:  # the same state: copy the file rather than serialise twice
-            with atomic_path(self.file("best_checkpoint")) as tmp:
-                shutil.copyfile(self.file("last_checkpoint"), tmp)
-
-    def load_checkpoint(self, kind: str = "best_checkpoint", map_location: Any = "cpu") -> dict:
-        """The saved training state (``kind``: best_checkpoint or last_checkpoint).
+        """checkpoints/last.pt, and best.pt (the same bytes) when ``is_best``; each atomic, so a
+        kill at any moment leaves the previous complete file.
 
         Raises:
-            LrlabError: the file is missing or unreadable.
+            WriteError: a file could not be written (the previous one is intact).
+        """
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        data = buf.getvalue()
+        atomic_write_bytes(self.file("last_checkpoint"), data)
+        if is_best:
+            atomic_write_bytes(self.file("best_checkpoint"), data)
+
+    def load_checkpoint(self, kind: str = "best_checkpoint", map_location: Any = "cpu") -> dict:
+        """The saved training state (``kind``: best_checkpoint or last_checkpoint), read with
+        ``torch.load(..., weights_only=True)``.
+
+        Raises:
+            LrlabError: the file is missing, truncated or not a checkpoint.
         """
         path = self.file(kind)
         if not path.is_file():
             raise LrlabError(f"{self.path} has no {self.FILES[kind]}; pass the folder of a run that trained")
         try:
-            return torch.load(path, map_location=map_location)
-        except (OSError, RuntimeError, EOFError) as e:
-            raise LrlabError(f"checkpoint {path} cannot be read ({str(e).splitlines()[0]})") from None
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - truncated zip, bad pickle, wrong types: all one message
+            reason = (str(e).splitlines() or [type(e).__name__])[0]
+            raise LrlabError(f"checkpoint {path} is corrupt or truncated ({reason}); delete it to "
+                             f"start that stage again") from None
+
+    def has(self, kind: str) -> bool:
+        """True when the file ``kind`` exists."""
+        return self.file(kind).exists()
+
+    def clear_tensorboard(self) -> None:
+        """Remove the TensorBoard event files (a resumed run writes them again from its history)."""
+        shutil.rmtree(self.file("tensorboard_dir"), ignore_errors=True)
+
+    def save_status(self, command: str, stages: dict[str, bool]) -> None:
+        """status.json: the command that made the run and its stages, which ``lrlab resume`` repeats."""
+        write_json(self.file("status"), {"command": command, "stages": stages})
+
+    def load_status(self) -> tuple[str, dict[str, bool]]:
+        """(command, stages) from status.json.
+
+        Raises:
+            LrlabError: the file is missing or malformed (a run made before lrlab could resume).
+        """
+        status = self.read_json("status")
+        if not isinstance(status, dict) or not isinstance(status.get("stages"), dict):
+            raise LrlabError(f"{self.file('status')} is missing or malformed, so {self.path} cannot be resumed; "
+                             f"start a new run")
+        return str(status.get("command")), {k: bool(v) for k, v in status["stages"].items()}
+
+    # ------------------------------------------------------------------ range test and plan, read back
+
+    def load_plan(self) -> LRPlan | None:
+        """The saved LRPlan, or None when lr_plan.json is missing or malformed."""
+        data = self.read_json("lr_plan")
+        try:
+            return LRPlan.from_dict(data) if isinstance(data, dict) else None
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    def load_range_test(self):
+        """The saved ``lrlab.lr_finder.RangeTestResult``, or None when missing or malformed."""
+        from lrlab.lr_finder import RangeTestResult
+
+        try:
+            return RangeTestResult.load_json(self.file("range_test"))
+        except (LrlabError, OSError):
+            return None
 
     # ------------------------------------------------------------------ interpretation
 

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from lrlab.errors import WriteError
+from lrlab.io import atomic_path
 
 CACHE_VERSION = 1  # bump when the cache file layout changes
 
@@ -77,25 +79,14 @@ def read_cache(cache: Path, layout: str, root: Path, signature: str) -> dict[str
 
 def write_cache(cache: Path, layout: str, root: Path, signature: str,
                 arrays: dict[str, np.ndarray]) -> None:
-    """Atomically write the arrays (temp file in the cache dir, then os.replace).
+    """Atomically write the arrays (:func:`lrlab.io.atomic_path`: temp file, fsync, rename).
 
     A cache that cannot be written (read-only home, full disk) is skipped silently: the
     data was decoded and the caller can go on.
     """
-    path = _cache_file(cache, layout, root)
-    tmp = None
     try:
-        cache.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=cache)
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, signature=np.array(signature), **arrays)
-        os.replace(tmp, path)
-        tmp = None
-    except OSError:
+        with atomic_path(_cache_file(cache, layout, root)) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, signature=np.array(signature), **arrays)
+    except WriteError:
         pass
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass

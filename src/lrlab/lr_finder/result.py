@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from lrlab.errors import LrlabError
+from lrlab.io import atomic_write_text
 from lrlab.lr_finder.plot import range_test_figure
 from lrlab.lr_finder.suggest import METHODS, Suggestion, centered_smooth
 
@@ -142,7 +142,7 @@ class RangeTestResult:
     def save_json(self, path: str | os.PathLike) -> Path:
         """Write :meth:`to_dict` to ``path`` atomically (temporary file, then rename)."""
         path = Path(path)
-        _atomic_write_text(path, json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n")
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n")
         return path
 
     @classmethod
@@ -215,20 +215,6 @@ class RangeTestResult:
                                  {k: (s.lr, s.low, s.high) for k, s in self.suggestions.items()},
                                  chosen=self.method, bands=bands, ax=ax,
                                  ylabel="validation loss" if self.loss == "val" else "training loss")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically: a fresh temporary file in the same folder (created
-    if missing), then ``os.replace``; the temporary file is removed on any error."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A fresh name rather than mkstemp, whose 0600 mode would survive the rename.
-    tmp = path.parent / f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}"
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _json_float(v: float | None) -> float | None:
