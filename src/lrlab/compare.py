@@ -37,6 +37,7 @@ from pydantic import BaseModel
 
 from lrlab.config import Config, load_config
 from lrlab.errors import LrlabError
+from lrlab.io import check_writable
 from lrlab.lr_plan import LRPlan
 from lrlab.run_folder import CompareFolder
 
@@ -306,8 +307,10 @@ def run_compare(recipe: str | Path | None, overrides: Sequence[str], varies: Seq
 
     Raises:
         LrlabError: bad input found before any training (see :func:`build_variants`), a
-            variant whose config is invalid, or a one-cycle / cyclic variant without a max_lr.
+            variant whose config is invalid, or a one-cycle / cyclic variant without a max_lr;
+            WriteError: ``out`` is not writable.
     """
+    check_writable(out, "output folder")
     todo = build_variants(varies, variants)
     configs = _variant_configs(recipe, overrides, todo, range_test_stage)
     folder = CompareFolder.create(out, f"{load_config(recipe, list(overrides)).name}-compare")

@@ -203,8 +203,8 @@ class Trainer:
                 "schedule": self.schedule.state_dict(), "scaler": self.scaler.state_dict(),
                 "grad_noise": self.grad_noise.state_dict() if self.grad_noise is not None else None,
                 "epoch": self.epoch, "step": len(self.history.step_lrs), "epoch_progress": vars(self.progress).copy(),
-                "last_finite_loss": self.last_finite_loss, "history": self.history.records,
-                "step_lrs": self.history.step_lrs, "rng": rng_state()}
+                "last_finite_loss": self.last_finite_loss, "history": list(self.history.records),
+                "step_lrs": list(self.history.step_lrs), "rng": rng_state()}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a :meth:`state_dict` (model and optimizer tensors go to their devices)."""

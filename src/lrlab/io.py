@@ -26,6 +26,21 @@ def _fsync(path: Path, directory: bool = False) -> None:
         os.close(fd)
 
 
+TEMPORARY_MARK = ".tmp"
+
+
+def _temporary(path: Path) -> Path:
+    # A fresh name rather than mkstemp, whose 0600 mode would survive the rename.
+    return path.parent / f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}{TEMPORARY_MARK}{path.suffix}"
+
+
+def remove_temporaries(folder: str | Path) -> None:
+    """Remove, under ``folder``, the temporary files of writes that a killed process never
+    finished (no command reads them)."""
+    for p in Path(folder).rglob(f".*{TEMPORARY_MARK}*"):
+        p.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path (same folder and suffix) for the caller to write; on success it is
@@ -35,8 +50,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         WriteError: an OSError while writing or renaming (ENOSPC, EFBIG, EACCES, EROFS, ...).
     """
     path = Path(path)
-    # A fresh name rather than mkstemp, whose 0600 mode would survive the rename.
-    tmp = path.parent / f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}"
+    tmp = _temporary(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp

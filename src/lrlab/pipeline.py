@@ -30,7 +30,7 @@ from lrlab.config import Config
 from lrlab.data import BatchLoader, Dataset, Split, load_dataset
 from lrlab.engine import History, fit, seed_everything
 from lrlab.errors import Diverged, LrlabError, RunStopped, WriteError
-from lrlab.io import check_writable
+from lrlab.io import check_writable, remove_temporaries
 from lrlab.interpret import (FaithfulnessResult, Predictions, cam_faithfulness, class_activation_maps,
                              layer_names, per_class_summary, predict, select_misclassified)
 from lrlab.lr_finder import RangeTestResult, range_test as sweep
@@ -397,6 +397,7 @@ def resume_pipeline(run: RunFolder, callbacks: Callbacks = Callbacks(), config: 
         raise LrlabError(f"the recipe differs from {run.file('config')} in {', '.join(_differing_keys(config, saved))}; "
                          f"resume with the run's own recipe ('lrlab resume {run.path}')")
     check_writable(run.path, "run folder")
+    remove_temporaries(run.path)
     testing = stages["range_test"] and saved.lr_finder.enabled
     setup = prepare(saved, range_test=testing, train=stages["train"], explain=stages["explain"])
     with _stopping(run, discard=False):
@@ -530,6 +531,7 @@ def explain_run(source: RunFolder, config: Config, out: str | Path) -> dict:
         LrlabError: no best checkpoint in ``source``, or one that does not fit the model.
     """
     state = source.load_checkpoint("best_checkpoint")
+    check_writable(out, "output folder")
     setup = prepare(config, range_test=False, train=False, explain=True, init_from_data=False)
     try:
         setup.model.load_state_dict(state["model"])

@@ -204,10 +204,6 @@ class RunFolder:
             raise LrlabError(f"checkpoint {path} is corrupt or truncated ({reason}); delete it to "
                              f"start that stage again") from None
 
-    def has(self, kind: str) -> bool:
-        """True when the file ``kind`` exists."""
-        return self.file(kind).exists()
-
     def clear_tensorboard(self) -> None:
         """Remove the TensorBoard event files (a resumed run writes them again from its history)."""
         shutil.rmtree(self.file("tensorboard_dir"), ignore_errors=True)
