@@ -97,16 +97,19 @@ def test_sigkill_mid_training_then_resume_is_exact(reference, tmp_path):
 
 def test_sigint_mid_epoch_checkpoints_and_resume_finishes(reference, tmp_path):
     proc = lrlab("run", str(reference["recipe"]), "--out", str(tmp_path), "train.checkpoint_every=0")
-    wait_for("*/lr_plan.json", tmp_path, proc)  # training starts right after the plan is saved
-    time.sleep(0.3)
+    first = wait_for("*/checkpoints/last.pt", tmp_path, proc)  # end of epoch 1: epoch 2 starts now
+    mtime = first.stat().st_mtime_ns
+    time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate()
     run = only_run(tmp_path)
     assert proc.returncode == 130
     assert err.splitlines() == [err.strip()] and "Traceback" not in err
-    assert err.startswith("error: interrupted by SIGINT at epoch ") and err.strip().endswith(f"lrlab resume {run}")
-    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
-    assert state["epoch_progress"]["steps"] > 0 or state["epoch"] > 0
+    assert err.startswith("error: interrupted by SIGINT ") and "epoch 2" in err and "(checkpoint written)" in err
+    assert err.strip().endswith(f"lrlab resume {run}")
+    assert first.stat().st_mtime_ns > mtime  # the interrupt wrote a checkpoint of its own
+    state = torch.load(first, weights_only=True)
+    assert state["epoch"] == 2 or state["epoch_progress"]["steps"] > 0
     # `lrlab run RECIPE --resume RUN_DIR` is the same as `lrlab resume RUN_DIR`, for the same recipe only
     other = main(["run", str(reference["recipe"]), "--resume", str(run), "train.epochs=4", "--quiet"])
     assert other == 2
