@@ -169,8 +169,7 @@ def _command(args: argparse.Namespace, overrides: list[str]) -> dict:
     else:
         config, command = load_config(args.recipe, overrides), args.command
         run = RunFolder.open(args.resume) if getattr(args, "resume", None) else None
-    epochs = (config or (run.load_config() if run else None)).train.epochs
-    progress = None if args.quiet else _Progress(epochs)
+    progress = None if args.quiet else _Progress((config or run.load_config()).train.epochs)
     try:
         if run is not None:
             return resume_pipeline(run, progress or Callbacks(), config, command).summary

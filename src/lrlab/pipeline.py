@@ -372,8 +372,7 @@ def run_pipeline(config: Config, out: str | Path, callbacks: Callbacks = Callbac
     run.save_status(command, dict(zip(STAGE_NAMES, (range_test_stage, train_stage, explain_stage))))
     with _stopping(run, discard=True):
         run.save_config(setup.config)
-        outcome = _run_stages(setup, run, callbacks, testing, train_stage, explain_stage)
-    return _finish(run, outcome, start)
+        return _finish(run, _run_stages(setup, run, callbacks, testing, train_stage, explain_stage), start)
 
 
 def resume_pipeline(run: RunFolder, callbacks: Callbacks = Callbacks(), config: Config | None = None,
@@ -402,7 +401,7 @@ def resume_pipeline(run: RunFolder, callbacks: Callbacks = Callbacks(), config: 
     setup = prepare(saved, range_test=testing, train=stages["train"], explain=stages["explain"])
     with _stopping(run, discard=False):
         outcome = _run_stages(setup, run, callbacks, testing, stages["train"], stages["explain"], resume=True)
-    return _finish(run, outcome, start)
+        return _finish(run, outcome, start)
 
 
 def _differing_keys(a: Config, b: Config) -> list[str]:

@@ -4,8 +4,8 @@ Every command that trains or explains writes one folder ``<out>/<name>-<YYYYmmdd
 that a person can read without lrlab (see README, "A run folder"). :class:`RunFolder` creates it,
 saves each stage's result in its files (figures included) and loads them back typed; the report,
 ``compare``, ``explain`` and the CLI read a run only through it. Every write is atomic
-(temporary name, then rename), so a killed run never leaves a half-written file that a later
-command trusts.
+(temporary name, fsync, rename: :mod:`lrlab.io`), so a killed run never leaves a half-written
+file that a later command trusts.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 from lrlab import plots
 from lrlab.config import Config, load_config, save_config
 from lrlab.engine import COLUMNS, History
-from lrlab.errors import LrlabError
+from lrlab.errors import LrlabError, WriteError
 from lrlab.io import atomic_write_bytes, atomic_write_text, write_json
 from lrlab.lr_plan import LRPlan
 
@@ -61,7 +61,8 @@ FILES = {
 
 class RunFolder:
     """One run folder. Make one with :meth:`create` (a new folder) or :meth:`open` (an earlier
-    run, read-only except for :meth:`save_report`).
+    run: read-only except for :meth:`save_report`, and for ``lrlab.pipeline.resume_pipeline``,
+    which continues it).
 
     Attributes:
         path: the folder.
@@ -80,7 +81,7 @@ class RunFolder:
         command cannot touch an earlier run.
 
         Raises:
-            LrlabError: ``out`` cannot be written, or no free name is left.
+            WriteError: ``out`` cannot be written; LrlabError: no free name is left.
         """
         out = Path(out)
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -92,12 +93,12 @@ class RunFolder:
             except FileExistsError:
                 continue
             except OSError as e:
-                raise LrlabError(f"cannot create a run folder under {out} ({e.strerror})") from None
+                raise WriteError(f"cannot create a run folder under {out} ({e.strerror})") from None
         raise LrlabError(f"could not create a new run folder under {out}")
 
     @classmethod
     def open(cls, path: str | Path) -> RunFolder:
-        """An earlier run folder (read it, rebuild its report, or :meth:`resume` it).
+        """An earlier run folder.
 
         Raises:
             LrlabError: ``path`` is not a run folder (it has no config.yaml).
