@@ -178,8 +178,11 @@ class Trainer:
         self.history.step_lrs.append(self.schedule.lr)
         self.schedule.step_batch()
         p = self.progress
-        p.steps, p.loss_sum, p.correct, p.seen, p.skipped = (p.steps + 1, p.loss_sum + loss * n, p.correct + correct,
-                                                             p.seen + n, p.skipped + skipped)
+        p.steps += 1
+        p.loss_sum += loss * n
+        p.correct += correct
+        p.seen += n
+        p.skipped += skipped
 
     def _nonfinite(self, value: float) -> float:
         self.optimizer.zero_grad(set_to_none=True)
