@@ -70,11 +70,16 @@ class Split:
 
 @dataclass
 class Dataset:
-    """A train/test pair of splits with class names and normalisation statistics.
+    """The splits of a dataset with class names and normalisation statistics.
 
     Attributes:
         train: training split, images uint8 (N, H, W, 3).
-        test: test split, same H, W and classes as train.
+        test: test split, same H, W and classes as train; reported only, never read by a
+            decision (unless the recipe says ``data.val_split: test``); None when the data
+            folder has none.
+        val: validation split (a ``val/`` or ``valid/`` folder, or a stratified hold-out from
+            train), read by every decision: best checkpoint, plateau schedule, early stop, the
+            range test's validation loss, ``compare``'s ranking; None until one is made.
         classes: class names; ``classes[i]`` is the name of label i (sorted folder names for
             an ImageFolder tree, ``label_names`` from ``batches.meta`` for python batches).
         mean: per-channel (R, G, B) mean of the TRAIN images in [0, 1] units.
@@ -83,10 +88,11 @@ class Dataset:
     """
 
     train: Split
-    test: Split
+    test: Split | None
     classes: list[str]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    val: Split | None = None
 
     @property
     def num_classes(self) -> int:
