@@ -343,11 +343,9 @@ def _assert_error(path, *names):
 def test_errors_name_the_problem(tmp_path):
     _assert_error(tmp_path / "nowhere", "nowhere", "does not exist")
 
-    no_test = make_subset_tree(tmp_path / "no_test", 1, 1)
-    for p in sorted((no_test / "test").rglob("*"), reverse=True):
-        p.unlink() if p.is_file() else p.rmdir()
-    (no_test / "test").rmdir()
-    _assert_error(no_test, "test/", "no_test")
+    no_train = make_subset_tree(tmp_path / "no_train", 1, 1)
+    (no_train / "train").rename(no_train / "images")
+    _assert_error(no_train, "no train/", "no_train")
 
     empty = make_subset_tree(tmp_path / "empty", 1, 1)
     (empty / "train" / "dog" / "0000.jpg").unlink()
@@ -368,6 +366,20 @@ def test_errors_name_the_problem(tmp_path):
     sizes = make_subset_tree(tmp_path / "sizes", 1, 1)
     Image.new("RGB", (40, 40)).save(sizes / "test" / "ship" / "big.png")
     _assert_error(sizes, "big.png", "same size")
+
+
+def test_train_alone_or_with_valid_folder(tmp_path):
+    """val/ (or valid/) and test/ are optional; each split present becomes a Split."""
+    tree = make_subset_tree(tmp_path / "tree", 2, 1)
+    (tree / "test").rename(tree / "valid")
+    ds = load_dataset(tree, cache_dir=tmp_path / "cache")
+    assert ds.test is None and len(ds.val) == 10 and len(ds.train) == 20
+    assert ds.val.labels.tolist() == list(range(10))
+    for p in sorted((tree / "valid").rglob("*"), reverse=True):
+        p.unlink() if p.is_file() else p.rmdir()
+    (tree / "valid").rmdir()
+    alone = load_dataset(tree, cache_dir=tmp_path / "cache")
+    assert alone.test is None and alone.val is None and torch.equal(alone.train.images, ds.train.images)
 
 
 def test_hidden_files_ignored_and_other_extensions_accepted(tmp_path):

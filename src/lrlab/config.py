@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, create_model, model_validator
 
-from lrlab.data import AUGMENT_MODES
+from lrlab.data import AUGMENT_MODES, CROP_SCALE, PHOTO_MODES
 from lrlab.engine import NONFINITE_POLICIES
 from lrlab.errors import LrlabError
 from lrlab.interpret import CAM_METHODS, DEFAULT_CAM_METHOD, SELECT_BY
@@ -49,7 +49,7 @@ class ComputeConfig(_Section):
 class DataConfig(_Section):
     """Where the images come from and how training images are augmented."""
 
-    path: str | None = None  # ImageFolder tree (train/, test/) or cifar-10-batches-py; None: download
+    path: str | None = None  # ImageFolder tree (train/, optional val/ or valid/, test/) or cifar-10-batches-py; None: download
     cache_dir: str | None = None  # decoded-array cache; None: $LRLAB_CACHE or ~/.cache/lrlab
     train_subset: int | None = Field(None, gt=0)  # class-balanced subset sizes, for quick tries
     test_subset: int | None = Field(None, gt=0)
@@ -59,6 +59,30 @@ class DataConfig(_Section):
     cutout: int = Field(16, ge=0)  # side of the one square Cutout hole in pixels; 0: off
     rotate: float = Field(0.0, ge=0, le=180)  # random rotation limit in degrees (albumentations only)
     crop_sizes: list[int] = Field(default_factory=list)  # progressive resizing: crop side per epoch, last repeats
+    # photos of any size: the side of the square images the model sees (decoded once into a
+    # memory-mapped cache at round(image_size / 0.875)); sets augment to random_resized_crop
+    # unless augment is given; None: images as they are (all the same size, e.g. CIFAR)
+    image_size: int | None = Field(None, ge=16)
+    crop_scale: tuple[float, float] = CROP_SCALE  # random_resized_crop's area fraction range (low, high)
+    trivial_augment: bool = False  # TrivialAugmentWide after random_resized_crop (photos only)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _photo_augment(cls, data):
+        if isinstance(data, dict) and data.get("image_size") is not None and "augment" not in data:
+            data = {**data, "augment": "random_resized_crop"}
+        return data
+
+    @model_validator(mode="after")
+    def _photo_values(self):
+        if self.image_size is not None and self.augment not in PHOTO_MODES:
+            raise ValueError(f"augment {self.augment!r} works on same-size images; with image_size "
+                             f"use {' or '.join(PHOTO_MODES)} (the default then)")
+        if self.image_size is None and (self.augment == "random_resized_crop" or self.trivial_augment):
+            raise ValueError("augment random_resized_crop and trivial_augment need data.image_size")
+        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError(f"crop_scale {list(self.crop_scale)} must be (low, high) with 0 < low <= high <= 1")
+        return self
 
 
 class ModelConfig(_Section):

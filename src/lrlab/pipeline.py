@@ -72,7 +72,7 @@ class Setup:
 
 def load_data(config: Config) -> Dataset:
     """Load the dataset named by ``config.data`` and apply the configured subsets."""
-    data = load_dataset(config.data.path, config.data.cache_dir)
+    data = load_dataset(config.data.path, config.data.cache_dir, image_size=config.data.image_size)
     if config.data.train_subset and config.data.train_subset < len(data.train):
         data.train = data.train.subset(config.data.train_subset, seed=config.seed)
     if config.data.test_subset and config.data.test_subset < len(data.test):
@@ -86,13 +86,15 @@ def train_loader(setup: Setup, batch_size: int) -> BatchLoader:
     return BatchLoader(data.train, batch_size, mean=data.mean, std=data.std, shuffle=True,
                        augment=d.augment, crop_padding=d.crop_padding, flip=d.flip, cutout=d.cutout,
                        rotate=d.rotate, device=compute.device, channels_last=compute.channels_last,
-                       drop_last=True, seed=setup.config.seed, crop_sizes=d.crop_sizes)
+                       drop_last=True, seed=setup.config.seed, crop_sizes=d.crop_sizes,
+                       image_size=d.image_size, crop_scale=d.crop_scale, trivial_augment=d.trivial_augment)
 
 
 def eval_loader(setup: Setup, split: Split, batch_size: int = 500) -> BatchLoader:
     """Batches of ``split`` in order, normalised, without augmentation."""
     return BatchLoader(split, batch_size, mean=setup.data.mean, std=setup.data.std, shuffle=False,
-                       augment="none", device=setup.compute.device, channels_last=setup.compute.channels_last)
+                       augment="none", device=setup.compute.device, channels_last=setup.compute.channels_last,
+                       image_size=setup.config.data.image_size)
 
 
 def new_model(config: Config, data: Dataset, compute: Compute, init_from_data: bool = True) -> nn.Module:

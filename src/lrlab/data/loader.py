@@ -19,9 +19,11 @@ import torch
 
 from lrlab.data.augment import batch_augment, build_albumentations
 from lrlab.data.containers import Split
+from lrlab.data.photo_augment import CROP_SCALE, center_crop, random_resized_crop, trivial_augment
 from lrlab.errors import LrlabError
 
-AUGMENT_MODES = ("none", "tensor", "albumentations")  # BatchLoader(augment=...)
+AUGMENT_MODES = ("none", "tensor", "albumentations", "random_resized_crop")  # BatchLoader(augment=...)
+PHOTO_MODES = ("none", "random_resized_crop")  # the modes that work with an image_size
 FLIP_MODES = (True, False, "alternate")  # BatchLoader(flip=...)
 
 
@@ -65,12 +67,12 @@ def _check_options(shape: Sequence[int], *, augment: str, flip: bool | str, crop
     """
     if augment not in AUGMENT_MODES:
         raise LrlabError(f"augment {augment!r} is not valid; use one of {', '.join(AUGMENT_MODES)}")
-    if augment == "tensor" and rotate:
-        raise LrlabError(f"rotate={rotate} needs augment 'albumentations'; the 'tensor' path "
+    if augment in ("tensor", "random_resized_crop") and rotate:
+        raise LrlabError(f"rotate={rotate} needs augment 'albumentations'; the {augment!r} path "
                          f"does crop, flip and Cutout only")
     if flip not in FLIP_MODES:
         raise LrlabError(f"flip {flip!r} is not valid; use true, false or 'alternate'")
-    if augment != "tensor" and flip == "alternate":
+    if augment not in ("tensor", "random_resized_crop") and flip == "alternate":
         raise LrlabError("flip 'alternate' needs augment 'tensor'; use flip true with "
                          f"augment {augment!r}")
     _, h, w, c = shape
@@ -86,6 +88,32 @@ def _check_options(shape: Sequence[int], *, augment: str, flip: bool | str, crop
                          f"rotate={rotate} is not valid; use crop_padding >= 0, "
                          f"0 <= cutout <= {min(h, w)} and rotate >= 0")
     return crop_sizes
+
+
+def _check_photo_options(shape: Sequence[int], *, augment: str, image_size: int | None,
+                         crop_scale: Sequence[float], crop_sizes: Sequence[int]) -> None:
+    """Validate BatchLoader's image_size options for a split of images of ``shape`` (N, H, W, C).
+
+    Raises:
+        LrlabError: random_resized_crop without image_size, image_size with another mode than
+            "none" or "random_resized_crop" or with crop_sizes, images smaller than image_size,
+            or a crop_scale that is not 0 < low <= high <= 1.
+    """
+    if image_size is None:
+        if augment == "random_resized_crop":
+            raise LrlabError("augment 'random_resized_crop' needs an image_size (data.image_size)")
+        return
+    if augment not in PHOTO_MODES or list(crop_sizes):
+        raise LrlabError(f"augment {augment!r}{' with crop_sizes' if list(crop_sizes) else ''} does not "
+                         f"work with image_size {image_size}; use augment {' or '.join(PHOTO_MODES)} "
+                         f"(and no crop_sizes)")
+    if min(shape[1], shape[2]) < image_size:
+        raise LrlabError(f"images of {shape[2]}x{shape[1]} pixels are smaller than image_size "
+                         f"{image_size}; load the data with the same image_size")
+    lo, hi = (float(v) for v in crop_scale)
+    if not 0 < lo <= hi <= 1:
+        raise LrlabError(f"crop_scale {tuple(crop_scale)} is not valid; use (low, high) with "
+                         f"0 < low <= high <= 1 (fractions of the image area)")
 
 
 class BatchLoader:
@@ -110,6 +138,15 @@ class BatchLoader:
     * ``"albumentations"``: per image, the Compose of
       :func:`~lrlab.data.augment.build_albumentations` on the uint8 HWC numpy image (seeded
       per epoch), then stack and normalise. In-process, no workers.
+    * ``"random_resized_crop"`` (photos, needs ``image_size``): per batch, index_select of the
+      uint8 images where they are (in memory or a memory-mapped cache; the split is not copied
+      to the device), then :func:`~lrlab.data.photo_augment.random_resized_crop` to image_size
+      (area fraction in ``crop_scale``), the flip, optional TrivialAugmentWide and Cutout, all
+      on uint8 CPU tensors with the epoch's generator; then to the device and normalised.
+
+    With ``image_size`` and augment "none" (evaluation), each batch is the centre image_size x
+    image_size of the images (:func:`~lrlab.data.photo_augment.center_crop`; no-op for images
+    already of that size), read where they are and moved to the device per batch.
 
     Args:
         split: the images (uint8 (N, H, W, 3)) and labels (int64 (N,)).
@@ -130,6 +167,10 @@ class BatchLoader:
             Smaller crops cost ~(S/32)^2 of the FLOPs. The fast.ai DAWNBench 2018 idea, here
             with random crops at the original pixel scale instead of downscaled images.
             Empty: full-size images every epoch.
+        image_size: side of the delivered square images, for splits of larger stored squares
+            (:func:`~lrlab.data.load_dataset` with image_size); None: the images' own size.
+        crop_scale: (low, high) area fraction of random_resized_crop's boxes.
+        trivial_augment: apply TrivialAugmentWide after random_resized_crop and the flip.
         device: where batches are delivered.
         channels_last: deliver x in ``torch.channels_last`` memory format.
         drop_last: drop the final incomplete batch.
@@ -140,18 +181,27 @@ class BatchLoader:
 
     Raises:
         LrlabError: unknown augment mode, batch_size < 1, rotate with augment="tensor", a
-            Cutout larger than the image, or mean/std of the wrong length or with std <= 0.
+            Cutout larger than the image, or mean/std of the wrong length or with std <= 0;
+            image_size options as :func:`_check_photo_options` says.
     """
 
     def __init__(self, split: Split, batch_size: int, *, mean: Sequence[float],
                  std: Sequence[float], shuffle: bool, augment: str = "none",
                  crop_padding: int = 4, flip: bool | str = True, cutout: int = 0, rotate: float = 0.0,
                  device: torch.device | str = torch.device("cpu"), channels_last: bool = False,
-                 drop_last: bool = False, seed: int = 0, crop_sizes: Sequence[int] = ()):
-        crop_sizes = _check_options(split.images.shape, augment=augment, flip=flip,
+                 drop_last: bool = False, seed: int = 0, crop_sizes: Sequence[int] = (),
+                 image_size: int | None = None, crop_scale: Sequence[float] = CROP_SCALE,
+                 trivial_augment: bool = False):
+        _check_photo_options(split.images.shape, augment=augment, image_size=image_size,
+                             crop_scale=crop_scale, crop_sizes=crop_sizes)
+        n, h, w, c = split.images.shape
+        shape = (n, h, w, c) if image_size is None else (n, image_size, image_size, c)
+        crop_sizes = _check_options(shape, augment=augment, flip=flip,
                                     crop_padding=crop_padding, cutout=cutout, rotate=rotate,
                                     crop_sizes=crop_sizes, mean=mean, std=std)
-        n, h, w, _ = split.images.shape
+        self.image_size = image_size
+        self.crop_scale = tuple(float(v) for v in crop_scale)
+        self.trivial_augment = bool(trivial_augment)
         self.device = torch.device(device)
         self.augment = augment
         self.shuffle = bool(shuffle)
@@ -163,7 +213,7 @@ class BatchLoader:
         self.crop_sizes = crop_sizes
         # alternating flips: image i is flipped in epoch e iff first_flip[i] xor (e odd)
         self._first_flip = (torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(self.seed))
-                            .bool().to(device) if flip == "alternate" else None)
+                            .bool().to(device if image_size is None else "cpu") if flip == "alternate" else None)
         self.epoch = 0
         self.batch_size = batch_size
         self.mean = tuple(float(m) for m in mean)
@@ -177,6 +227,8 @@ class BatchLoader:
             self._images = None
             self._compose = build_albumentations(self.crop_padding, self.flip, self.cutout,
                                                  self.rotate, self.mean, image_size=(h, w))
+        elif image_size is not None:
+            self._images = split.images  # stays where it is (memory-mapped); batches move
         else:
             self._images = split.images.to(self.device).contiguous()  # uint8 NHWC, once
         self._labels = split.labels.to(self.device, torch.int64)
@@ -210,6 +262,8 @@ class BatchLoader:
         if self.augment == "albumentations":
             self._compose.set_random_seed(self.seed + epoch)
             return self._iter_albumentations(order, bs)
+        if self.image_size is not None:
+            return self._iter_photos(order, bs, gen, epoch)
         return self._iter_tensor(order.to(self.device), bs, gen, epoch)
 
     def _batches(self, order: torch.Tensor, bs: int):
@@ -253,3 +307,25 @@ class BatchLoader:
             batch = np.stack([compose(image=images[i])["image"] for i in idx_np])
             x = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2)
             yield self._finish(x), self._labels.index_select(0, idx.to(self.device))
+
+    def _iter_photos(self, order: torch.Tensor, bs: int, gen: torch.Generator, epoch: int):
+        """Batches at image_size: read on the CPU, crop (and augment) as uint8, then move."""
+        labels = self._labels.cpu()
+        for idx in self._batches(order, bs):
+            x = self._images.index_select(0, idx).permute(0, 3, 1, 2)  # uint8 (B, C, S, S), CPU
+            if self.augment == "random_resized_crop":
+                x = random_resized_crop(x, self.image_size, self.crop_scale, gen)
+                flips = None
+                if self._first_flip is not None:
+                    flips = self._first_flip.index_select(0, idx) ^ bool(epoch % 2)
+                elif self.flip:
+                    flips = torch.randint(0, 2, (len(idx),), generator=gen).bool()
+                if flips is not None:
+                    x = torch.where(flips[:, None, None, None], x.flip(3), x)
+                if self.trivial_augment:
+                    x = trivial_augment(x, gen)
+                if self.cutout:
+                    x = batch_augment(x, 0, False, self.cutout, gen, cutout_fill=self._cutout_fill)
+            else:
+                x = center_crop(x, self.image_size)
+            yield self._finish(x.to(self.device)), labels.index_select(0, idx).to(self.device)
