@@ -106,7 +106,8 @@ def new_model(config: Config, data: Dataset, compute: Compute, init_from_data: b
     model = build_model(config.model.name, len(data.classes), **config.model.kwargs)
     if init_from_data and hasattr(model, "init_from_data"):
         sample = data.train.subset(min(len(data.train), 5000), seed=config.seed)
-        loader = BatchLoader(sample, len(sample), mean=data.mean, std=data.std, shuffle=False)
+        loader = BatchLoader(sample, len(sample), mean=data.mean, std=data.std, shuffle=False,
+                             image_size=config.data.image_size)
         model.init_from_data(next(iter(loader))[0])
     return compute.prepare(model)
 
