@@ -44,7 +44,7 @@ RECIPE = {"name": "faults", "seed": 0,
           "lr_finder": {"start_lr": 1e-4, "end_lr": 10, "num_iter": 30, "skip_start": 3},
           "train": {"epochs": 4, "batch_size": 100, "schedule": "onecycle", "checkpoint_every": 5},
           "explain": {"num_images": 9}}
-KEYS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "steps", "batch_size"]
+KEYS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "steps", "batch_size"]
 
 
 def lrlab(*args: str) -> subprocess.Popen:

@@ -17,7 +17,8 @@ Per setup: one range test (``lrlab.pipeline.range_test``, recorded), a 7-point l
 range test's start_lr to the lr where it stopped, and every suggestion method's lr (x the
 recipe's lr_factor; the methods work on the zero-lag smoothed curve), plus "steepest-ema",
 the plain steepest-slope rule on the running EMA as other LR finders apply it; identical lrs
-are trained once. The score is the final-epoch test top-1.
+are trained once. The score is the final-epoch validation top-1 (the recipe's data.val_split:
+a hold-out of train by default); the final model's test top-1 is recorded beside it, reported only.
 Printed: a table per setup (method, suggested lr, its top-1, best grid top-1, ratio) and the
 grid. ``--out`` saves every number as JSON after each training (and the range tests' JSON/PNG
 beside it), so a long run can be inspected while it goes. ``--smoke`` shrinks everything
@@ -132,7 +133,7 @@ def main() -> int:
         setup = pipeline.prepare(config, range_test=True, train=True, explain=False)
         data = setup.data
         entry: dict = {"overrides": overrides, "epochs": epochs[name], "train_images": len(data.train),
-                       "test_images": len(data.test), "runs": []}
+                       "val_images": len(data.val), "test_images": len(data.test), "runs": []}
         report["setups"][name] = entry
 
         log(f"{name}: range test ({config.lr_finder.num_iter} steps, batch {config.train.batch_size})")
@@ -165,27 +166,28 @@ def main() -> int:
         scores: dict[float, float | None] = {}
         for n, (lr, labels) in enumerate(candidates.items(), 1):
             old = earlier.get((name, json.dumps(overrides), epochs[name], lr))
-            if old is not None:
-                scores[lr] = old["final_test_acc"]
+            if old is not None and "final_val_acc" in old:
+                scores[lr] = old["final_val_acc"]
                 entry["runs"].append({**old, "labels": labels, "reused": True})
-                log(f"{name}: {n}/{len(candidates)} lr {lr:.3g} ({', '.join(labels)}) -> test top-1 "
-                    f"{100 * old['final_test_acc']:.2f}% (reused from {args.reuse})")
+                log(f"{name}: {n}/{len(candidates)} lr {lr:.3g} ({', '.join(labels)}) -> val top-1 "
+                    f"{100 * old['final_val_acc']:.2f}% (reused from {args.reuse})")
                 continue
             t0 = time.perf_counter()
             setup.model = pipeline.new_model(config, data, setup.compute)  # same seed, same initial weights
             try:
                 history = pipeline.train(setup, LRPlan(lr, "peak", f"candidate {', '.join(labels)}"))
-                final, best = history.records[-1]["test_acc"], history.best()["test_acc"]
+                final, best = history.records[-1]["val_acc"], history.best()["val_acc"]
+                test = pipeline.test_accuracy(setup) if history.stopped is None else None
                 err = None
             except LrlabError as e:
-                final = best = None
+                final = best = test = None
                 err = str(e)
             acc = final if final is None or math.isfinite(final) else None
             scores[lr] = acc
-            entry["runs"].append({"lr": lr, "labels": labels, "final_test_acc": acc, "best_test_acc": best,
-                                  "seconds": time.perf_counter() - t0, "error": err})
+            entry["runs"].append({"lr": lr, "labels": labels, "final_val_acc": acc, "best_val_acc": best,
+                                  "final_test_acc": test, "seconds": time.perf_counter() - t0, "error": err})
             save()
-            shown = "failed: " + err if err else f"test top-1 {100 * acc:.2f}%"
+            shown = "failed: " + err if err else f"val top-1 {100 * acc:.2f}%"
             log(f"{name}: {n}/{len(candidates)} lr {lr:.3g} ({', '.join(labels)}) -> {shown} "
                 f"({time.perf_counter() - t0:.0f}s)")
 
@@ -211,8 +213,8 @@ def pct(v: float | None) -> str:
 
 def print_tables(name: str, epochs: int, rows: list[dict], grid: list[float], grid_accs: list, best_grid,
                  default: str) -> None:
-    print(f"\n{name} ({epochs} epochs, one-cycle peak = lr; final-epoch test top-1)")
-    print(f"  {'method':<10}{'suggested lr':>14}{'test top-1':>12}{'best grid':>12}{'ratio':>8}")
+    print(f"\n{name} ({epochs} epochs, one-cycle peak = lr; final-epoch validation top-1)")
+    print(f"  {'method':<10}{'suggested lr':>14}{'val top-1':>12}{'best grid':>12}{'ratio':>8}")
     for r in rows:
         lr = "-" if r["lr"] is None else f"{r['lr']:.3g}"
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.3f}"

@@ -54,7 +54,9 @@ def test_run_writes_the_whole_run_folder(workspace, capsys):
     summary = json.loads((run / "summary.json").read_text())
     history = json.loads((run / "history.json").read_text())
     assert summary["epochs"] == len(history) == 2
-    assert summary["best_test_acc"] == max(r["test_acc"] for r in history)
+    assert summary["best_val_acc"] == max(r["val_acc"] for r in history) and summary["val_split"] == "val"
+    assert 0 <= summary["test_acc_at_best"] <= 1 and 0 <= summary["final_test_acc"] <= 1
+    assert (summary["train_images"], summary["val_images"]) == (450, 50)  # 10% of train held out
     assert summary["test_images"] == 200 and summary["lr"] == summary["lr_suggestion"] > 0
     assert yaml.safe_load((run / "config.yaml").read_text())["data"]["path"] == str(workspace["data"].resolve())
 
@@ -149,7 +151,7 @@ def bad_inputs(ws: dict, tmp: Path) -> dict[str, tuple[list[str], str]]:
         "unknown layer group": (["train", recipe, "--data", data, "train.layer_groups=[[stem], [head9]]"],
                                 "train.layer_groups names 'head9'"),
         "batch ramp beyond the data": (["run", recipe, "--data", data, "train.batch_size_milestones=[1]",
-                                        "train.batch_size_factor=20"], "is larger than the 500 training images"),
+                                        "train.batch_size_factor=20"], "is larger than the 450 training images"),
         # rejected after the range test, inside the new run folder: the folder is removed
         "range test without a suggestion": (["run", recipe, "--data", data, "--quiet", "lr_finder.start_lr=1000",
                                              "lr_finder.end_lr=1e6"], "without a 'max_lr' suggestion"),
@@ -213,4 +215,4 @@ def test_time_to_accuracy_trains_through_the_same_stages(small_tree, cache_dir, 
     plan = json.loads((run / "lr_plan.json").read_text())
     assert plan == json.loads((bench / "lr_plan.json").read_text()) and plan["source"].endswith("lr_factor 2")
     steps = (run / "lr_steps.csv").read_text()
-    assert steps == (bench / "lr_steps.csv").read_text() and len(steps.splitlines()) == 1 + 2 * 10
+    assert steps == (bench / "lr_steps.csv").read_text() and len(steps.splitlines()) == 1 + 2 * 9  # 450 images

@@ -106,7 +106,7 @@ def test_compare_end_to_end_on_real_images(tiny, tmp_path, capsys):
     assert rows["broken"]["status"] == "failed" and "bogus" in rows["broken"]["error"]
     assert all(rows[k]["status"] == "ok" and float(rows[k]["wall_seconds"]) > 0 for k in rows if k != "broken")
     md = (compare_dir / "results.md").read_text().splitlines()
-    assert md[0].startswith("| variant | best top-1 (%) | at epoch |") and len(md) == 2 + 5
+    assert md[0].startswith("| variant | best val top-1 (%) | at epoch | test top-1 there (%) |") and len(md) == 2 + 5
     assert any(line.startswith("| broken | failed: model 'fastnet'") for line in md)
 
     def history(label):
@@ -114,7 +114,7 @@ def test_compare_end_to_end_on_real_images(tiny, tmp_path, capsys):
 
     # same seed and data order: two spellings of one config give the same run
     ha, hb = history("a"), history("b")
-    assert [(r["train_loss"], r["test_acc"]) for r in ha] == [(r["train_loss"], r["test_acc"]) for r in hb]
+    assert [(r["train_loss"], r["val_acc"]) for r in ha] == [(r["train_loss"], r["val_acc"]) for r in hb]
     assert [(r["batch_size"], r["steps"]) for r in history(ramp_c)] == [(50, 4), (100, 2)]  # 200 images
     steps = list(csv.DictReader((Path(rows[ramp_c]["run_dir"]) / "lr_steps.csv").open()))
     assert len(steps) == 6 and [s["batch_size"] for s in steps] == ["50"] * 4 + ["100"] * 2

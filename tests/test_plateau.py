@@ -70,7 +70,7 @@ def test_plateaus_are_shaded_on_the_curves(tmp_path):
     from lrlab import plots
 
     values, spans = planted()
-    history = [{"epoch": i + 1, "train_loss": v * 0.9, "test_loss": v, "train_acc": 1 - v / 2, "test_acc": 1 - v / 2}
+    history = [{"epoch": i + 1, "train_loss": v * 0.9, "val_loss": v, "train_acc": 1 - v / 2, "val_acc": 1 - v / 2}
                for i, v in enumerate(values)]
     path = plots.plot_plateaus(history, spans, tmp_path / "plateaus.png")
     assert path.stat().st_size > 10_000

@@ -64,9 +64,9 @@ def history(epochs: int = 12):
         rows.append({
             "epoch": e,
             "train_loss": 2.0 * math.exp(-e / 4) + 0.1,
-            "test_loss": 2.0 * math.exp(-e / 5) + 0.4 + (0.02 * e if e > 9 else 0),
+            "val_loss": 2.0 * math.exp(-e / 5) + 0.4 + (0.02 * e if e > 9 else 0),
             "train_acc": 1 - 0.8 * math.exp(-e / 4),
-            "test_acc": 0.85 - 0.7 * math.exp(-e / 4) - (0.01 * (e - 9) if e > 9 else 0),
+            "val_acc": 0.85 - 0.7 * math.exp(-e / 4) - (0.01 * (e - 9) if e > 9 else 0),
             "lr": 0.1 * (0.1 ** (e // 5)),
             "seconds": 3.0,
         })
@@ -223,7 +223,7 @@ def test_plot_history_curves(tmp_path):
         assert p == tmp_path / name / f"{name}.png"
         assert_png(p)
     # one epoch and missing test values still plot
-    assert_png(plots.plot_accuracy([{"epoch": 1, "train_acc": 0.3, "test_acc": None}], tmp_path / "one" / "a.png"))
+    assert_png(plots.plot_accuracy([{"epoch": 1, "train_acc": 0.3, "val_acc": None}], tmp_path / "one" / "a.png"))
     assert not plots.plt.get_fignums()
 
 

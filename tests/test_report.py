@@ -110,10 +110,10 @@ def test_run_writes_report_predictions_and_confusion(run):
     summary = json.loads((run_dir / "summary.json").read_text())
     per_class = json.loads((run_dir / "per_class.json").read_text())
     pred = Predictions.load(run_dir / "predictions.pt")
-    # the confusion matrix covers the whole test set and its diagonal is the best epoch's accuracy
+    # the confusion matrix covers the whole test set and its diagonal is the best checkpoint's test accuracy
     matrix = torch.tensor(per_class["confusion"])
     assert matrix.sum().item() == len(pred) == summary["test_images"] == 200
-    assert matrix.trace().item() == round(summary["best_test_acc"] * 200)  # flip TTA, as in training
+    assert matrix.trace().item() == round(summary["test_acc_at_best"] * 200)  # flip TTA, as reported
     assert per_class["accuracy"] == pytest.approx(pred.accuracy)
     # the mistakes are exactly the highest-loss wrong predictions of the saved predictions
     mistakes = json.loads((run_dir / "mistakes.json").read_text())
@@ -132,8 +132,8 @@ def test_tensorboard_scalars(run):
     events = EventAccumulator(str(run["run"] / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"loss/train", "loss/test", "accuracy/train", "accuracy/test", "lr"} <= tags
-    for tag, key in (("loss/train", "train_loss"), ("accuracy/test", "test_acc"), ("lr", "lr")):
+    assert {"loss/train", "loss/val", "accuracy/train", "accuracy/val", "lr"} <= tags
+    for tag, key in (("loss/train", "train_loss"), ("accuracy/val", "val_acc"), ("lr", "lr")):
         points = events.Scalars(tag)
         assert [p.step for p in points] == [r["epoch"] for r in history] == [1, 2]
         assert [p.value for p in points] == pytest.approx([r[key] for r in history], rel=1e-6)

@@ -27,7 +27,7 @@ from lrlab.models import build_model
 from lrlab.schedules import Constant
 from test_cli import write_recipe
 
-KEYS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "steps", "batch_size"]
+KEYS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "steps", "batch_size"]
 
 
 def lrlab(*args: str) -> subprocess.Popen:
@@ -64,7 +64,7 @@ def assert_same_run(run: Path, ref: Path) -> None:
     a = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
     b = torch.load(ref / "checkpoints" / "last.pt", weights_only=True)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads((run / "summary.json").read_text())["best_test_acc"] > 0
+    assert json.loads((run / "summary.json").read_text())["best_val_acc"] > 0
 
 
 @pytest.fixture(scope="module")

@@ -90,8 +90,8 @@ class _Progress(Callbacks):
 
     def _epoch(self, r: dict) -> None:
         tqdm.write(f"epoch {r['epoch']:>3}/{self.epochs}  train loss {r['train_loss']:.3f} "
-                   f"acc {100 * r['train_acc']:.2f}%  test loss {r['test_loss']:.3f} "
-                   f"acc {100 * r['test_acc']:.2f}%  lr {r['lr']:.3g}  {r['seconds']:.0f}s", file=sys.stderr)
+                   f"acc {100 * r['train_acc']:.2f}%  val loss {r['val_loss']:.3f} "
+                   f"acc {100 * r['val_acc']:.2f}%  lr {r['lr']:.3g}  {r['seconds']:.0f}s", file=sys.stderr)
 
     def variant(self, i: int, n: int, label: str) -> None:
         self.close()
@@ -105,7 +105,7 @@ class _Progress(Callbacks):
 
 def _result_line(r) -> None:
     if r.status == "ok":
-        tqdm.write(f"  {r.label}: best top-1 {100 * r.best_test_acc:.2f}% at epoch {r.best_epoch} "
+        tqdm.write(f"  {r.label}: best val top-1 {100 * r.best_val_acc:.2f}% at epoch {r.best_epoch} "
                    f"({r.wall_seconds:.0f}s)", file=sys.stderr)
     else:
         tqdm.write(f"  {r.label}: failed: {r.error}", file=sys.stderr)
@@ -117,10 +117,13 @@ def _final_line(command: str, summary: dict) -> str:
         best = f"; best: {summary['best']}" if summary["best"] else ""
         return f"compared {n} variants ({failed} failed){best}: {summary['compare_dir']}"
     where = summary["run_dir"]
-    if "best_test_acc" in summary:
-        return (f"top-1 test accuracy {100 * summary['best_test_acc']:.2f}% at epoch "
-                f"{summary['best_epoch']}/{summary['epochs']} (lr {summary['lr']:.3g}, "
-                f"{summary['wall_seconds']:.0f}s): {where}")
+    if "best_val_acc" in summary:
+        tested = [f"{name} {100 * summary[key]:.2f}%" for key, name in
+                  (("test_acc_at_best", "at best"), ("final_test_acc", "final")) if summary.get(key) is not None]
+        on = " (val = the test split)" if summary.get("val_split") == "test" else ""
+        return (f"best val top-1{on} {100 * summary['best_val_acc']:.2f}% at epoch {summary['best_epoch']}/"
+                f"{summary['epochs']}{'; test top-1 ' + ', '.join(tested) if tested else ''} "
+                f"(lr {summary['lr']:.3g}, {summary['wall_seconds']:.0f}s): {where}")
     if "target_layer" not in summary:  # find-lr, or a resumed find-lr
         return f"suggested lr {summary['lr']:.3g} ({summary.get('lr_method', 'steepest')}): {where}"
     layer = summary["target_layer"]

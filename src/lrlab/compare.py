@@ -16,9 +16,13 @@ is recorded in the table with its error, and the others still run.
 
 The compare folder ``<out>/<name>-compare-<stamp>/`` holds one run folder per variant and:
 
-    accuracy.png  loss.png   test top-1 accuracy / test loss of every variant against epoch
+    accuracy.png  loss.png   validation top-1 accuracy / loss of every variant against epoch
     lr.png                   the lr of every step of every variant (and the batch size)
-    results.csv results.md   variant, best test accuracy, its epoch, final accuracy, lr, wall time
+    results.csv results.md   variant, best validation accuracy, its epoch, the test accuracy there
+                             and at the end (reported only), lr, wall time
+
+Variants are ranked by their best validation accuracy (``data.val_split``); the test accuracies
+are reported, never used to choose.
     compare.json             the recipe, overrides, variants and results
 """
 
@@ -57,8 +61,9 @@ class VariantResult:
     label: str
     overrides: list[str]
     status: str  # "ok" or "failed"
-    best_test_acc: float | None = None
+    best_val_acc: float | None = None
     best_epoch: int | None = None
+    test_acc_at_best: float | None = None
     final_test_acc: float | None = None
     epochs: int | None = None
     lr: float | None = None
@@ -225,7 +230,7 @@ def _slug(label: str) -> str:
 
 
 def _tables(results: list[VariantResult]) -> tuple[str, str]:
-    cols = ["variant", "status", "best_test_acc", "best_epoch", "final_test_acc", "epochs", "lr",
+    cols = ["variant", "status", "best_val_acc", "best_epoch", "test_acc_at_best", "final_test_acc", "epochs", "lr",
             "wall_seconds", "run_dir", "error", "overrides"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=cols)
@@ -234,14 +239,14 @@ def _tables(results: list[VariantResult]) -> tuple[str, str]:
         row = {k: v for k, v in asdict(r).items() if k in cols}
         writer.writerow({**row, "variant": r.label, "overrides": " ".join(r.overrides)})
     pct = lambda v: "" if v is None else f"{100 * v:.2f}"  # noqa: E731
-    lines = ["| variant | best top-1 (%) | at epoch | final top-1 (%) | lr | wall time (s) |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| variant | best val top-1 (%) | at epoch | test top-1 there (%) | final test top-1 (%) | lr "
+             "| wall time (s) |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         if r.status == "ok":
-            lines.append(f"| {r.label} | {pct(r.best_test_acc)} | {r.best_epoch}/{r.epochs} | "
-                         f"{pct(r.final_test_acc)} | {r.lr:.3g} | {r.wall_seconds:.0f} |")
+            lines.append(f"| {r.label} | {pct(r.best_val_acc)} | {r.best_epoch}/{r.epochs} | "
+                         f"{pct(r.test_acc_at_best)} | {pct(r.final_test_acc)} | {r.lr:.3g} | {r.wall_seconds:.0f} |")
         else:
-            lines.append(f"| {r.label} | failed: {(r.error or '').replace('|', '/')} | | | | |")
+            lines.append(f"| {r.label} | failed: {(r.error or '').replace('|', '/')} | | | | | |")
     return buf.getvalue(), "\n".join(lines) + "\n"
 
 
@@ -278,8 +283,9 @@ def _run_variant(v: Variant, config: Config, folder: CompareFolder, range_test: 
                              run_dir=str(dirs[-1]) if dirs else None)
     s, history = outcome.summary, outcome.history
     steps = history.lr_steps()
-    return VariantResult(v.label, v.overrides, "ok", s["best_test_acc"], s["best_epoch"], s["final_test_acc"],
-                         s["epochs"], s["lr"], s["wall_seconds"], s["run_dir"], history=history.records,
+    return VariantResult(v.label, v.overrides, "ok", s["best_val_acc"], s["best_epoch"], s.get("test_acc_at_best"),
+                         s.get("final_test_acc"), s["epochs"], s["lr"], s["wall_seconds"], s["run_dir"],
+                         history=history.records,
                          step_lrs=[lr for _, _, lr, _ in steps], step_batch_sizes=[b or 0 for *_, b in steps])
 
 
@@ -303,7 +309,7 @@ def run_compare(recipe: str | Path | None, overrides: Sequence[str], varies: Seq
 
     Returns:
         {"compare_dir", "variants": [result dicts without the curves], "failed": count,
-        "best": label of the best test accuracy or None}; also written to compare.json.
+        "best": label of the best validation accuracy or None}; also written to compare.json.
 
     Raises:
         LrlabError: bad input found before any training (see :func:`build_variants`), a
@@ -322,7 +328,7 @@ def run_compare(recipe: str | Path | None, overrides: Sequence[str], varies: Seq
         if on_result is not None:
             on_result(results[-1])
     done = [r for r in results if r.status == "ok" and r.history]
-    best = max(done, key=lambda r: r.best_test_acc or 0.0).label if done else None
+    best = max(done, key=lambda r: r.best_val_acc or 0.0).label if done else None
     rows = [{k: v for k, v in asdict(r).items() if k not in ("history", "step_lrs", "step_batch_sizes")}
             for r in results]
     summary = {"compare_dir": str(folder), "recipe": str(recipe) if recipe else None,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, create_model, model_validator
+from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
 from lrlab.data import AUGMENT_MODES, CROP_SCALE, PHOTO_MODES
 from lrlab.engine import NONFINITE_POLICIES
@@ -53,6 +53,12 @@ class DataConfig(_Section):
     cache_dir: str | None = None  # decoded-array cache; None: $LRLAB_CACHE or ~/.cache/lrlab
     train_subset: int | None = Field(None, gt=0)  # class-balanced subset sizes, for quick tries
     test_subset: int | None = Field(None, gt=0)
+    # validation split, read by every decision (best checkpoint, plateau schedules, early stop, the
+    # range test's val loss, compare's ranking): "val" = a val/ or valid/ folder, else a stratified
+    # hold-out of val_fraction of train (seeded by `seed`); "test" = the test split itself
+    val_split: Literal["val", "test"] = "val"
+    val_fraction: float = 0.1
+    val_subset: int | None = Field(None, gt=0)  # class-balanced subset of the val split, for speed
     augment: AugmentMode = "tensor"
     crop_padding: int = Field(4, ge=0)  # pad-and-random-crop (translation) in pixels
     flip: bool | Literal["alternate"] = True  # random horizontal flip; alternate: every other epoch
@@ -84,6 +90,20 @@ class DataConfig(_Section):
             raise ValueError(f"crop_scale {list(self.crop_scale)} must be (low, high) with 0 < low <= high <= 1")
         return self
 
+    @field_validator("val_fraction")
+    @classmethod
+    def _val_fraction(cls, v: float) -> float:
+        if not 0 < v <= 0.5:
+            raise ValueError(f"{v!r} is not valid; use a fraction of the training images in (0, 0.5], e.g. 0.1")
+        return v
+
+    @model_validator(mode="after")
+    def _val_values(self):
+        if self.val_split == "test" and self.val_subset is not None:
+            raise ValueError("val_subset has no effect with val_split: test (the validation split is the test "
+                             "split); use test_subset instead")
+        return self
+
 
 class ModelConfig(_Section):
     name: str = "fastnet"
@@ -109,8 +129,9 @@ class LRFinderConfig(_Section):
     # benchmarks/lr_suggestion_quality.py); every method's lr and band are saved either way
     method: SuggestionMethod = "auto"
     lr_factor: float = Field(1.0, gt=0)  # train.lr = suggestion x lr_factor
-    # "val": Smith's validation loss on val_images class-balanced test images, evaluated every
-    # val_every steps (cost: val_images / batch_size forward passes per val_every steps)
+    # "val": Smith's validation loss on val_images class-balanced images of the validation split
+    # (data.val_split), evaluated every val_every steps (cost: val_images / batch_size forward
+    # passes per val_every steps)
     loss: Literal["train", "val"] = "train"
     val_images: int = Field(1000, gt=0)
     val_every: int = Field(5, ge=1)
@@ -158,11 +179,14 @@ class _TrainBase(_Section):
     batch_size_milestones: Milestones = Field(default_factory=list)
     batch_size_factor: float = Field(2.0, ge=1)
     grad_noise: GradNoiseConfig = Field(default_factory=GradNoiseConfig)
-    # TTA belongs to training's final evaluation (and to the predictions made from it)
-    tta: bool = False  # final evaluation on image + its mirror image (flip test-time augmentation)
+    # TTA belongs to the reported test accuracies (final model, best checkpoint) and the predictions;
+    # the per-epoch validation is plain, so that every epoch is judged alike
+    tta: bool = False  # reported evaluation on image + its mirror image (flip test-time augmentation)
     tta_shift: int = Field(0, ge=0, le=8)  # with tta: also both views translated by +-this many pixels
     # checkpoints/last.pt after every epoch and, when > 0, also every this many optimizer steps
     checkpoint_every: int = Field(0, ge=0)
+    # early stopping: end training when the val accuracy has not improved for this many epochs; 0: off
+    early_stop_patience: int = Field(0, ge=0)
     # a NaN or infinite training loss: stop (exit 3, the report says where) or skip the step
     on_nonfinite: Literal[NONFINITE_POLICIES] = "stop"
 

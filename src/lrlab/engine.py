@@ -25,15 +25,16 @@ from lrlab import interrupts
 from lrlab.compute import Compute
 from lrlab.tta import tta_probs
 
-COLUMNS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds", "train_seconds",
+COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "train_seconds",
            "batch_size", "steps", "skipped_steps"]
 NONFINITE_POLICIES = ("stop", "skip")
 
 
 @dataclass
 class History:
-    """Per-epoch records (keys :data:`COLUMNS`): epoch (1-based), train/test loss (mean
-    cross-entropy per image), train/test top-1 accuracy in [0, 1], lr (of the reference group at
+    """Per-epoch records (keys :data:`COLUMNS`): epoch (1-based), train/val loss (mean
+    cross-entropy per image; val: the validation split, without augmentation or TTA), train/val
+    top-1 accuracy in [0, 1], lr (of the reference group at
     the end of the epoch), seconds (training + evaluation wall time of that epoch),
     train_seconds (the training pass alone), batch_size (images per training batch) and steps
     (optimizer steps of the epoch, skipped ones included), skipped_steps (steps whose loss was not
@@ -41,15 +42,24 @@ class History:
 
     ``step_lrs`` holds the lr (per step, reference group) that every optimizer step of the run
     used, in order. ``stopped`` says why training ended before its last epoch (None: it did not):
-    reason, epoch (1-based), step (0-based, as in lr_steps.csv), lr, last_finite_loss."""
+    reason, epoch (1-based), step (0-based, as in lr_steps.csv), lr, last_finite_loss.
+    ``early_stop`` says that early stopping ended training (None: it did not): reason, epoch (the
+    last trained, 1-based), best_epoch, patience."""
 
     records: list[dict] = field(default_factory=list)
     step_lrs: list[float] = field(default_factory=list)
     stopped: dict | None = None
+    early_stop: dict | None = None
 
     def best(self) -> dict:
-        """The record with the highest test accuracy (the earliest on ties)."""
-        return max(self.records, key=lambda r: (r["test_acc"], -r["epoch"]))
+        """The record with the highest validation accuracy (the earliest on ties): the epoch of
+        checkpoints/best.pt."""
+        return max(self.records, key=lambda r: (r["val_acc"], -r["epoch"]))
+
+    def stale_epochs(self) -> int:
+        """Epochs since the best validation accuracy (0: the last epoch is the best; 0 without
+        records)."""
+        return self.records[-1]["epoch"] - self.best()["epoch"] if self.records else 0
 
     def lr_steps(self) -> list[tuple[int, int, float, int | None]]:
         """(step, epoch, lr, batch size) of every optimizer step, step 0-based, epoch 1-based."""
@@ -246,24 +256,28 @@ def _train_epoch(trainer: Trainer, loader, checkpoint: Callable[[dict, bool], No
             raise interrupts.Interrupted(signum, f"at epoch {trainer.epoch + 1}, step {len(trainer.history.step_lrs)}")
 
 
-def fit(model: nn.Module, train_loader, test_loader, optimizer, schedule, epochs: int,
-        compute: Compute, *, label_smoothing: float = 0.0, tta: bool = False, tta_shift: int = 0,
+def fit(model: nn.Module, train_loader, val_loader, optimizer, schedule, epochs: int,
+        compute: Compute, *, label_smoothing: float = 0.0,
         batch_sizes: list[int] | None = None, grad_noise=None, on_nonfinite: str = "stop",
         checkpoint: Callable[[dict, bool], None] | None = None, checkpoint_every: int = 0,
-        resume: dict | None = None,
+        early_stop_patience: int = 0, resume: dict | None = None,
         on_step: Callable[[int, float], None] | None = None,
         on_epoch: Callable[[dict], None] | None = None) -> History:
-    """Train for ``epochs`` epochs, evaluating on ``test_loader`` after each (see :class:`Trainer`
-    for the step, ``on_nonfinite`` and the state a checkpoint holds).
+    """Train for ``epochs`` epochs, evaluating on the validation batches ``val_loader`` after each
+    (see :class:`Trainer` for the step, ``on_nonfinite`` and the state a checkpoint holds). Every
+    decision reads the validation split; the test split is not seen here.
 
     ``batch_sizes`` (one per epoch, a batch-size schedule) is set on ``train_loader.batch_size``
-    before each epoch. The lr of every step goes to ``History.step_lrs``. Test-time augmentation
-    (``tta``, ``tta_shift``, see :func:`evaluate`) is used for the final epoch only.
+    before each epoch. The lr of every step goes to ``History.step_lrs``.
 
-    After every epoch: the schedule sees the test loss (ReduceLROnPlateau), the record is
-    appended to the History, ``checkpoint(state, is_best)`` is called (is_best: the best test
-    accuracy so far) and then ``on_epoch(record)``; with ``checkpoint_every`` > 0 also
-    ``checkpoint(state, False)`` every that many optimizer steps. ``resume``: a state from an
+    After every epoch: the schedule sees the validation loss (ReduceLROnPlateau), the record is
+    appended to the History, ``checkpoint(state, is_best)`` is called (is_best: the best
+    validation accuracy so far, :meth:`History.best`) and then ``on_epoch(record)``; with
+    ``checkpoint_every`` > 0 also ``checkpoint(state, False)`` every that many optimizer steps.
+    Early stopping (Prechelt 1998, "Early stopping - but when?"): with ``early_stop_patience`` > 0,
+    training ends once the validation accuracy has not improved for that many epochs
+    (``History.early_stop`` says so); the decision is a function of the history alone, so a
+    resumed run makes it exactly as the uninterrupted one. ``resume``: a state from an
     earlier ``checkpoint`` call to continue from (also one at the end of training: then nothing
     is trained). ``grad_noise``: the :class:`lrlab.optim.GradientNoise` attached to the optimizer,
     whose state the checkpoints carry.
@@ -278,28 +292,32 @@ def fit(model: nn.Module, train_loader, test_loader, optimizer, schedule, epochs
         trainer.load_state_dict(resume)
     with interrupts.deferring():
         while trainer.epoch < epochs:
+            if early_stop_patience and trainer.history.stale_epochs() >= early_stop_patience:
+                h = trainer.history
+                h.early_stop = {"reason": f"the validation accuracy did not improve for {early_stop_patience} epochs",
+                                "epoch": trainer.epoch, "best_epoch": h.best()["epoch"],
+                                "patience": early_stop_patience}
+                break
             epoch = trainer.epoch + 1
             if batch_sizes is not None:
                 train_loader.batch_size = batch_sizes[epoch - 1]
             _train_epoch(trainer, train_loader, checkpoint, checkpoint_every, on_step)
             if trainer.history.stopped is not None:
                 break
-            _end_epoch(trainer, epoch, test_loader, tta and epoch == epochs, tta_shift,
-                       getattr(train_loader, "batch_size", None), checkpoint, on_epoch)
+            _end_epoch(trainer, epoch, val_loader, getattr(train_loader, "batch_size", None), checkpoint, on_epoch)
     return trainer.history
 
 
-def _end_epoch(trainer: Trainer, epoch: int, test_loader, tta: bool, tta_shift: int, batch_size: int | None,
-               checkpoint, on_epoch) -> None:
-    """Evaluate, step the schedule on the test loss, record, checkpoint, report; then raise
-    :class:`Interrupted` if a signal came meanwhile."""
+def _end_epoch(trainer: Trainer, epoch: int, val_loader, batch_size: int | None, checkpoint, on_epoch) -> None:
+    """Evaluate on the validation split, step the schedule on its loss, record, checkpoint, report;
+    then raise :class:`Interrupted` if a signal came meanwhile."""
     start = time.perf_counter()
     p = trainer.progress
-    test_loss, test_acc = evaluate(trainer.model, test_loader, trainer.compute, tta, tta_shift)
-    trainer.schedule.step_epoch(test_loss)
+    val_loss, val_acc = evaluate(trainer.model, val_loader, trainer.compute)
+    trainer.schedule.step_epoch(val_loss)
     train_loss, train_acc = p.means()
-    record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss,
-              "test_acc": test_acc, "lr": trainer.schedule.lr, "seconds": p.seconds + time.perf_counter() - start,
+    record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
+              "val_acc": val_acc, "lr": trainer.schedule.lr, "seconds": p.seconds + time.perf_counter() - start,
               "train_seconds": p.seconds, "batch_size": batch_size, "steps": p.steps, "skipped_steps": p.skipped}
     trainer.end_epoch(record)
     if checkpoint is not None:

@@ -28,7 +28,7 @@ from torch import nn
 from lrlab.compute import Compute
 from lrlab.config import Config
 from lrlab.data import BatchLoader, Dataset, Split, load_dataset
-from lrlab.engine import History, fit, seed_everything
+from lrlab.engine import History, evaluate, fit, seed_everything
 from lrlab.errors import Diverged, LrlabError, RunStopped, WriteError
 from lrlab.io import check_writable, remove_temporaries
 from lrlab.interpret import (FaithfulnessResult, Predictions, cam_faithfulness, class_activation_maps,
@@ -71,12 +71,38 @@ class Setup:
 
 
 def load_data(config: Config) -> Dataset:
-    """Load the dataset named by ``config.data`` and apply the configured subsets."""
-    data = load_dataset(config.data.path, config.data.cache_dir, image_size=config.data.image_size)
-    if config.data.train_subset and config.data.train_subset < len(data.train):
-        data.train = data.train.subset(config.data.train_subset, seed=config.seed)
-    if config.data.test_subset and config.data.test_subset < len(data.test):
-        data.test = data.test.subset(config.data.test_subset, seed=config.seed)
+    """Load the dataset named by ``config.data``, make its validation split and apply the
+    configured subsets.
+
+    ``data.val_split: val``: the data's own val split (a val/ or valid/ folder) or, without one,
+    a stratified hold-out of ``data.val_fraction`` of train seeded by ``seed``
+    (:meth:`Split.hold_out`; the same on every load, so a resumed run sees the same split);
+    ``train_subset`` then applies to the rest. ``data.val_split: test``: the validation split is
+    the (subset) test split itself, and decisions read the test split.
+
+    Raises:
+        LrlabError: ``val_split: test`` without a test split, or a class of train without an
+            image in the validation split.
+    """
+    d = config.data
+    data = load_dataset(d.path, d.cache_dir, image_size=d.image_size)
+    if d.val_split == "val" and data.val is None:
+        data.train, data.val = data.train.hold_out(d.val_fraction, seed=config.seed)
+    if d.train_subset and d.train_subset < len(data.train):
+        data.train = data.train.subset(d.train_subset, seed=config.seed)
+    if data.test is not None and d.test_subset and d.test_subset < len(data.test):
+        data.test = data.test.subset(d.test_subset, seed=config.seed)
+    if d.val_split == "test":
+        if data.test is None:
+            raise LrlabError(f"data.val_split is 'test' but {d.path or 'the data'} has no test split; "
+                             f"use data.val_split=val")
+        data.val = data.test
+    elif d.val_subset and d.val_subset < len(data.val):
+        data.val = data.val.subset(d.val_subset, seed=config.seed)
+    missing = sorted(set(data.train.labels.unique().tolist()) - set(data.val.labels.unique().tolist()))
+    if missing:
+        raise LrlabError(f"class {data.classes[missing[0]]!r} of the training split has no image in the validation "
+                         f"split ({d.val_split}); raise data.val_fraction or data.val_subset, or add images of it")
     return data
 
 
@@ -165,15 +191,15 @@ def range_test(setup: Setup, callbacks: Callbacks = Callbacks()) -> RangeTestRes
     layer group is swept at its plan scale, so the recorded lrs are the top group's.
 
     With ``lr_finder.loss: val`` the validation points use ``lr_finder.val_images``
-    class-balanced images of the test split (without augmentation), as the training history's
-    test loss does. ``result.method`` is the suggestion the run trains with."""
+    class-balanced images of the validation split (without augmentation), as the training
+    history's val loss does. ``result.method`` is the suggestion the run trains with."""
     config, cfg = setup.config, setup.config.lr_finder
     optimizer = new_optimizer(setup, cfg.start_lr)
     scales = [g["lr_scale"] for g in optimizer.param_groups]
     batch_size = cfg.batch_size or config.train.batch_size
     val_batches = None
     if cfg.loss == "val":
-        held_out = setup.data.test.subset(min(cfg.val_images, len(setup.data.test)), seed=config.seed)
+        held_out = setup.data.val.subset(min(cfg.val_images, len(setup.data.val)), seed=config.seed)
         val_batches = list(eval_loader(setup, held_out, batch_size))
 
     def loss_fn(logits, y):
@@ -262,10 +288,11 @@ def train(setup: Setup, plan: LRPlan, callbacks: Callbacks = Callbacks(), run: R
             if callbacks.on_epoch is not None:
                 callbacks.on_epoch(record)
 
-        history = fit(setup.model, loader, eval_loader(setup, setup.data.test), optimizer, schedule, cfg.epochs,
-                      setup.compute, label_smoothing=cfg.label_smoothing, tta=cfg.tta, tta_shift=cfg.tta_shift,
+        history = fit(setup.model, loader, eval_loader(setup, setup.data.val), optimizer, schedule, cfg.epochs,
+                      setup.compute, label_smoothing=cfg.label_smoothing,
                       batch_sizes=sizes if cfg.batch_size_milestones else None, grad_noise=noise,
-                      on_nonfinite=cfg.on_nonfinite, checkpoint_every=cfg.checkpoint_every, resume=resume,
+                      on_nonfinite=cfg.on_nonfinite, checkpoint_every=cfg.checkpoint_every,
+                      early_stop_patience=cfg.early_stop_patience, resume=resume,
                       checkpoint=(lambda state, best: run.save_checkpoint({**state, **extra}, best)) if run else None,
                       on_step=callbacks.on_step, on_epoch=on_epoch)
     finally:
@@ -273,16 +300,31 @@ def train(setup: Setup, plan: LRPlan, callbacks: Callbacks = Callbacks(), run: R
             scalars.close()
     if run is not None and history.records:
         pd = cfg.plateau_detect
-        spans = find_plateaus([r["test_loss"] for r in history.records], pd.window, pd.rel_threshold)
+        spans = find_plateaus([r["val_loss"] for r in history.records], pd.window, pd.rel_threshold)
         run.save_history(history, config.name, spans)
     return history
 
 
 def predict_test(setup: Setup) -> Predictions:
-    """Class probabilities of the model on the whole test split (with the recipe's TTA, so the
-    accuracy matches the training history's final epoch)."""
+    """Class probabilities of the model on the whole report split (``Dataset.report_split``: the
+    test split, else the validation split), with the recipe's TTA, as the summary's reported
+    test accuracies are measured. Reported only: no decision reads it."""
     t = setup.config.train
-    return predict(setup.model, eval_loader(setup, setup.data.test), setup.compute, tta=t.tta, tta_shift=t.tta_shift)
+    return predict(setup.model, eval_loader(setup, setup.data.report_split), setup.compute,
+                   tta=t.tta, tta_shift=t.tta_shift)
+
+
+def test_accuracy(setup: Setup) -> float:
+    """Top-1 accuracy in [0, 1] of the model as it is on the whole test split, with the recipe's
+    TTA (``train.tta``, ``train.tta_shift``). Reported only: no decision reads it.
+
+    Raises:
+        LrlabError: the data has no test split.
+    """
+    if setup.data.test is None:
+        raise LrlabError("the data has no test split to evaluate")
+    t = setup.config.train
+    return evaluate(setup.model, eval_loader(setup, setup.data.test), setup.compute, t.tta, t.tta_shift)[1]
 
 
 @dataclass
@@ -292,8 +334,8 @@ class Interpretation:
     Attributes:
         per_class: confusion counts and fractions, per-class accuracy, most-confused pairs
             (``lrlab.interpret.per_class_summary``).
-        mistakes: per shown mistake: test index, pred/true class names, their probabilities, loss.
-        details: target_layer, method, select, test_accuracy.
+        mistakes: per shown mistake: index in the report split, pred/true class names, their probabilities, loss.
+        details: target_layer, method, select, split (report split: "test" or "val"), accuracy.
         images: (M, H, W, 3) uint8 pixels of the shown mistakes.
         maps_pred, maps_true: (M, H, W) float32 maps in [0, 1] of the predicted / true class.
         faithfulness: the keep/delete test of every CAM method, when asked for.
@@ -309,17 +351,18 @@ class Interpretation:
 
 
 def interpret(setup: Setup, pred: Predictions) -> Interpretation:
-    """Study the mistakes of the model on the test split: per-class confusion, the
-    ``explain.num_images`` mistakes chosen by ``explain.select`` with their ``explain.method``
-    maps of the predicted and the true class, and (``explain.faithfulness_images`` > 0) the
-    faithfulness of every CAM method. ``pred`` must be this model's test-set predictions."""
-    config, cfg, data = setup.config, setup.config.explain, setup.data
+    """Study the mistakes of the model on the report split (``Dataset.report_split``: the test
+    split, else the validation split): per-class confusion, the ``explain.num_images`` mistakes
+    chosen by ``explain.select`` with their ``explain.method`` maps of the predicted and the true
+    class, and (``explain.faithfulness_images`` > 0) the faithfulness of every CAM method.
+    ``pred`` must be this model's predictions on that split (:func:`predict_test`)."""
+    config, cfg, data, report = setup.config, setup.config.explain, setup.data, setup.data.report_split
     layer, classes = cam_layer(config, setup.model), data.classes
     idx = select_misclassified(pred, cfg.num_images, by=cfg.select)
     rows = zip(idx.tolist(), pred.preds[idx].tolist(), pred.targets[idx].tolist())
     mistakes = [{"index": i, "pred": classes[p], "prob": pred.probs[i, p].item(), "true": classes[t],
                  "prob_true": pred.probs[i, t].item(), "loss": pred.losses[i].item()} for i, p, t in rows]
-    shown = Split(data.test.images[idx], data.test.labels[idx])
+    shown = Split(report.images[idx], report.labels[idx])
     maps = [np.zeros((0, *shown.images.shape[1:3]), np.float32)] * 2  # predicted, true class
     if mistakes:
         x = torch.cat([xb for xb, _ in eval_loader(setup, shown)])
@@ -327,10 +370,11 @@ def interpret(setup: Setup, pred: Predictions) -> Interpretation:
                 for classes_ in (pred.preds, pred.targets)]
     faithfulness = None
     if cfg.faithfulness_images:
-        sample = data.test.subset(min(cfg.faithfulness_images, len(data.test)), seed=config.seed)
+        sample = report.subset(min(cfg.faithfulness_images, len(report)), seed=config.seed)
         xs = torch.cat([xb for xb, _ in eval_loader(setup, sample)]).contiguous()
         faithfulness = cam_faithfulness(setup.model, xs, setup.compute, target_layer=layer, seed=config.seed)
-    details = {"target_layer": layer, "method": cfg.method, "select": cfg.select, "test_accuracy": pred.accuracy}
+    details = {"target_layer": layer, "method": cfg.method, "select": cfg.select, "split": data.report_split_name,
+               "accuracy": pred.accuracy}
     return Interpretation(per_class_summary(pred, classes), mistakes, details, shown.images.numpy(), *maps,
                           faithfulness=faithfulness)
 
@@ -471,10 +515,15 @@ def _plan(setup: Setup, run: RunFolder, callbacks: Callbacks, testing: bool,
 
 def _run_stages(setup: Setup, run: RunFolder, callbacks: Callbacks, testing: bool, training: bool,
                 explaining: bool, resume: bool = False) -> Outcome:
-    """The stages of :func:`run_pipeline` inside its folder; returns the summary so far."""
+    """The stages of :func:`run_pipeline` inside its folder; returns the summary so far. The test
+    split is evaluated for the summary only: the final model, and the best checkpoint (the best
+    validation epoch), whose predictions explain then studies."""
     compute, data = setup.compute, setup.data
     summary: dict = {"run_dir": str(run), "device": str(compute.device), "autocast": compute.dtype_name,
-                     "train_images": len(data.train), "test_images": len(data.test), "classes": data.classes}
+                     "train_images": len(data.train), "val_images": len(data.val),
+                     "test_images": len(data.test) if data.test is not None else None,
+                     "val_split": setup.config.data.val_split, "report_split": data.report_split_name,
+                     "classes": data.classes}
     plan, result = _plan(setup, run, callbacks, testing, resume)
     if result is not None:
         summary.update(lr_suggestion=result.suggestion, lr_method=result.method, lr_suggestions=result.rows())
@@ -483,17 +532,33 @@ def _run_stages(setup: Setup, run: RunFolder, callbacks: Callbacks, testing: boo
     if training:
         state = run.load_checkpoint("last_checkpoint") if resume and run.file("last_checkpoint").is_file() else None
         history = train(setup, plan, callbacks, run, state)
-        if history.records:
-            best, last = history.best(), history.records[-1]
-            summary.update(best_test_acc=best["test_acc"], best_epoch=best["epoch"], final_test_acc=last["test_acc"],
-                           epochs=len(history.records), train_seconds=sum(r["seconds"] for r in history.records))
-        skipped = sum(r.get("skipped_steps") or 0 for r in history.records)
-        summary.update(stopped=history.stopped, **({"skipped_steps": skipped} if skipped else {}))
-    if explaining and run.file("best_checkpoint").is_file():
+        summary.update(_training_summary(setup, history))
+    if (training or explaining) and run.file("best_checkpoint").is_file():
         setup.model.load_state_dict(run.load_checkpoint("best_checkpoint", compute.device)["model"])
-        callbacks.stage("explain", 0)
-        explain_into(setup, run)
+        pred = predict_test(setup)
+        if training and data.test is not None:
+            summary["test_acc_at_best"] = pred.accuracy
+        if explaining:
+            callbacks.stage("explain", 0)
+            explain_into(setup, run, pred)
     return Outcome(summary, history)
+
+
+def _training_summary(setup: Setup, history: History) -> dict:
+    """The summary's training keys: the best validation epoch and accuracy (best.pt), the final
+    validation accuracy, and the final model's test accuracy (reported only; with TTA if
+    ``train.tta``; absent without a test split or after a non-finite loss), epochs, time, why
+    training stopped early (``stopped``: a non-finite loss; ``early_stop``: early stopping)."""
+    out: dict = {}
+    if history.records:
+        best, last = history.best(), history.records[-1]
+        out.update(best_val_acc=best["val_acc"], best_epoch=best["epoch"], final_val_acc=last["val_acc"],
+                   epochs=len(history.records), train_seconds=sum(r["seconds"] for r in history.records))
+        if setup.data.test is not None and history.stopped is None:
+            out["final_test_acc"] = test_accuracy(setup)
+    skipped = sum(r.get("skipped_steps") or 0 for r in history.records)
+    out.update(stopped=history.stopped, early_stop=history.early_stop, **({"skipped_steps": skipped} if skipped else {}))
+    return out
 
 
 def explain_into(setup: Setup, run: RunFolder, pred: Predictions | None = None) -> dict:
@@ -509,7 +574,7 @@ def explain_into(setup: Setup, run: RunFolder, pred: Predictions | None = None) 
 def source_predictions(source: RunFolder, config: Config, data: Dataset) -> Predictions | None:
     """The earlier run's predictions (made from its best checkpoint), if valid for ``config``: the
     run's config has the same data, model, compute and TTA settings, and the labels match
-    ``data.test``. None otherwise (then the caller predicts again)."""
+    ``data.report_split``. None otherwise (then the caller predicts again)."""
     pred = source.load_predictions()
     if pred is None:
         return None
@@ -519,9 +584,9 @@ def source_predictions(source: RunFolder, config: Config, data: Dataset) -> Pred
         return None
     same = (earlier.data == config.data and earlier.model == config.model and earlier.compute == config.compute
             and earlier.train.tta == config.train.tta and earlier.train.tta_shift == config.train.tta_shift)
-    if not same or len(pred) != len(data.test) or pred.num_classes != len(data.classes):
+    if not same or len(pred) != len(data.report_split) or pred.num_classes != len(data.classes):
         return None
-    return pred if torch.equal(pred.targets, data.test.labels.to(torch.int64)) else None
+    return pred if torch.equal(pred.targets, data.report_split.labels.to(torch.int64)) else None
 
 
 def explain_run(source: RunFolder, config: Config, out: str | Path) -> dict:

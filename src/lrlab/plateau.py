@@ -9,7 +9,7 @@ improvement) and ends at i; overlapping spans are merged. A plateau is therefore
 reported. NaN values never count as an improvement.
 
 This is lrlab's "custom method to identify the learning-rate plateau": the
-``plateau_detect`` schedule cuts the lr when the last epoch closes a plateau of the test
+``plateau_detect`` schedule cuts the lr when the last epoch closes a plateau of the validation
 loss, and the run's ``plateaus.png`` shades the spans on the loss and accuracy curves.
 """
 
@@ -37,7 +37,7 @@ def find_plateaus(values: Sequence[float], window: int = 3, rel_threshold: float
     """Spans (start, end) of ``values`` where the metric stops improving; see the module docstring.
 
     Args:
-        values: the series, e.g. test loss per epoch (any length; NaN allowed).
+        values: the series, e.g. validation loss per epoch (any length; NaN allowed).
         window: number of points that must bring no relative improvement of at least
             ``rel_threshold`` (>= 1).
         rel_threshold: the relative improvement that still counts as progress (>= 0);

@@ -97,17 +97,17 @@ def _epoch_axis(ax, epochs: np.ndarray) -> None:
 
 
 def plot_loss(history: Sequence[Mapping], path: str | os.PathLike) -> Path:
-    """Train and test loss against epoch.
+    """Train and validation loss against epoch.
 
     Args:
-        history: one dict per epoch with keys epoch, train_loss, test_loss (missing or None
+        history: one dict per epoch with keys epoch, train_loss, val_loss (missing or None
             values are skipped).
         path: the PNG to write.
     """
     epochs = _epochs(history)
     marker = "o" if len(epochs) <= 30 else None
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key, label, color in (("train_loss", "train", "tab:blue"), ("test_loss", "test", "tab:orange")):
+    for key, label, color in (("train_loss", "train", "tab:blue"), ("val_loss", "val", "tab:orange")):
         y = _series(history, key)
         if np.isfinite(y).any():
             ax.plot(epochs, y, marker=marker, markersize=3, color=color, label=label)
@@ -119,27 +119,28 @@ def plot_loss(history: Sequence[Mapping], path: str | os.PathLike) -> Path:
 
 
 def plot_accuracy(history: Sequence[Mapping], path: str | os.PathLike) -> Path:
-    """Train and test top-1 accuracy (%) against epoch on one set of axes; the best test epoch marked.
+    """Train and validation top-1 accuracy (%) against epoch on one set of axes; the best
+    validation epoch (that of checkpoints/best.pt) marked.
 
     Args:
-        history: one dict per epoch with keys epoch, train_acc, test_acc (fractions in [0, 1]).
+        history: one dict per epoch with keys epoch, train_acc, val_acc (fractions in [0, 1]).
         path: the PNG to write.
     """
     epochs = _epochs(history)
     marker = "o" if len(epochs) <= 30 else None
     fig, ax = plt.subplots(figsize=(7, 4.5))
     train = 100.0 * _series(history, "train_acc")
-    test = 100.0 * _series(history, "test_acc")
+    val = 100.0 * _series(history, "val_acc")
     if np.isfinite(train).any():
         ax.plot(epochs, train, marker=marker, markersize=3, color="tab:blue", label="train")
-    if np.isfinite(test).any():
-        ax.plot(epochs, test, marker=marker, markersize=3, color="tab:orange", label="test")
-        best = int(np.nanargmax(test))
-        ax.plot([epochs[best]], [test[best]], "*", color="tab:red", markersize=14, zorder=3,
-                label=f"best test {test[best]:.2f}% (epoch {epochs[best]:g})")
+    if np.isfinite(val).any():
+        ax.plot(epochs, val, marker=marker, markersize=3, color="tab:orange", label="val")
+        best = int(np.nanargmax(val))
+        ax.plot([epochs[best]], [val[best]], "*", color="tab:red", markersize=14, zorder=3,
+                label=f"best val {val[best]:.2f}% (epoch {epochs[best]:g})")
         ax.annotate(
-            f"{test[best]:.2f}% @ epoch {epochs[best]:g}",
-            xy=(epochs[best], test[best]),
+            f"{val[best]:.2f}% @ epoch {epochs[best]:g}",
+            xy=(epochs[best], val[best]),
             xytext=(0, -18),
             textcoords="offset points",
             ha="center",
@@ -482,20 +483,20 @@ def shade_plateaus(ax, epochs: np.ndarray, spans: Sequence[tuple[int, int]], *, 
 
 
 def plot_plateaus(history: Sequence[Mapping], spans: Sequence[tuple[int, int]], path: str | os.PathLike) -> Path:
-    """Loss (left) and top-1 accuracy (right) against epoch, train and test, with the plateaus
-    of the test loss shaded.
+    """Loss (left) and top-1 accuracy (right) against epoch, train and validation, with the
+    plateaus of the validation loss shaded.
 
     Args:
-        history: one dict per epoch with keys epoch, train_loss, test_loss, train_acc, test_acc.
+        history: one dict per epoch with keys epoch, train_loss, val_loss, train_acc, val_acc.
         spans: (start, end) 0-based inclusive epoch indices, e.g. from
-            ``lrlab.plateau.find_plateaus`` on the test losses.
+            ``lrlab.plateau.find_plateaus`` on the validation losses.
         path: the PNG to write.
     """
     epochs = _epochs(history)
     marker = "o" if len(epochs) <= 30 else None
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), layout="constrained")
     for ax, (key, ylabel, scale) in zip(axes, (("loss", "cross-entropy loss", 1.0), ("acc", "top-1 accuracy (%)", 100.0))):
-        for split, color in (("train", "tab:blue"), ("test", "tab:orange")):
+        for split, color in (("train", "tab:blue"), ("val", "tab:orange")):
             y = scale * _series(history, f"{split}_{key}")
             if np.isfinite(y).any():
                 ax.plot(epochs, y, marker=marker, markersize=3, color=color, label=split)
@@ -503,7 +504,8 @@ def plot_plateaus(history: Sequence[Mapping], spans: Sequence[tuple[int, int]], 
         _epoch_axis(ax, epochs)
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=8)
-    fig.suptitle(f"Plateaus of the test loss ({len(spans)} found)" if spans else "No plateau of the test loss found")
+    fig.suptitle(f"Plateaus of the validation loss ({len(spans)} found)" if spans
+                 else "No plateau of the validation loss found")
     return save_figure(fig, path)
 
 
@@ -551,7 +553,7 @@ def plot_compare(histories: Mapping[str, Sequence[Mapping]], key: str, path: str
 
     Args:
         histories: label -> the run's History records (one dict per epoch).
-        key: "test_acc" (drawn in %, each run's best marked with a star), "test_loss", or any
+        key: "val_acc" (drawn in %, each run's best marked with a star), "val_loss", or any
             other record key.
         path: the PNG to write.
     """
@@ -568,7 +570,7 @@ def plot_compare(histories: Mapping[str, Sequence[Mapping]], key: str, path: str
             best = int(np.nanargmax(y))
             ax.plot([epochs[best]], [y[best]], "*", color=line.get_color(), markersize=11, zorder=3)
     _epoch_axis(ax, _epochs(max(histories.values(), key=len)))
-    names = {"test_acc": "test top-1 accuracy (%)", "test_loss": "test loss (cross-entropy)",
+    names = {"val_acc": "validation top-1 accuracy (%)", "val_loss": "validation loss (cross-entropy)",
              "train_acc": "train top-1 accuracy (%)", "train_loss": "train loss (cross-entropy)"}
     ax.set_ylabel(names.get(key, key))
     ax.set_title(names.get(key, key).split(" (")[0].capitalize())

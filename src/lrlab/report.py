@@ -155,13 +155,30 @@ def _figures(run: RunFolder, items: list[tuple[str, str]], row: bool = False) ->
 
 
 def _best(summary: dict, history: list | None) -> tuple[float | None, int | None, int | None]:
-    """(top test accuracy, its epoch, number of epochs) from the summary, else the history."""
-    if "best_test_acc" in summary:
-        return summary.get("best_test_acc"), summary.get("best_epoch"), summary.get("epochs")
+    """(top validation accuracy, its epoch, number of epochs) from the summary, else the history."""
+    if "best_val_acc" in summary:
+        return summary.get("best_val_acc"), summary.get("best_epoch"), summary.get("epochs")
     if history:
-        best = max(history, key=lambda r: (r.get("test_acc") or -1, -r.get("epoch", 0)))
-        return best.get("test_acc"), best.get("epoch"), len(history)
+        best = max(history, key=lambda r: (r.get("val_acc") or -1, -r.get("epoch", 0)))
+        return best.get("val_acc"), best.get("epoch"), len(history)
     return None, None, None
+
+
+def _reported(ctx: dict) -> str:
+    """The name of the split the predictions, mistakes and maps were made on: "test", or
+    "validation" for data without a test split (summary key ``report_split``)."""
+    return "validation" if ctx["summary"].get("report_split") == "val" else "test"
+
+
+def _selection_note(summary: dict) -> str:
+    """The header's sentence on which split made the decisions (``data.val_split``)."""
+    if summary.get("val_split") == "test":
+        return ("Best epoch, schedule and every other decision selected on the test set (data.val_split: test), "
+                "so its test accuracy is optimistic.")
+    if summary.get("val_split") == "val":
+        return ("Best epoch, schedule and every other decision selected on the validation split; the test split "
+                "is only reported.")
+    return ""
 
 
 def _summary_section(run: RunFolder, ctx: dict) -> str:
@@ -171,11 +188,18 @@ def _summary_section(run: RunFolder, ctx: dict) -> str:
                         f"this run did not finish.")
     acc, epoch, epochs = _best(summary, history)
     parts = []
-    if acc is not None:
-        parts.append(f'<p><span class="big">{_pct(acc)}</span> top-1 test accuracy, reached at epoch '
+    if summary.get("test_acc_at_best") is not None:
+        parts.append(f'<p><span class="big">{_pct(summary["test_acc_at_best"])}</span> top-1 test accuracy of the '
+                     f"best checkpoint: epoch {_e(epoch)} of {_e(epochs)}, best validation accuracy {_pct(acc)}.</p>")
+    elif acc is not None:
+        parts.append(f'<p><span class="big">{_pct(acc)}</span> top-1 validation accuracy, reached at epoch '
                      f"{_e(epoch)} of {_e(epochs)}.</p>")
     else:
-        parts.append("<p>No training in this run (no test accuracy).</p>")
+        parts.append("<p>No training in this run (no accuracy).</p>")
+    early = summary.get("early_stop")
+    if early:
+        parts.append(f'<p>Early stopping: {_e(early.get("reason"))}; training ended after epoch '
+                     f'{_e(early.get("epoch"))} (best epoch {_e(early.get("best_epoch"))}).</p>')
     stopped = summary.get("stopped")
     if stopped:
         last = stopped.get("last_finite_loss")
@@ -185,9 +209,13 @@ def _summary_section(run: RunFolder, ctx: dict) -> str:
                      f'last finite loss {_num(last) if last is not None else "none"}. The checkpoints and '
                      f'curves are those of the epochs completed before it.</p>')
     rows = []
-    labels = [("final_test_acc", "final test accuracy", _pct), ("lr", "learning rate (peak / initial, per step)", _num),
+    labels = [("final_test_acc", "test accuracy of the final model", _pct),
+              ("final_val_acc", "validation accuracy of the final epoch", _pct),
+              ("val_split", "validation split (data.val_split)", str),
+              ("lr", "learning rate (peak / initial, per step)", _num),
               ("lr_suggestion", "range-test suggestion", _num), ("train_images", "training images", str),
-              ("test_images", "test images", str), ("device", "device", str), ("autocast", "autocast dtype", str),
+              ("val_images", "validation images", str), ("test_images", "test images", str),
+              ("device", "device", str), ("autocast", "autocast dtype", str),
               ("train_seconds", "training time (s)", lambda v: _num(v, ".0f")),
               ("wall_seconds", "wall time, whole command (s)", lambda v: _num(v, ".0f")),
               ("skipped_steps", "skipped steps (non-finite loss)", str),
@@ -237,25 +265,25 @@ def _range_test_section(run: RunFolder, ctx: dict) -> str:
 
 
 def _curves_section(run: RunFolder, ctx: dict) -> str:
-    figs = _figures(run, [("loss_figure", "train and test loss per epoch"),
-                          ("accuracy_figure", "train and test top-1 accuracy per epoch")], row=True)
+    figs = _figures(run, [("loss_figure", "train and validation loss per epoch"),
+                          ("accuracy_figure", "train and validation top-1 accuracy per epoch")], row=True)
     history = ctx["history"]
     if not figs and not history:
         return _missing(f"No training in this run ({run.file('history').name} and the curves are missing).")
     parts = [figs]
     if history:
         rows = [[r.get("epoch"), _num(r.get("train_loss"), ".4f"), _pct(r.get("train_acc")),
-                 _num(r.get("test_loss"), ".4f"), _pct(r.get("test_acc")), _num(r.get("lr")),
+                 _num(r.get("val_loss"), ".4f"), _pct(r.get("val_acc")), _num(r.get("lr")),
                  _num(r.get("seconds"), ".1f")] for r in history]
         parts.append("<h3>Per epoch</h3>" + _table(
-            ["epoch", "train loss", "train acc", "test loss", "test acc", "lr", "seconds"], rows, set(range(7))))
+            ["epoch", "train loss", "train acc", "val loss", "val acc", "lr", "seconds"], rows, set(range(7))))
     return "".join(parts)
 
 
 def _lr_section(run: RunFolder, ctx: dict) -> str:
     figs = _figures(run, [("lr_figure", "learning rate at the end of each epoch"),
                           ("lr_steps_figure", "learning rate (and batch size) at every optimizer step"),
-                          ("plateaus_figure", "test-loss plateaus")])
+                          ("plateaus_figure", "validation-loss plateaus")])
     return figs or _missing(f"No training in this run ({run.file('lr_figure').name} not found).")
 
 
@@ -267,7 +295,8 @@ def _confusion_section(run: RunFolder, ctx: dict) -> str:
                         f"it is written by explain).")
     parts = [fig or ""]
     if isinstance(data, dict):
-        parts.append(f"<p>Top-1 accuracy {_pct(data.get('accuracy'))} on {_e(data.get('num_images'))} test images "
+        parts.append(f"<p>Top-1 accuracy {_pct(data.get('accuracy'))} on {_e(data.get('num_images'))} "
+                     f"{_reported(ctx)} images "
                      f"(the predictions of the best checkpoint, saved in {_e(run.file('predictions').name)}).</p>")
         per_class = sorted(data.get("per_class", []), key=lambda c: (c.get("accuracy") is None, c.get("accuracy")))
         rows = [[c.get("class"), _pct(c.get("accuracy"), 1), c.get("correct"), c.get("images"), c.get("predicted")]
@@ -292,21 +321,21 @@ def _mistakes_section(run: RunFolder, ctx: dict) -> str:
     layer = ", ".join(layer) if isinstance(layer, list) else layer
     method = data.get("method", "gradcam")
     select = {"loss": "highest loss first", "confidence": "most confident wrong first",
-              "first": "in test-set order"}.get(data.get("select", "loss"), data.get("select"))
-    parts = [f"<p>{len(mistakes)} misclassified test images, {_e(select)}; class activation maps by "
+              "first": f"in {_reported(ctx)}-set order"}.get(data.get("select", "loss"), data.get("select"))
+    parts = [f"<p>{len(mistakes)} misclassified {_reported(ctx)} images, {_e(select)}; class activation maps by "
              f"<b>{_e(method)}</b> on layer <b>{_e(layer)}</b>. Left: the image; middle: where the map of the "
              f"predicted class is high (why it said so); right: the map of the true class.</p>"]
     if not mistakes:
-        parts.append("<p>The model made no mistakes on the test set.</p>")
+        parts.append(f"<p>The model made no mistakes on the {_reported(ctx)} set.</p>")
         return "".join(parts)
     fig = (_figure(run, "cam_pairs_figure", "image | map of the predicted class | map of the true class")
            or _figure(run, "cam_figure", "class activation map of the predicted class")
-           or _figure(run, "mistakes_figure", "misclassified test images"))
+           or _figure(run, "mistakes_figure", f"misclassified {_reported(ctx)} images"))
     parts.append(fig or _missing("The mistake figures are missing."))
     rows = [[k + 1, m.get("index"), m.get("pred"), _num(m.get("prob"), ".2f"), m.get("true"),
              _num(m.get("prob_true"), ".2f") if "prob_true" in m else "-"] for k, m in enumerate(mistakes)]
     parts.append("<h3>The images</h3>" + _table(
-        ["#", "test index", "predicted", "p(predicted)", "true", "p(true)"], rows, {0, 1, 3, 5}))
+        ["#", f"{_reported(ctx)} index", "predicted", "p(predicted)", "true", "p(true)"], rows, {0, 1, 3, 5}))
     return "".join(parts)
 
 
@@ -322,7 +351,7 @@ def _faithfulness_section(run: RunFolder, ctx: dict) -> str:
         rows = table_rows(result)
     except (TypeError, KeyError, ValueError, LrlabError):
         return _missing(f"{run.file('faithfulness').name} could not be read.")
-    parts = [f"<p>On {result.num_images} test images: the probability of the predicted class when only the "
+    parts = [f"<p>On {result.num_images} {_reported(ctx)} images: the probability of the predicted class when only the "
              f"top-k% pixels of its map are kept (the rest set to the dataset mean), against a random smooth map "
              f"of the same area; and when those pixels are removed instead. Intact images: "
              f"{_pct(result.intact_confidence, 1)} mean confidence. A small drop and a low deletion AUC "
@@ -379,7 +408,8 @@ def build_report(run: RunFolder) -> str:
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<title>lrlab report: {_e(name)}</title><style>{CSS}</style></head><body>"
             f"<header><h1>{_e(name)}</h1><p>lrlab run report, built {_e(stamp)} from the files of "
-            f"{_e(run.path.resolve())}</p></header><nav>{nav}</nav><main>{''.join(body)}</main></body></html>\n")
+            f"{_e(run.path.resolve())}. {_e(_selection_note(ctx['summary']))}</p></header>"
+            f"<nav>{nav}</nav><main>{''.join(body)}</main></body></html>\n")
 
 
 def write_report(run: RunFolder) -> Path:

@@ -314,7 +314,7 @@ class CompareFolder(RunFolder):
     FILES = COMPARE_FILES
 
     def save(self, done: list, results_csv: str, results_md: str, summary: dict) -> None:
-        """accuracy.png, loss.png (test accuracy / loss of every finished variant on one set of
+        """accuracy.png, loss.png (validation accuracy / loss of every finished variant on one set of
         axes), lr.png (lr and batch size of every step), results.csv/.md and compare.json.
 
         Args:
@@ -322,8 +322,8 @@ class CompareFolder(RunFolder):
                 step_batch_sizes).
         """
         if done:
-            plots.plot_compare({r.label: r.history for r in done}, "test_acc", self.file("accuracy_figure"))
-            plots.plot_compare({r.label: r.history for r in done}, "test_loss", self.file("loss_figure"))
+            plots.plot_compare({r.label: r.history for r in done}, "val_acc", self.file("accuracy_figure"))
+            plots.plot_compare({r.label: r.history for r in done}, "val_loss", self.file("loss_figure"))
             plots.plot_lr_steps({r.label: (r.step_lrs, r.step_batch_sizes) for r in done}, self.file("lr_figure"))
         atomic_write_text(self.file("results_csv"), results_csv)
         atomic_write_text(self.file("results_md"), results_md)

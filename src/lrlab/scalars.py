@@ -14,9 +14,9 @@ __all__ = ["TAGS", "TensorBoardScalars"]
 
 TAGS = {
     "train_loss": "loss/train",
-    "test_loss": "loss/test",
+    "val_loss": "loss/val",
     "train_acc": "accuracy/train",
-    "test_acc": "accuracy/test",
+    "val_acc": "accuracy/val",
     "lr": "lr",
     "seconds": "time/epoch_seconds",
 }

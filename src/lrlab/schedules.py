@@ -1,7 +1,7 @@
 """Learning-rate (and batch-size) schedules, stepped by the training loop.
 
 Every schedule has ``step_batch()`` (called after each optimizer step) and
-``step_epoch(test_loss)`` (called after each epoch's evaluation); each ignores the call it
+``step_epoch(val_loss)`` (called after each epoch's evaluation); each ignores the call it
 does not use, so the loop needs no per-schedule branches. Learning rates are per optimizer
 step and apply to every parameter group; ``lr_at(step)`` gives the lr of optimizer step
 ``step`` (0-based, counted over the whole run).
@@ -9,7 +9,7 @@ step and apply to every parameter group; ``lr_at(step)`` gives the lr of optimiz
 Per-step vs per-epoch is handled inside: ``constant``, ``cosine``, ``onecycle``, ``cyclic``
 and the warm-up change the lr at every step; ``step``, ``multistep`` and ``exponential`` change
 it at epoch boundaries (as ``torch.optim.lr_scheduler`` does when stepped once per epoch);
-``plateau`` and ``plateau_detect`` change it after an epoch's test loss. Epochs may have
+``plateau`` and ``plateau_detect`` change it after an epoch's validation loss. Epochs may have
 different numbers of steps (a batch-size schedule), so every schedule reads time through a
 :class:`Clock` built from the steps of each epoch.
 
@@ -382,11 +382,11 @@ class Cyclic(Schedule):
 
 @SCHEDULES.register("plateau")
 class Plateau(Schedule):
-    """ReduceLROnPlateau on the test loss: ``torch.optim.lr_scheduler.ReduceLROnPlateau`` with
+    """ReduceLROnPlateau on the validation loss: ``torch.optim.lr_scheduler.ReduceLROnPlateau`` with
     mode "min" and threshold_mode "rel", so torch's semantics exactly (see the module
     docstring for how they differ from Keras').
 
-    The lr is multiplied by ``factor`` once the test loss has not improved on the best so far
+    The lr is multiplied by ``factor`` once the validation loss has not improved on the best so far
     by a relative ``threshold`` for more than ``patience`` epochs, never below ``min_lr``;
     ``cooldown`` epochs after a cut are not counted. torch's scheduler drives a one-parameter
     shadow optimizer, so a warm-up in front can own the real optimizer's lr meanwhile.
@@ -434,7 +434,7 @@ class Plateau(Schedule):
 @SCHEDULES.register("plateau_detect")
 class PlateauDetect(Schedule):
     """lrlab's plateau policy: after each epoch, :func:`lrlab.plateau.find_plateaus` runs on
-    the test losses so far; when the last epoch closes a plateau (``window`` epochs whose best
+    the validation losses so far; when the last epoch closes a plateau (``window`` epochs whose best
     loss improves on the best before them by less than ``rel_threshold``, relative) the lr is
     multiplied by ``factor`` (not below ``min_lr``). After a cut the policy waits ``window``
     epochs before it may cut again. ``cuts`` lists the 0-based epochs of the cuts.

@@ -8,6 +8,7 @@ folders lives in :mod:`lrlab.data.sources`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -64,8 +65,44 @@ class Split:
             rank[idx[torch.randperm(idx.numel(), generator=gen)]] = torch.arange(idx.numel())
         key = rank * num_classes + labels  # round-robin order: rank first, then class
         chosen = torch.sort(torch.argsort(key)[:n]).values
-        return Split(self.images[chosen.to(self.images.device)].contiguous(),
-                     self.labels[chosen.to(self.labels.device)].contiguous())
+        return self._take(chosen)
+
+    def hold_out(self, fraction: float, seed: int = 0) -> tuple[Split, Split]:
+        """A stratified, seeded hold-out: ``(rest, held)``, disjoint, together all images.
+
+        Each class c with n_c images is shuffled with a ``torch.Generator`` seeded by ``seed``
+        (classes in label order), and its first ``min(floor(fraction * n_c + 0.5), n_c - 1)``
+        images go to ``held``: every class keeps at least one image in ``rest``, and a class
+        whose share rounds to 0 has none in ``held`` (the caller decides whether that is an
+        error). Both parts keep the original order. The same (split, fraction, seed) always
+        gives the same parts; this is the usual stratified validation hold-out (e.g.
+        scikit-learn's ``train_test_split(..., stratify=labels)``).
+
+        Args:
+            fraction: share of every class to hold out, 0 < fraction < 1.
+            seed: seed of the per-class shuffles.
+
+        Returns:
+            (rest, held): new Splits with copies of the images (uint8 (N, H, W, 3), int64 (N,)).
+
+        Raises:
+            ValueError: when fraction is not in (0, 1).
+        """
+        if not 0 < fraction < 1:
+            raise ValueError(f"hold-out fraction {fraction!r} is not in (0, 1)")
+        gen = torch.Generator().manual_seed(int(seed))
+        labels = self.labels.cpu()
+        held = torch.zeros(len(labels), dtype=torch.bool)
+        for c in range(int(labels.max()) + 1 if len(labels) else 0):
+            idx = torch.nonzero(labels == c).flatten()
+            k = min(math.floor(fraction * idx.numel() + 0.5), idx.numel() - 1)
+            held[idx[torch.randperm(idx.numel(), generator=gen)[:max(k, 0)]]] = True
+        return self._take(torch.nonzero(~held).flatten()), self._take(torch.nonzero(held).flatten())
+
+    def _take(self, index: torch.Tensor) -> Split:
+        """A new Split with copies of the images at the (sorted) int64 ``index``."""
+        return Split(self.images[index.to(self.images.device)].contiguous(),
+                     self.labels[index.to(self.labels.device)].contiguous())
 
 
 @dataclass
@@ -98,3 +135,22 @@ class Dataset:
     def num_classes(self) -> int:
         """Number of classes K."""
         return len(self.classes)
+
+    @property
+    def report_split(self) -> Split:
+        """The split the report's predictions, mistakes and class activation maps read: the test
+        split when there is one, else the validation split.
+
+        Raises:
+            LrlabError: neither a test nor a validation split.
+        """
+        split = self.test if self.test is not None else self.val
+        if split is None:
+            raise LrlabError("the dataset has neither a test nor a validation split to report on; "
+                             "add a test/ folder or set data.val_split=val")
+        return split
+
+    @property
+    def report_split_name(self) -> str:
+        """"test" or "val": the name of :attr:`report_split`."""
+        return "test" if self.test is not None else "val"
