@@ -4,6 +4,8 @@
     lrlab compare RECIPE --vary KEY=V1,V2 [--vary ...] [--variant "[LABEL:] KEY=V ..."] [...]
     lrlab resume RUN_DIR   # continue a killed or interrupted run in its own folder
     lrlab report RUN_DIR   # rebuild RUN_DIR/report.html from the run's files
+    lrlab predict RUN_DIR IMAGE_OR_FOLDER... [--top-k K] [--out CSV] [--device DEV]
+    lrlab export RUN_DIR   # RUN_DIR/export/model.pt2 + model.json, loadable with plain torch
 
 Every failure ends with one line ``error: ...`` on stderr and no traceback. Exit status: 0 done,
 1 a file could not be written, 2 bad input, 3 training stopped at a non-finite loss, 130 / 143
@@ -69,6 +71,16 @@ def _parser() -> argparse.ArgumentParser:
     text = "rebuild the report page of a run folder from its files (the only file written there)"
     p = sub.add_parser("report", help=text, description=text)
     p.add_argument("run_dir", type=Path, help="a run folder, e.g. runs/cifar10-quick-20261122-052508")
+    text = "top-k classes of new images with a run's best checkpoint and its own preprocessing"
+    p = sub.add_parser("predict", help=text, description=text)
+    p.add_argument("run_dir", type=Path, help="folder of a run that trained")
+    p.add_argument("images", type=Path, nargs="+", metavar="IMAGE_OR_FOLDER", help="image files or folders of them")
+    p.add_argument("--top-k", type=int, default=3, metavar="K", help="classes per image (default: 3)")
+    p.add_argument("--out", type=Path, metavar="CSV", help="also write the predictions to this CSV file")
+    p.add_argument("--device", help="compute on this device instead of the recipe's (e.g. cpu)")
+    text = "write the run's best model with its preprocessing as a torch.export program (export/model.pt2)"
+    p = sub.add_parser("export", help=text, description=text)
+    p.add_argument("run_dir", type=Path, help="folder of a run that trained")
     return parser
 
 
@@ -136,8 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     # Overrides may come before or after the options; argparse only collects a trailing run.
     args, extra = parser.parse_known_args(argv)
-    if args.command == "report":
-        return _report(parser, args.run_dir, extra)
+    if args.command in ("report", "predict", "export"):
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        try:
+            return {"report": _report, "predict": _predict, "export": _export}[args.command](args)
+        except LrlabError as e:
+            return _fail(str(e), e.exit_status)
     unknown = [a for a in extra if a.startswith("-") or "=" not in a]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
@@ -218,17 +235,40 @@ def suggestion_table_text(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _report(parser: argparse.ArgumentParser, run_dir: Path, extra: list[str]) -> int:
+def _report(args: argparse.Namespace) -> int:
     """``lrlab report RUN_DIR``: rebuild RUN_DIR/report.html (atomically) and print its path."""
     from lrlab.report import write_report
 
-    if extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    try:
-        path = write_report(RunFolder.open(run_dir))
-    except LrlabError as e:
-        return _fail(str(e))
-    print(f"report: {path}")
+    print(f"report: {write_report(RunFolder.open(args.run_dir))}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    """``lrlab predict``: one line per image (its top-k classes with probabilities), and the CSV."""
+    from lrlab.inference import image_files, load_trained, predict_images, predictions_csv, top_k
+    from lrlab.io import atomic_write_text
+
+    if args.top_k < 1:
+        raise LrlabError(f"--top-k must be a positive integer, not {args.top_k}")
+    files = image_files(args.images)
+    trained = load_trained(RunFolder.open(args.run_dir), args.device)
+    rows = top_k(predict_images(trained, files), trained.preprocessing.classes, args.top_k)
+    for f, row in zip(files, rows):
+        print(f"{f}  " + "  ".join(f"{c} {100 * p:.1f}%" for c, p in row))
+    if args.out is not None:
+        atomic_write_text(args.out, predictions_csv(files, rows))
+        print(f"predictions: {args.out}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    """``lrlab export RUN_DIR``: the exported program and its JSON description, paths printed."""
+    from lrlab.inference import export_info, export_program, load_trained
+
+    run = RunFolder.open(args.run_dir)
+    trained = load_trained(run, "cpu")
+    program, info = run.save_export(export_program(trained), export_info(trained))
+    print(f"exported: {program} (classes and preprocessing: {info})")
     return 0
 
 

@@ -30,6 +30,7 @@ from lrlab.config import Config
 from lrlab.data import BatchLoader, Dataset, Split, load_dataset
 from lrlab.engine import History, evaluate, fit, seed_everything
 from lrlab.errors import Diverged, LrlabError, RunStopped, WriteError
+from lrlab.inference import Preprocessing
 from lrlab.io import check_writable, remove_temporaries
 from lrlab.interpret import (FaithfulnessResult, Predictions, cam_faithfulness, class_activation_maps,
                              layer_names, per_class_summary, predict, select_misclassified)
@@ -519,6 +520,8 @@ def _run_stages(setup: Setup, run: RunFolder, callbacks: Callbacks, testing: boo
     split is evaluated for the summary only: the final model, and the best checkpoint (the best
     validation epoch), whose predictions explain then studies."""
     compute, data = setup.compute, setup.data
+    run.save_preprocessing(Preprocessing.of(data.classes, setup.config.data.image_size, tuple(data.train.images.shape),
+                                            data.mean, data.std))
     summary: dict = {"run_dir": str(run), "device": str(compute.device), "autocast": compute.dtype_name,
                      "train_images": len(data.train), "val_images": len(data.val),
                      "test_images": len(data.test) if data.test is not None else None,

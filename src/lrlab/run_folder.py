@@ -24,11 +24,12 @@ from lrlab import plots
 from lrlab.config import Config, load_config, save_config
 from lrlab.engine import COLUMNS, History
 from lrlab.errors import LrlabError, WriteError
-from lrlab.io import atomic_write_bytes, atomic_write_text, write_json
+from lrlab.io import atomic_path, atomic_write_bytes, atomic_write_text, write_json
 from lrlab.lr_plan import LRPlan
 
 FILES = {
     "config": "config.yaml",
+    "preprocessing": "preprocessing.json",
     "range_test": "lr_finder.json",
     "range_test_figure": "lr_finder.png",
     "lr_plan": "lr_plan.json",
@@ -55,6 +56,8 @@ FILES = {
     "tensorboard_dir": "tensorboard",
     "last_checkpoint": "checkpoints/last.pt",
     "best_checkpoint": "checkpoints/best.pt",
+    "export_program": "export/model.pt2",
+    "export_info": "export/model.json",
 }
 """What a run folder holds: kind -> path relative to the folder."""
 
@@ -139,6 +142,34 @@ class RunFolder:
     def load_config(self, overrides: list[str] = ()) -> Config:
         """The run's config.yaml with ``overrides`` applied (raises LrlabError as load_config)."""
         return load_config(self.file("config"), overrides)
+
+    def save_preprocessing(self, preprocessing) -> None:
+        """The run's :class:`lrlab.inference.Preprocessing` (class names, resize, crop, mean, std)."""
+        write_json(self.file("preprocessing"), preprocessing.to_dict())
+
+    def load_preprocessing(self):
+        """The run's :class:`lrlab.inference.Preprocessing`.
+
+        Raises:
+            LrlabError: the file is missing or incomplete (a run made before lrlab saved it).
+        """
+        from lrlab.inference import Preprocessing
+
+        d = self.read_json("preprocessing")
+        if not isinstance(d, dict):
+            raise LrlabError(f"{self.path} has no readable {self.FILES['preprocessing']}; re-run its recipe "
+                             f"with this lrlab version to predict or export with it")
+        return Preprocessing.from_dict(d)
+
+    def save_export(self, program, info: dict) -> tuple[Path, Path]:
+        """Write the exported program (``torch.export.ExportedProgram``) and its JSON description
+        into the run's export folder; returns both paths."""
+        from torch.export import save
+
+        with atomic_path(self.file("export_program")) as tmp:
+            save(program, tmp)
+        write_json(self.file("export_info"), info)
+        return self.file("export_program"), self.file("export_info")
 
     def save_plan(self, plan: LRPlan) -> None:
         write_json(self.file("lr_plan"), plan.to_dict())
