@@ -294,3 +294,18 @@ def test_plot_faithfulness(tmp_path):
     with pytest.raises(ValueError, match="3 points for 5 fractions"):
         plots.plot_faithfulness(fr, {"gradcam": [0.1, 0.2, 0.3]}, delete, tmp_path / "g.png")
     assert not plots.plt.get_fignums()
+
+
+def test_photo_mistakes_are_drawn_at_their_own_resolution(tmp_path):
+    """224 px images are not shrunk: every cell of the grids is at least 224 pixels wide."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (4, 224, 224, 3), dtype=np.uint8)
+    maps = rng.random((4, 224, 224)).astype(np.float32)
+    titles = [plots.mistake_title("cat", 0.6, "dog")] * 4
+    grid = Image.open(plots.plot_cam_grid(images, maps, titles, tmp_path / "g.png", ncols=2))
+    assert grid.width >= 2 * 224 and grid.height >= 2 * 224
+    pairs = Image.open(plots.plot_cam_pairs(images, maps, maps, ["cat"] * 4, [0.6] * 4, ["dog"] * 4,
+                                            tmp_path / "p.png", ncols=2))
+    assert pairs.width >= 2 * 3 * 224 and pairs.height >= 2 * 224
+    small = Image.open(plots.plot_mistakes(images[:, :32, :32], titles, tmp_path / "s.png", ncols=2))
+    assert small.width < grid.width  # CIFAR-sized images keep the compact default cells

@@ -181,14 +181,20 @@ def mistake_title(pred_name: str, prob: float, true_name: str) -> str:
     return f"pred: {pred_name} ({prob:.2f}){TITLE_SEP}true: {true_name}"
 
 
-def _grid(n: int, ncols: int) -> tuple[Figure, list]:
+def _scale(images: np.ndarray, cell_inches: float) -> float:
+    """Factor to enlarge a figure's cells so that each image of ``images`` (N, H, W, C) is drawn
+    with at least its own pixels (a 224 px photo is not shrunk; CIFAR's 32 px keep the defaults)."""
+    return max(1.0, max(images.shape[1:3]) / (0.85 * cell_inches * DPI))
+
+
+def _grid(n: int, ncols: int, scale: float = 1.0) -> tuple[Figure, list]:
     if n < 1:
         raise ValueError("an image grid needs at least one image")
     if ncols < 1:
         raise ValueError(f"ncols must be >= 1, got {ncols}")
     ncols = min(ncols, n)
     nrows = math.ceil(n / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(1.9 * ncols, 2.3 * nrows), squeeze=False,
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.9 * scale * ncols, (1.9 * scale + 0.4) * nrows), squeeze=False,
                              layout="constrained")
     flat = list(axes.flat)
     for ax in flat[n:]:
@@ -214,7 +220,7 @@ def _style_cell(ax, title: str) -> None:
 def _mistakes_figure(images: np.ndarray, titles: Sequence[str], ncols: int = 5) -> Figure:
     """Build (not save) the labelled image grid; one Axes per image, titled with its label."""
     images = _check_images(images, titles)
-    fig, axes = _grid(len(images), ncols)
+    fig, axes = _grid(len(images), ncols, _scale(images, 1.9))
     for ax, img, title in zip(axes, images, titles, strict=True):
         ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, interpolation="nearest",
                   cmap="gray" if img.shape[-1] == 1 else None)
@@ -236,7 +242,7 @@ def _cam_figure(
     maps = np.asarray(maps.detach().cpu() if hasattr(maps, "detach") else maps, dtype=np.float32)
     if maps.shape != images.shape[:3]:
         raise ValueError(f"maps must be (N, H, W) = {images.shape[:3]}, got {maps.shape}")
-    fig, axes = _grid(len(images), ncols)
+    fig, axes = _grid(len(images), ncols, _scale(images, 1.9))
     for ax, img, cam, title in zip(axes, images, maps, titles, strict=True):
         ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, interpolation="nearest",
                   cmap="gray" if img.shape[-1] == 1 else None)
@@ -363,7 +369,8 @@ def _cam_pairs_figure(
     n = len(images)
     ncols = min(ncols, n)
     nrows = math.ceil(n / ncols)
-    fig = plt.figure(figsize=(4.2 * ncols, 1.85 * nrows), layout="constrained")
+    scale = _scale(images, 1.4)
+    fig = plt.figure(figsize=(4.2 * scale * ncols, (1.4 * scale + 0.45) * nrows), layout="constrained")
     subfigs = np.atleast_1d(fig.subfigures(nrows, ncols, squeeze=False)).reshape(-1)
     for i, sub in enumerate(subfigs):
         if i >= n:
