@@ -56,6 +56,8 @@ def _with_params(model: nn.Module, prefix: str = "") -> list[str]:
 def _chunks(names: list[str], n: int) -> list[tuple[str, ...]]:
     """``names`` split into at most ``n`` contiguous, nearly equal groups."""
     n = min(n, len(names))
+    if n == 0:
+        return []
     bounds = [round(i * len(names) / n) for i in range(n + 1)]
     return [tuple(names[a:b]) for a, b in zip(bounds, bounds[1:])]
 
@@ -103,7 +105,8 @@ def derive_spec(model: nn.Module, head: str | None = None) -> ModelSpec:
     cam = getattr(model, "default_cam_layer", None) or cam
     groups = [tuple(stem)] if stem else []
     groups += [g for g in body if g]
-    tail = tuple(n for n in top if n not in {x for g in groups for x in g} and n != head_top)
+    grouped = {x for g in groups for x in g}
+    tail = tuple(n for n in top if n not in grouped and n != head_top and not any(x.startswith(n + ".") for x in grouped))
     head_group = ((head_top,) if head_top else ()) + tail
     groups += [head_group] if head_group else []
     return ModelSpec(cam, tuple(groups), head_group)
