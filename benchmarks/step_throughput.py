@@ -20,13 +20,13 @@ import torch.nn.functional as F
 
 def measure(model_name: str, width: float, batch: int, steps: int, retain: bool, precision: str = "auto") -> float:
     from lrlab.compute import Compute, retain_freed_memory
-    from lrlab.models import build_model
+    from lrlab.models import build
 
     if retain:
         retain_freed_memory()
     compute = Compute.choose(precision=precision)
     kwargs = {"width": width} if model_name == "fastnet" else {}
-    model = build_model(model_name, 10, **kwargs).to(compute.device)  # not compute.prepare: it retains memory
+    model = build(model_name, 10, **kwargs).to(compute.device)  # not compute.prepare: it retains memory
     if compute.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)

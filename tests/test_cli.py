@@ -13,7 +13,7 @@ import yaml
 
 from lrlab.cli import main
 from conftest import REPO
-from lrlab.models import build_model
+from lrlab.models import build
 
 RUN_FILES = ["config.yaml", "lr_finder.json", "lr_finder.png", "lr_plan.json", "history.csv", "history.json", "loss.png",
              "accuracy.png", "misclassified.png", "gradcam.png", "summary.json", "mistakes.json",
@@ -69,7 +69,7 @@ def test_mistakes_are_really_misclassified(workspace):
     mistakes = json.loads((run / "mistakes.json").read_text())
     assert mistakes["target_layer"] == "block2" and len(mistakes["mistakes"]) == 9
     ckpt = torch.load(run / "checkpoints" / "best.pt")
-    model = build_model("fastnet", 10, width=0.25)
+    model = build("fastnet", 10, width=0.25)
     model.load_state_dict(ckpt["model"])
     model.eval()
     data = load_dataset(workspace["data"], ckpt["config"]["data"]["cache_dir"])

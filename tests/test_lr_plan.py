@@ -11,7 +11,7 @@ from lrlab import pipeline
 from lrlab.config import load_config
 from lrlab.errors import LrlabError
 from lrlab.lr_plan import LRPlan, layer_scales, suggestion_method
-from lrlab.models import build_model
+from lrlab.models import build
 from lrlab.optim import build_optimizer
 from lrlab.schedules import Clock, build_schedule
 
@@ -60,7 +60,7 @@ def test_discriminative_lrs_per_layer_group_through_optimizer_and_schedule():
     plan = LRPlan.make(config)
     assert plan.scales == pytest.approx((0.01, 0.1, 1.0)) and plan.group_names == ("stem+block1", "block2", "block3")
     assert [r["group"] for r in plan.rows()] == ["block3", "block2", "stem+block1"]  # top first
-    model = build_model("fastnet", 10, width=0.25)
+    model = build("fastnet", 10, width=0.25)
     opt = build_optimizer(config.train, model, plan.lr, plan.scales)
     owner = {id(p): name.split(".")[0] for name, p in model.named_parameters()}
     for g in opt.param_groups:

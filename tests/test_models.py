@@ -2,12 +2,12 @@ import pytest
 import torch
 
 from lrlab.errors import LrlabError
-from lrlab.models import build_model, model_names
+from lrlab.models import build, model_names
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet34", "fastnet"])
 def test_output_shape_and_cam_layer_resolution(name):
-    model = build_model(name, 10).eval()
+    model = build(name, 10).eval()
     x = torch.randn(2, 3, 32, 32)
     maps = {}
     layer = dict(model.named_modules())[model.default_cam_layer]
@@ -20,26 +20,26 @@ def test_output_shape_and_cam_layer_resolution(name):
 
 
 def test_resnet_parameter_counts():
-    assert sum(p.numel() for p in build_model("resnet18", 10).parameters()) == 11_173_962
-    assert sum(p.numel() for p in build_model("resnet34", 10).parameters()) == 21_282_122
+    assert sum(p.numel() for p in build("resnet18", 10).parameters()) == 11_173_962
+    assert sum(p.numel() for p in build("resnet34", 10).parameters()) == 21_282_122
 
 
 def test_unknown_model_lists_valid_names():
     with pytest.raises(LrlabError, match="valid models: fastnet, resnet18, resnet34"):
-        build_model("vgg", 10)
+        build("vgg", 10)
     assert model_names() == ["fastnet", "resnet18", "resnet34"]
 
 
 def test_dropout_options_and_resnet_norm_choice():
     """Issue 4: dropout before the classifier, channel dropout (Dropout2d), batch/group/layer norm."""
     x = torch.randn(4, 3, 32, 32)
-    plain = build_model("fastnet", 10, width=0.25)
+    plain = build("fastnet", 10, width=0.25)
     assert not any(isinstance(m, (torch.nn.Dropout, torch.nn.Dropout2d)) for m in plain.modules())
     for name, kwargs in (("fastnet", {"width": 0.25}), ("resnet18", {"width": 8})):
-        model = build_model(name, 10, dropout=0.5, channel_dropout=0.2, **kwargs)
+        model = build(name, 10, dropout=0.5, channel_dropout=0.2, **kwargs)
         assert isinstance(model.dropout, torch.nn.Dropout) and model.dropout.p == 0.5
         assert isinstance(model.channel_dropout, torch.nn.Dropout2d) and model.channel_dropout.p == 0.2
-        assert set(model.state_dict()) == set(build_model(name, 10, **kwargs).state_dict())
+        assert set(model.state_dict()) == set(build(name, 10, **kwargs).state_dict())
         model.eval()
         with torch.no_grad():
             assert torch.equal(model(x), model(x))  # no dropout at test time
@@ -49,7 +49,7 @@ def test_dropout_options_and_resnet_norm_choice():
     counts = set()
     for norm, kind, groups in (("batch", torch.nn.BatchNorm2d, None), ("group", torch.nn.GroupNorm, 8),
                                ("layer", torch.nn.GroupNorm, 1)):
-        model = build_model("resnet18", 10, width=8, norm=norm)
+        model = build("resnet18", 10, width=8, norm=norm)
         norms = [m for m in model.modules() if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.GroupNorm))]
         assert norms and all(type(m) is kind for m in norms)
         if groups is not None:
@@ -58,6 +58,6 @@ def test_dropout_options_and_resnet_norm_choice():
         assert model(x).shape == (4, 10)
     assert len(counts) == 1
     with pytest.raises(LrlabError, match="unknown model.kwargs norm 'instance'; valid norms: batch, group, layer"):
-        build_model("resnet18", 10, norm="instance")
+        build("resnet18", 10, norm="instance")
     with pytest.raises(LrlabError, match=r"model.kwargs channel_dropout=1.0 is not valid; use a probability in \[0, 1\)"):
-        build_model("fastnet", 10, channel_dropout=1.0)
+        build("fastnet", 10, channel_dropout=1.0)

@@ -21,7 +21,7 @@ from conftest import REPO
 from test_cli import snapshot, write_recipe
 
 from lrlab import pipeline
-from lrlab.models import build_model
+from lrlab.models import build
 from lrlab.run_folder import RunFolder
 from lrlab.cli import main
 from lrlab.config import load_config
@@ -263,7 +263,7 @@ def test_config_level_cam_errors(run):
                                          "valid: gradcam, gradcampp, xgradcam, layercam, scorecam$"):
         load_config(run["recipe"], ["explain.method=cam"])
     config = load_config(run["recipe"], ["explain.target_layer=[block2, head]"])
-    model = build_model("fastnet", 10, width=0.25)
+    model = build("fastnet", 10, width=0.25)
     with pytest.raises(LrlabError) as err:
         pipeline.cam_layer(config, model)
     msg = str(err.value)

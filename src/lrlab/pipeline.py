@@ -36,7 +36,7 @@ from lrlab.interpret import (FaithfulnessResult, Predictions, cam_faithfulness, 
                              layer_names, per_class_summary, predict, select_misclassified)
 from lrlab.lr_finder import RangeTestResult, range_test as sweep
 from lrlab.lr_plan import LRPlan, layer_scales, suggestion_method
-from lrlab.models import build_model
+from lrlab.models import build, model_spec
 from lrlab.optim import GradientNoise, build_optimizer
 from lrlab.plateau import find_plateaus
 from lrlab.report import write_report
@@ -125,13 +125,18 @@ def eval_loader(setup: Setup, split: Split, batch_size: int = 500) -> BatchLoade
 
 
 def new_model(config: Config, data: Dataset, compute: Compute, init_from_data: bool = True) -> nn.Module:
-    """The configured model, freshly initialised from ``config.seed``, on the device.
+    """The configured model with ``model.weights`` (None: freshly initialised from
+    ``config.seed``), on the device.
 
     ``init_from_data=False`` skips data-dependent initialisation (e.g. patch whitening) for a
-    model whose weights come from a checkpoint next."""
+    model whose weights come from a checkpoint next; so do given weights.
+
+    Raises:
+        LrlabError: as :func:`lrlab.models.build` (unknown name, weights that do not fit, ...).
+    """
     torch.manual_seed(config.seed)
-    model = build_model(config.model.name, len(data.classes), **config.model.kwargs)
-    if init_from_data and hasattr(model, "init_from_data"):
+    model = build(config.model.name, len(data.classes), config.model.weights, **config.model.kwargs)
+    if init_from_data and config.model.weights is None and hasattr(model, "init_from_data"):
         sample = data.train.subset(min(len(data.train), 5000), seed=config.seed)
         loader = BatchLoader(sample, len(sample), mean=data.mean, std=data.std, shuffle=False,
                              image_size=config.data.image_size)
@@ -148,6 +153,9 @@ def cam_layer(config: Config, model: nn.Module) -> str | list[str]:
     """
     layer = config.explain.target_layer or getattr(model, "default_cam_layer", None)
     valid = layer_names(model)
+    if layer is None:
+        raise LrlabError(f"model {config.model.name} has no default Grad-CAM layer; set explain.target_layer "
+                         f"to one of: {', '.join(valid)}")
     for name in layer if isinstance(layer, list) else [layer]:
         if name not in valid:
             raise LrlabError(f"explain.target_layer {name!r} does not exist in {config.model.name}; "
@@ -164,8 +172,12 @@ def new_optimizer(setup: Setup, lr: float) -> torch.optim.Optimizer:
 def prepare(config: Config, *, range_test: bool, train: bool, explain: bool,
             init_from_data: bool = True) -> Setup:
     """Load data and model and check everything that can reject the recipe, before any work is
-    written: augmentation options, optimizer and layer groups, the lr sources (LRPlan.check),
-    the batch-size schedule, the CAM layer.
+    written: the model and its weights, augmentation options, optimizer and layer groups, the lr
+    sources (LRPlan.check), the batch-size schedule, the CAM layer.
+
+    Pretrained weights bring their input normalisation (``model_spec(model).mean/std``, e.g.
+    ImageNet's): it replaces the training split's in ``setup.data``, which every loader,
+    checkpoint and the report read.
 
     Raises:
         LrlabError: the first problem found, in one sentence.
@@ -173,6 +185,9 @@ def prepare(config: Config, *, range_test: bool, train: bool, explain: bool,
     compute = Compute.choose(config.compute.device, config.compute.precision)
     data = load_data(config)
     setup = Setup(config, compute, data, new_model(config, data, compute, init_from_data))
+    spec = model_spec(setup.model)
+    if spec.mean is not None:
+        data.mean, data.std = spec.mean, spec.std
     if explain:
         cam_layer(config, setup.model)
     if range_test or train:

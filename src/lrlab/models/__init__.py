@@ -1,12 +1,18 @@
-"""Model registry: ``build_model(name, num_classes, **kwargs)``.
+"""Models: ``build(name, num_classes, weights, **kwargs)`` and what lrlab needs to know about a
+model, :class:`ModelSpec` (``model_spec(model)``).
 
-Adding a model is adding one function decorated with ``@register``; each model class
-sets ``default_cam_layer``, the name of a module whose output has 8x8 maps for 32x32
-inputs, used by Grad-CAM when the recipe does not name one.
+``name`` is one of lrlab's own CIFAR networks (``model_names()``; adding one is adding a function
+decorated with ``@register`` in this package, with a ``default_cam_layer`` whose output has 8x8
+maps for 32x32 inputs), ``torchvision:<name>``, ``timm:<name>`` or ``package.module:function``;
+``weights`` is None (random initialisation), a pretrained weights name or a state-dict file (see
+:mod:`lrlab.models.external` and :mod:`lrlab.models.weights`).
 """
 
-from lrlab.models.registry import build_model, model_names, register
-from lrlab.models import fastnet as _fastnet  # noqa: F401  (registers)
-from lrlab.models import resnet as _resnet  # noqa: F401  (registers)
+from lrlab.models.registry import model_names, register
+from lrlab.models import fastnet, resnet  # importing registers them
 
-__all__ = ["build_model", "model_names", "register"]
+del fastnet, resnet
+from lrlab.models.external import build
+from lrlab.models.spec import ModelSpec, model_spec
+
+__all__ = ["ModelSpec", "build", "model_names", "model_spec", "register"]

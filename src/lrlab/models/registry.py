@@ -1,4 +1,4 @@
-"""The name -> constructor registry behind ``build_model``."""
+"""The name -> constructor registry of lrlab's own networks, behind :func:`lrlab.models.build`."""
 
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ def build_model(name: str, num_classes: int, **kwargs) -> nn.Module:
             model does not take.
     """
     if name not in _MODELS:
-        raise LrlabError(f"unknown model {name!r}; valid models: {', '.join(model_names())}")
+        raise LrlabError(f"unknown model {name!r}; valid models: {', '.join(model_names())}, or torchvision:<name>, "
+                         f"timm:<name>, package.module:function")
     try:
         return _MODELS[name](num_classes, **kwargs)
     except TypeError as e:
