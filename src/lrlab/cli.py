@@ -78,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=3, metavar="K", help="classes per image (default: 3)")
     p.add_argument("--out", type=Path, metavar="CSV", help="also write the predictions to this CSV file")
     p.add_argument("--device", help="compute on this device instead of the recipe's (e.g. cpu)")
-    text = "write the run's best model with its preprocessing as a torch.export program (export/model.pt2)"
+    text = "write the run's best model with its preprocessing as a torch.export program"
     p = sub.add_parser("export", help=text, description=text)
     p.add_argument("run_dir", type=Path, help="folder of a run that trained")
     return parser

@@ -24,7 +24,7 @@ from lrlab.data.decode import decode_stored, stored_side
 from lrlab.data.sources import IMAGE_EXTENSIONS
 from lrlab.errors import LrlabError
 from lrlab.interpret import predict
-from lrlab.models import build_model
+from lrlab.models import build
 from lrlab.run_folder import RunFolder
 
 
@@ -172,7 +172,7 @@ def load_trained(run: RunFolder, device: str | None = None) -> Trained:
     prep = run.load_preprocessing()
     compute = Compute.choose(device or config.compute.device, config.compute.precision)
     state = run.load_checkpoint("best_checkpoint", compute.device)
-    model = build_model(config.model.name, len(prep.classes), **config.model.kwargs)
+    model = build(config.model.name, len(prep.classes), None, **config.model.kwargs)  # weights: the checkpoint
     try:
         model.load_state_dict(state["model"])
     except (KeyError, RuntimeError) as e:
