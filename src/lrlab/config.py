@@ -1,7 +1,7 @@
 """Typed experiment config: YAML recipe in, ``section.key=value`` overrides, clear errors.
 
 A recipe is a YAML mapping whose sections mirror the pipeline (compute, data, model,
-lr_finder, train, explain). Every key has a default, so a recipe only states what differs.
+lr_finder, train, transfer, explain). Every key has a default, so a recipe only states what differs.
 Unknown keys are errors, not silently ignored.
 
 Names come from the registries of the modules that own them (optimizers, schedules and their
@@ -237,6 +237,28 @@ class ExplainConfig(_Section):
         return self
 
 
+class TransferConfig(_Section):
+    """Transfer learning in stages (lrlab.transfer; fastai's fine_tune, Howard & Ruder 2018,
+    arXiv:1801.06146): stage 1 trains the head with the backbone frozen for freeze_epochs, stage
+    2 fine-tunes the top `unfreeze` layer groups for train.epochs; each stage has its own range
+    test and schedule. Layer groups: train.layer_groups, else the model's own (lrlab.models.spec)."""
+
+    freeze_epochs: int = Field(0, ge=0)  # stage 1's epochs; 0: no stage 1
+    unfreeze: Literal["all"] | int = "all"  # layer groups (from the top) stage 2 trains; all: every group
+
+    @field_validator("unfreeze", mode="before")
+    @classmethod
+    def _unfreeze(cls, v):
+        if v != "all" and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"{v!r} is not valid; use all or a number of layer groups >= 1 (from the top)")
+        return v
+
+    @property
+    def active(self) -> bool:
+        """True when the run trains in stages (or with its lower layer groups frozen)."""
+        return self.freeze_epochs > 0 or self.unfreeze != "all"
+
+
 class Config(_Section):
     """A full, validated experiment: one recipe file plus command-line overrides."""
 
@@ -248,6 +270,7 @@ class Config(_Section):
     lr_finder: LRFinderConfig = Field(default_factory=LRFinderConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     explain: ExplainConfig = Field(default_factory=ExplainConfig)
+    transfer: TransferConfig = Field(default_factory=TransferConfig)
 
 
 def _one_line(e: ValidationError, source: str) -> str:

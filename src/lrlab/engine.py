@@ -28,6 +28,8 @@ from lrlab.tta import tta_probs
 COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "train_seconds",
            "batch_size", "steps", "skipped_steps"]
 NONFINITE_POLICIES = ("stop", "skip")
+STAGE = "stage"
+"""The record key of the training stage, in runs with stages only (after :data:`COLUMNS`)."""
 
 
 @dataclass
@@ -44,7 +46,10 @@ class History:
     used, in order. ``stopped`` says why training ended before its last epoch (None: it did not):
     reason, epoch (1-based), step (0-based, as in lr_steps.csv), lr, last_finite_loss.
     ``early_stop`` says that early stopping ended training (None: it did not): reason, epoch (the
-    last trained, 1-based), best_epoch, patience."""
+    last trained, 1-based), best_epoch, patience.
+
+    A run in stages (:mod:`lrlab.transfer`) numbers its epochs and steps across the stages, and
+    each record has ``stage`` (:data:`STAGE`: 1 head with the backbone frozen, 2 fine-tuning)."""
 
     records: list[dict] = field(default_factory=list)
     step_lrs: list[float] = field(default_factory=list)
@@ -165,6 +170,7 @@ class Trainer:
         self.epoch = 0  # completed epochs
         self.progress = EpochProgress()
         self.last_finite_loss: float | None = None
+        self.stage: int | None = None  # written into every record when set (runs in stages)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """One optimizer step on the batch x (B, C, H, W) float32, y (B,) int64 (training mode);
@@ -260,8 +266,8 @@ def fit(model: nn.Module, train_loader, val_loader, optimizer, schedule, epochs:
         compute: Compute, *, label_smoothing: float = 0.0,
         batch_sizes: list[int] | None = None, grad_noise=None, on_nonfinite: str = "stop",
         checkpoint: Callable[[dict, bool], None] | None = None, checkpoint_every: int = 0,
-        early_stop_patience: int = 0, resume: dict | None = None,
-        on_step: Callable[[int, float], None] | None = None,
+        early_stop_patience: int = 0, resume: dict | None = None, earlier: History | None = None,
+        stage: int | None = None, on_step: Callable[[int, float], None] | None = None,
         on_epoch: Callable[[dict], None] | None = None) -> History:
     """Train for ``epochs`` epochs, evaluating on the validation batches ``val_loader`` after each
     (see :class:`Trainer` for the step, ``on_nonfinite`` and the state a checkpoint holds). Every
@@ -282,6 +288,11 @@ def fit(model: nn.Module, train_loader, val_loader, optimizer, schedule, epochs:
     is trained). ``grad_noise``: the :class:`lrlab.optim.GradientNoise` attached to the optimizer,
     whose state the checkpoints carry.
 
+    Stages (:mod:`lrlab.transfer`): ``earlier`` is the history of the stages before this one
+    (without ``resume``): its epochs and steps count, so ``epochs`` is the total of the run so
+    far, epochs and steps are numbered across stages, checkpoints/best.pt is the best of the
+    whole run and early stopping reads the whole history. ``stage`` goes into every record.
+
     Raises:
         Interrupted: a SIGINT/SIGTERM arrived while training (:mod:`lrlab.interrupts`); the step
             under way was finished and ``checkpoint`` called first.
@@ -290,6 +301,10 @@ def fit(model: nn.Module, train_loader, val_loader, optimizer, schedule, epochs:
                       on_nonfinite=on_nonfinite, grad_noise=grad_noise)
     if resume is not None:
         trainer.load_state_dict(resume)
+    elif earlier is not None:
+        trainer.history = History(list(earlier.records), list(earlier.step_lrs))
+        trainer.epoch = len(earlier.records)
+    trainer.stage = stage
     with interrupts.deferring():
         while trainer.epoch < epochs:
             if early_stop_patience and trainer.history.stale_epochs() >= early_stop_patience:
@@ -319,6 +334,8 @@ def _end_epoch(trainer: Trainer, epoch: int, val_loader, batch_size: int | None,
     record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
               "val_acc": val_acc, "lr": trainer.schedule.lr, "seconds": p.seconds + time.perf_counter() - start,
               "train_seconds": p.seconds, "batch_size": batch_size, "steps": p.steps, "skipped_steps": p.skipped}
+    if trainer.stage is not None:
+        record[STAGE] = trainer.stage
     trainer.end_epoch(record)
     if checkpoint is not None:
         checkpoint(trainer.state_dict(), trainer.history.best() is record)

@@ -28,6 +28,7 @@ from torch import nn
 from lrlab.compute import Compute
 from lrlab.config import Config
 from lrlab.data import BatchLoader, Dataset, Split, load_dataset
+from lrlab import transfer
 from lrlab.engine import History, evaluate, fit, seed_everything
 from lrlab.errors import Diverged, LrlabError, RunStopped, WriteError
 from lrlab.inference import Preprocessing
@@ -196,6 +197,9 @@ def prepare(config: Config, *, range_test: bool, train: bool, explain: bool,
     if train:
         LRPlan.check(config, range_test and config.lr_finder.enabled)
         check_batch_sizes(config.train, len(data.train))
+        if config.transfer.active:
+            for stage in transfer.stages(config, setup.model):
+                LRPlan.check(stage.config, range_test and config.lr_finder.enabled)
     return setup
 
 
@@ -273,12 +277,15 @@ def _tensorboard(run: RunFolder | None, resume: dict | None) -> TensorBoardScala
 
 
 def train(setup: Setup, plan: LRPlan, callbacks: Callbacks = Callbacks(), run: RunFolder | None = None,
-          resume: dict | None = None) -> History:
+          resume: dict | None = None, earlier: History | None = None, stage: int | None = None) -> History:
     """Train the model with the configured optimizer and schedule over ``plan``, the batch-size
     schedule and gradient noise; from the checkpoint state ``resume`` when given. With ``run``:
     checkpoints every epoch (and every ``train.checkpoint_every`` steps), TensorBoard scalars,
     and the history with its figures (``RunFolder.save_history``). The global random states are
     seeded from ``seed`` first, so training does not depend on what ran before it.
+
+    A transfer stage (:mod:`lrlab.transfer`) continues the history ``earlier`` of the stages
+    before it (see :func:`lrlab.engine.fit`) and writes ``stage`` into its records and checkpoints.
 
     Raises:
         Interrupted: SIGINT/SIGTERM while training, after a checkpoint (see :func:`lrlab.engine.fit`).
@@ -296,6 +303,10 @@ def train(setup: Setup, plan: LRPlan, callbacks: Callbacks = Callbacks(), run: R
     callbacks.stage("train", clock.total_steps)
     extra = {"config": config.model_dump(mode="json"), "classes": setup.data.classes,
              "mean": setup.data.mean, "std": setup.data.std}
+    # epochs of the stages before this one (transfer runs), which fit counts on
+    start = resume.get("stage_start_epoch", 0) if resume is not None else (len(earlier.records) if earlier else 0)
+    if stage is not None:
+        extra.update(stage=stage, stage_start_epoch=start)
     scalars = _tensorboard(run, resume)
     try:
         def on_epoch(record: dict) -> None:
@@ -304,11 +315,12 @@ def train(setup: Setup, plan: LRPlan, callbacks: Callbacks = Callbacks(), run: R
             if callbacks.on_epoch is not None:
                 callbacks.on_epoch(record)
 
-        history = fit(setup.model, loader, eval_loader(setup, setup.data.val), optimizer, schedule, cfg.epochs,
-                      setup.compute, label_smoothing=cfg.label_smoothing,
-                      batch_sizes=sizes if cfg.batch_size_milestones else None, grad_noise=noise,
+        history = fit(setup.model, loader, eval_loader(setup, setup.data.val), optimizer, schedule,
+                      start + cfg.epochs, setup.compute,
+                      label_smoothing=cfg.label_smoothing, grad_noise=noise,
+                      batch_sizes=[sizes[0]] * start + sizes if cfg.batch_size_milestones else None,
                       on_nonfinite=cfg.on_nonfinite, checkpoint_every=cfg.checkpoint_every,
-                      early_stop_patience=cfg.early_stop_patience, resume=resume,
+                      early_stop_patience=cfg.early_stop_patience, resume=resume, earlier=earlier, stage=stage,
                       checkpoint=(lambda state, best: run.save_checkpoint({**state, **extra}, best)) if run else None,
                       on_step=callbacks.on_step, on_epoch=on_epoch)
     finally:
@@ -513,20 +525,58 @@ def _finish(run: RunFolder, outcome: Outcome, start: float) -> Outcome:
 
 
 def _plan(setup: Setup, run: RunFolder, callbacks: Callbacks, testing: bool,
-          resume: bool) -> tuple[LRPlan, RangeTestResult | None]:
-    """The run's LRPlan and range test: read back when resuming a run that saved them, else made
-    (range test first when ``testing``) and saved."""
+          resume: bool, stage: int | None = None) -> tuple[LRPlan, RangeTestResult | None]:
+    """The run's LRPlan and range test (of transfer stage ``stage``): read back when resuming a
+    run that saved them, else made (range test first when ``testing``) and saved."""
     if resume:
-        plan, result = run.load_plan(), run.load_range_test() if testing else None
+        plan, result = run.load_plan(stage), run.load_range_test(stage) if testing else None
         if plan is not None and (result is not None or not testing):
             return plan, result
     result = None
     if testing:
         result = range_test(setup, callbacks)
-        run.save_range_test(result)
+        run.save_range_test(result, stage)
     plan = make_plan(setup, result)
-    run.save_plan(plan)
+    run.save_plan(plan, stage)
     return plan, result
+
+
+def _plan_summary(plan: LRPlan, result: RangeTestResult | None) -> dict:
+    """The summary's lr keys of a plan and its range test."""
+    out = {"lr": plan.lr, "lr_plan": plan.rows()}
+    if result is not None:
+        out.update(lr_suggestion=result.suggestion, lr_method=result.method, lr_suggestions=result.rows())
+    return out
+
+
+def _transfer_stages(setup: Setup, run: RunFolder, callbacks: Callbacks, testing: bool, resume: bool,
+                     summary: dict) -> History:
+    """Train in the stages of :func:`lrlab.transfer.stages`, each with its own range test, LR plan
+    and schedule, one history across them; ``summary["stages"]`` gets each stage's lrs and
+    epochs, and the summary's lr keys are the last stage's. Resuming skips the stages that
+    checkpoints/last.pt has passed (their saved plans are reused) and continues its own."""
+    state = run.load_checkpoint("last_checkpoint") if resume and run.file("last_checkpoint").is_file() else None
+    at = state.get("stage") if state is not None else None
+    history, rows = None, []
+    for stage in transfer.stages(setup.config, setup.model):
+        if at is not None and at > stage.number:  # finished before the stop: nothing to redo
+            plan, result = run.load_plan(stage.number), run.load_range_test(stage.number)
+        else:
+            sub = Setup(stage.config, setup.compute, setup.data, setup.model)
+            frozen = transfer.freeze(setup.model, stage.trainable)
+            try:
+                seed_everything(setup.config.seed)
+                plan, result = _plan(sub, run, callbacks, testing, resume, stage.number)
+                history = train(sub, plan, callbacks, run, state if at == stage.number else None, history,
+                                stage.number)
+            finally:
+                frozen.undo()
+        rows.append({"stage": stage.number, "name": stage.name, "epochs": stage.config.train.epochs,
+                     "trainable_groups": plan.group_names, **_plan_summary(plan, result)})
+        summary.update(_plan_summary(plan, result), stages=rows)
+        if history is not None and history.stopped is not None:
+            break
+    return history
 
 
 def _run_stages(setup: Setup, run: RunFolder, callbacks: Callbacks, testing: bool, training: bool,
@@ -542,14 +592,16 @@ def _run_stages(setup: Setup, run: RunFolder, callbacks: Callbacks, testing: boo
                      "test_images": len(data.test) if data.test is not None else None,
                      "val_split": setup.config.data.val_split, "report_split": data.report_split_name,
                      "classes": data.classes}
-    plan, result = _plan(setup, run, callbacks, testing, resume)
-    if result is not None:
-        summary.update(lr_suggestion=result.suggestion, lr_method=result.method, lr_suggestions=result.rows())
-    summary.update(lr=plan.lr, lr_plan=plan.rows())
     history = None
-    if training:
-        state = run.load_checkpoint("last_checkpoint") if resume and run.file("last_checkpoint").is_file() else None
-        history = train(setup, plan, callbacks, run, state)
+    if training and setup.config.transfer.active:
+        history = _transfer_stages(setup, run, callbacks, testing, resume, summary)
+    else:
+        plan, result = _plan(setup, run, callbacks, testing, resume)
+        summary.update(_plan_summary(plan, result))
+        if training:
+            state = run.load_checkpoint("last_checkpoint") if resume and run.file("last_checkpoint").is_file() else None
+            history = train(setup, plan, callbacks, run, state)
+    if history is not None:
         summary.update(_training_summary(setup, history))
     if (training or explaining) and run.file("best_checkpoint").is_file():
         setup.model.load_state_dict(run.load_checkpoint("best_checkpoint", compute.device)["model"])

@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from lrlab.engine import STAGE  # noqa: E402
 from lrlab.io import atomic_path  # noqa: E402
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "plot_lr",
     "plot_mistakes",
     "save_figure",
+    "stage_boundaries",
 ]
 
 DPI = 120
@@ -96,6 +98,20 @@ def _epoch_axis(ax, epochs: np.ndarray) -> None:
         ax.set_xticks(epochs)
 
 
+def stage_boundaries(history: Sequence[Mapping]) -> list[float]:
+    """Where a training stage ends (lrlab.transfer): the midpoint between the last epoch of a
+    stage and the first of the next, one per change of the records' ``stage``; [] without stages."""
+    return [(a["epoch"] + b["epoch"]) / 2 for a, b in zip(history, history[1:])
+            if a.get(STAGE) is not None and b.get(STAGE) != a.get(STAGE)]
+
+
+def mark_stages(ax, history: Sequence[Mapping]) -> None:
+    """Draw each :func:`stage_boundaries` as a dashed vertical line labelled with the new stage."""
+    for x in stage_boundaries(history):
+        stage = next(r[STAGE] for r in history if r["epoch"] > x)
+        ax.axvline(x, color="0.3", linestyle="--", linewidth=1, label=f"stage {stage} starts")
+
+
 def plot_loss(history: Sequence[Mapping], path: str | os.PathLike) -> Path:
     """Train and validation loss against epoch.
 
@@ -111,6 +127,7 @@ def plot_loss(history: Sequence[Mapping], path: str | os.PathLike) -> Path:
         y = _series(history, key)
         if np.isfinite(y).any():
             ax.plot(epochs, y, marker=marker, markersize=3, color=color, label=label)
+    mark_stages(ax, history)
     _epoch_axis(ax, epochs)
     ax.set_ylabel("cross-entropy loss")
     ax.set_title("Loss")
@@ -147,6 +164,7 @@ def plot_accuracy(history: Sequence[Mapping], path: str | os.PathLike) -> Path:
             color="tab:red",
             fontsize=9,
         )
+    mark_stages(ax, history)
     _epoch_axis(ax, epochs)
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title("Accuracy")
@@ -167,6 +185,9 @@ def plot_lr(history: Sequence[Mapping], path: str | os.PathLike) -> Path:
     ax.plot(epochs, lr, marker="o" if len(epochs) <= 30 else None, markersize=3, color="tab:green")
     if np.isfinite(lr).any() and np.nanmin(lr) > 0:
         ax.set_yscale("log")
+    mark_stages(ax, history)
+    if stage_boundaries(history):
+        ax.legend(fontsize=8)
     _epoch_axis(ax, epochs)
     ax.set_ylabel("learning rate")
     ax.set_title("Learning rate schedule")
@@ -508,6 +529,7 @@ def plot_plateaus(history: Sequence[Mapping], spans: Sequence[tuple[int, int]], 
             if np.isfinite(y).any():
                 ax.plot(epochs, y, marker=marker, markersize=3, color=color, label=split)
         shade_plateaus(ax, epochs, spans)
+        mark_stages(ax, history)
         _epoch_axis(ax, epochs)
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=8)

@@ -25,7 +25,10 @@ from typing import Any
 from lrlab.errors import LrlabError
 from lrlab.lr_finder import RangeTestResult
 from lrlab.lr_plan import LRPlan
-from lrlab.run_folder import RunFolder
+from lrlab.engine import STAGE
+from lrlab.plots import stage_boundaries
+from lrlab.run_folder import RunFolder, stage_kind
+from lrlab.transfer import FINE_TUNE_STAGE, HEAD_STAGE, STAGE_NAMES
 
 __all__ = ["MAX_WIDTH", "SECTIONS", "build_report", "embed_png", "write_report"]
 
@@ -225,6 +228,11 @@ def _summary_section(run: RunFolder, ctx: dict) -> str:
             rows.append([label, fmt(summary[key])])
     if rows:
         parts.append(_table(["", "value"], rows))
+    if summary.get("stages"):
+        parts.append("<h3>Stages</h3>" + _table(
+            ["stage", "trains (layer groups)", "epochs", "lr (per step, top group)", "from"],
+            [[f"{st.get('stage')}: {st.get('name')}", ", ".join(st.get("trainable_groups") or []), st.get("epochs"),
+              _num(st.get("lr")), (st.get("lr_plan") or [{}])[0].get("source")] for st in summary["stages"]], {2, 3}))
     return "".join(parts)
 
 
@@ -237,14 +245,24 @@ def _config_section(run: RunFolder, ctx: dict) -> str:
 
 
 def _range_test_section(run: RunFolder, ctx: dict) -> str:
-    fig = _figure(run, "range_test_figure", "loss against learning rate during the range test")
+    """The range test and LR plan; in a transfer run one of each per stage (lrlab.transfer)."""
+    if not any(run.file(stage_kind(k, HEAD_STAGE)).is_file() for k in ("range_test", "lr_plan")):
+        return _range_test_block(run, None)
+    return "".join(f"<h3>Stage {n}: {_e(STAGE_NAMES[n])}</h3>" + _range_test_block(run, n)
+                   for n in (HEAD_STAGE, FINE_TUNE_STAGE))
+
+
+def _range_test_block(run: RunFolder, stage: int | None) -> str:
+    fig_kind, kind = stage_kind("range_test_figure", stage), stage_kind("range_test", stage)
+    fig = _figure(run, fig_kind, "loss against learning rate during the range test")
     try:
-        result = RangeTestResult.load_json(run.file("range_test"))
+        result = RangeTestResult.load_json(run.file(kind))
     except (OSError, LrlabError):
         result = None
     if result is None and fig is None:
-        return _missing(f"No LR range test in this run ({run.file('range_test').name} not found).")
-    parts = [fig or _missing(f"{run.file('range_test_figure').name} is missing.")]
+        parts = [_missing(f"No LR range test in this run ({run.file(kind).name} not found).")]
+        return "".join(parts + [_plan_table(run, stage)]) if stage is not None else parts[0]
+    parts = [fig or _missing(f"{run.file(fig_kind).name} is missing.")]
     if result is not None:
         rows = [[r["method"] + (" (used)" if r["used"] else ""), _num(r["lr"]),
                  f"{_num(r['low'])} to {_num(r['high'])}" if r["lr"] is not None else r["note"]]
@@ -255,13 +273,19 @@ def _range_test_section(run: RunFolder, ctx: dict) -> str:
                      f'{len(result.lrs)} points of the {loss} loss, stopped: {_e(result.stop_reason)} at lr '
                      f'{_e(_num(result.stop_lr))}. The band of the method used is shaded in the figure; the '
                      f'methods are described in lrlab.lr_finder.suggest.</p>')
-    plan = run.read_json("lr_plan")
-    if isinstance(plan, dict):
-        plan = LRPlan.from_dict(plan)
-        parts.append("<h3>Learning rates of the run (LR plan)</h3>" + _table(
-            ["layer group", "lr (per step)", "meaning", "from"],
-            [[r["group"], _num(r["lr"]), r["kind"], r["source"]] for r in plan.rows()], {1}))
+    parts.append(_plan_table(run, stage))
     return "".join(parts)
+
+
+def _plan_table(run: RunFolder, stage: int | None) -> str:
+    plan = run.read_json(stage_kind("lr_plan", stage))
+    if not isinstance(plan, dict):
+        return ""
+    plan = LRPlan.from_dict(plan)
+    what = "the run" if stage is None else f"stage {stage}"
+    return f"<h3>Learning rates of {what} (LR plan)</h3>" + _table(
+        ["layer group", "lr (per step)", "meaning", "from"],
+        [[r["group"], _num(r["lr"]), r["kind"], r["source"]] for r in plan.rows()], {1})
 
 
 def _curves_section(run: RunFolder, ctx: dict) -> str:
@@ -272,12 +296,27 @@ def _curves_section(run: RunFolder, ctx: dict) -> str:
         return _missing(f"No training in this run ({run.file('history').name} and the curves are missing).")
     parts = [figs]
     if history:
+        staged = any(r.get(STAGE) is not None for r in history)
+        parts.append(_stages_note(history) if staged else "")
         rows = [[r.get("epoch"), _num(r.get("train_loss"), ".4f"), _pct(r.get("train_acc")),
                  _num(r.get("val_loss"), ".4f"), _pct(r.get("val_acc")), _num(r.get("lr")),
-                 _num(r.get("seconds"), ".1f")] for r in history]
+                 _num(r.get("seconds"), ".1f")] + [r.get(STAGE)] * staged for r in history]
         parts.append("<h3>Per epoch</h3>" + _table(
-            ["epoch", "train loss", "train acc", "val loss", "val acc", "lr", "seconds"], rows, set(range(7))))
+            ["epoch", "train loss", "train acc", "val loss", "val acc", "lr", "seconds"] + ["stage"] * staged,
+            rows, set(range(8))))
     return "".join(parts)
+
+
+def _stages_note(history: list[dict]) -> str:
+    """Which epochs each transfer stage trained, and where the figures mark the boundary."""
+    spans = {}
+    for r in history:
+        spans.setdefault(r.get(STAGE), []).append(r.get("epoch"))
+    text = "; ".join(f"stage {n} ({STAGE_NAMES.get(n, n)}): epochs {e[0]} to {e[-1]}" for n, e in spans.items())
+    bounds = ", ".join(f"between epochs {b - 0.5:g} and {b + 0.5:g}" for b in stage_boundaries(history))
+    return (f'<p class="stages">Trained in stages: {_e(text)}. The dashed line in the figures marks the stage '
+            f'boundary ({_e(bounds)}); each stage has its own range test and schedule, and '
+            f'the best checkpoint is the best validation epoch of the whole run.</p>')
 
 
 def _lr_section(run: RunFolder, ctx: dict) -> str:

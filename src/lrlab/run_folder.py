@@ -22,7 +22,7 @@ import torch
 
 from lrlab import plots
 from lrlab.config import Config, load_config, save_config
-from lrlab.engine import COLUMNS, History
+from lrlab.engine import COLUMNS, STAGE, History
 from lrlab.errors import LrlabError, WriteError
 from lrlab.io import atomic_path, atomic_write_bytes, atomic_write_text, write_json
 from lrlab.lr_plan import LRPlan
@@ -33,6 +33,9 @@ FILES = {
     "range_test": "lr_finder.json",
     "range_test_figure": "lr_finder.png",
     "lr_plan": "lr_plan.json",
+    "range_test_stage1": "lr_finder_stage1.json",
+    "range_test_figure_stage1": "lr_finder_stage1.png",
+    "lr_plan_stage1": "lr_plan_stage1.json",
     "history": "history.json",
     "history_csv": "history.csv",
     "lr_steps": "lr_steps.csv",
@@ -60,6 +63,13 @@ FILES = {
     "export_info": "export/model.json",
 }
 """What a run folder holds: kind -> path relative to the folder."""
+
+
+def stage_kind(kind: str, stage: int | None) -> str:
+    """The file kind of ``kind`` (range_test, range_test_figure, lr_plan) in transfer stage
+    ``stage``: stage 1 (head, backbone frozen; :mod:`lrlab.transfer`) has its own
+    ``..._stage1`` files; stage 2 and single-stage runs have the usual ones."""
+    return f"{kind}_stage1" if stage == 1 else kind
 
 
 class RunFolder:
@@ -171,18 +181,20 @@ class RunFolder:
         write_json(self.file("export_info"), info)
         return self.file("export_program"), self.file("export_info")
 
-    def save_plan(self, plan: LRPlan) -> None:
-        write_json(self.file("lr_plan"), plan.to_dict())
+    def save_plan(self, plan: LRPlan, stage: int | None = None) -> None:
+        """lr_plan.json (of transfer stage ``stage``, :func:`stage_kind`)."""
+        write_json(self.file(stage_kind("lr_plan", stage)), plan.to_dict())
 
     def save_summary(self, summary: dict) -> None:
         write_json(self.file("summary"), summary)
 
     # ------------------------------------------------------------------ range test
 
-    def save_range_test(self, result) -> None:
-        """lr_finder.json and lr_finder.png (every suggestion marked, the used band shaded)."""
-        result.save_json(self.file("range_test"))
-        plots.save_figure(result.plot(), self.file("range_test_figure"))
+    def save_range_test(self, result, stage: int | None = None) -> None:
+        """lr_finder.json and lr_finder.png (every suggestion marked, the used band shaded), of
+        transfer stage ``stage`` (:func:`stage_kind`)."""
+        result.save_json(self.file(stage_kind("range_test", stage)))
+        plots.save_figure(result.plot(), self.file(stage_kind("range_test_figure", stage)))
 
     # ------------------------------------------------------------------ training
 
@@ -190,7 +202,8 @@ class RunFolder:
         """history.csv/.json, lr_steps.csv and the curves: loss, accuracy, lr, lr_steps and
         plateaus figures (``plateau_spans`` shaded; ``name`` labels the lr-steps legend)."""
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+        staged = any(STAGE in r for r in history.records)
+        writer = csv.DictWriter(buf, fieldnames=COLUMNS + [STAGE] * staged, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(history.records)
         atomic_write_text(self.file("history_csv"), buf.getvalue())
@@ -258,20 +271,22 @@ class RunFolder:
 
     # ------------------------------------------------------------------ range test and plan, read back
 
-    def load_plan(self) -> LRPlan | None:
-        """The saved LRPlan, or None when lr_plan.json is missing or malformed."""
-        data = self.read_json("lr_plan")
+    def load_plan(self, stage: int | None = None) -> LRPlan | None:
+        """The saved LRPlan (of transfer stage ``stage``), or None when lr_plan.json is missing
+        or malformed."""
+        data = self.read_json(stage_kind("lr_plan", stage))
         try:
             return LRPlan.from_dict(data) if isinstance(data, dict) else None
         except (KeyError, TypeError, ValueError):
             return None
 
-    def load_range_test(self):
-        """The saved ``lrlab.lr_finder.RangeTestResult``, or None when missing or malformed."""
+    def load_range_test(self, stage: int | None = None):
+        """The saved ``lrlab.lr_finder.RangeTestResult`` (of transfer stage ``stage``), or None
+        when missing or malformed."""
         from lrlab.lr_finder import RangeTestResult
 
         try:
-            return RangeTestResult.load_json(self.file("range_test"))
+            return RangeTestResult.load_json(self.file(stage_kind("range_test", stage)))
         except (LrlabError, OSError):
             return None
 

@@ -12,7 +12,7 @@
 * ``layer_groups``: module names per layer group, bottom (stem) to top (head), for
   discriminative learning rates (Howard & Ruder 2018, arXiv:1801.06146) and for freezing;
 * ``head``: the classifier's module names, what stage-1 transfer training trains while the
-  backbone is frozen (:func:`lrlab.models.freeze`);
+  backbone is frozen (:func:`lrlab.transfer.freeze`);
 * ``input_size``: the side the weights were trained at (224 for ImageNet weights), or None;
 * ``note``: what loading the weights did, e.g. that a weights file's head was not loaded.
 """
