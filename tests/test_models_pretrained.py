@@ -148,6 +148,14 @@ def test_weights_files_load_or_say_what_does_not_match(tmp_path):
     same = build("fastnet", 10, str(path), width=0.25)
     assert torch.equal(same.fc.weight, small.fc.weight)
     assert model_spec(same).mean == (0.1, 0.2, 0.3)  # an lrlab checkpoint's own normalisation
+    classes = [f"c{i}" for i in range(10)]
+    torch.save({"model": small.state_dict(), "classes": classes}, tmp_path / "named.pt")
+    kept = build("fastnet", classes, str(tmp_path / "named.pt"), width=0.25)  # same class names: head kept
+    assert torch.equal(kept.fc.weight, small.fc.weight)
+    other = build("fastnet", [f"d{i}" for i in range(10)], str(tmp_path / "named.pt"), width=0.25)
+    assert not torch.equal(other.fc.weight, small.fc.weight)  # other classes: a new head, the rest loaded
+    assert torch.equal(other.block3.conv2.weight, small.block3.conv2.weight)
+    assert "except the classifier (fc.weight: trained on other classes)" in model_spec(other).note
     fewer = build("fastnet", 4, str(path), width=0.25)  # 4 classes: all but the classifier loaded
     assert torch.equal(fewer.block3.conv2.weight, small.block3.conv2.weight) and fewer.fc.out_features == 4
     assert "except the classifier (fc.weight: (10, 64) in the file, (4, 64)" in model_spec(fewer).note

@@ -136,7 +136,7 @@ def new_model(config: Config, data: Dataset, compute: Compute, init_from_data: b
         LrlabError: as :func:`lrlab.models.build` (unknown name, weights that do not fit, ...).
     """
     torch.manual_seed(config.seed)
-    model = build(config.model.name, len(data.classes), config.model.weights, **config.model.kwargs)
+    model = build(config.model.name, data.classes, config.model.weights, **config.model.kwargs)
     if init_from_data and config.model.weights is None and hasattr(model, "init_from_data"):
         sample = data.train.subset(min(len(data.train), 5000), seed=config.seed)
         loader = BatchLoader(sample, len(sample), mean=data.mean, std=data.std, shuffle=False,

@@ -1,4 +1,4 @@
-"""``build(name, num_classes, weights)``: lrlab's own networks, torchvision, timm and user code.
+"""``build(name, classes, weights)``: lrlab's own networks, torchvision, timm and user code.
 
 ``model.name`` forms:
 
@@ -31,6 +31,7 @@ import difflib
 import importlib
 import inspect
 import logging
+from collections.abc import Sequence
 
 from torch import nn
 
@@ -69,15 +70,16 @@ def replace_head(model: nn.Module, num_classes: int) -> str:
     return name
 
 
-def _with_file(model: nn.Module, spec: ModelSpec, weights: str, mean: Norm | None = None,
-               std: Norm | None = None) -> ModelSpec:
+def _with_file(model: nn.Module, spec: ModelSpec, weights: str, classes: list[str] | None,
+               mean: Norm | None = None, std: Norm | None = None) -> ModelSpec:
     """Load the state-dict file ``weights`` into ``model``; returns ``spec`` with the load's note
     and the normalisation: the file's own (an lrlab checkpoint's mean/std), else ``mean``/``std``
-    (what such files are usually trained with; None: the training split's)."""
-    state, file_mean, file_std = read_weights(weights)
-    note = load_state(model, state, spec.head, weights)
-    if file_mean is not None:
-        mean, std = file_mean, file_std
+    (what such files are usually trained with; None: the training split's). The classifier of an
+    lrlab checkpoint trained on other class names than ``classes`` is not loaded."""
+    file = read_weights(weights)
+    other = file.classes is not None and classes is not None and file.classes != classes
+    note = load_state(model, file.state, spec.head, weights, keep_head=not other)
+    mean, std = (file.mean, file.std) if file.mean is not None else (mean, std)
     return dataclasses.replace(spec, mean=mean, std=std, note=note)
 
 
@@ -91,7 +93,8 @@ def _options(name: str, kwargs: dict):
                          f"({str(e).splitlines()[0]})") from None
 
 
-def _own(name: str, num_classes: int, weights: str | None, kwargs: dict) -> tuple[nn.Module, ModelSpec]:
+def _own(name: str, num_classes: int, weights: str | None, classes: list[str] | None,
+         kwargs: dict) -> tuple[nn.Module, ModelSpec]:
     model = build_model(name, num_classes, **kwargs)
     spec = derive_spec(model)
     if weights is None:
@@ -99,10 +102,11 @@ def _own(name: str, num_classes: int, weights: str | None, kwargs: dict) -> tupl
     if not is_file_spec(weights):
         raise LrlabError(f"model.weights {weights!r}: lrlab's own model {name!r} takes a state-dict file path "
                          f"(.pth/.pt/.safetensors) or none")
-    return model, _with_file(model, spec, weights)
+    return model, _with_file(model, spec, weights, classes)
 
 
-def _torchvision(name: str, num_classes: int, weights: str | None, kwargs: dict) -> tuple[nn.Module, ModelSpec]:
+def _torchvision(name: str, num_classes: int, weights: str | None, classes: list[str] | None,
+                 kwargs: dict) -> tuple[nn.Module, ModelSpec]:
     import torchvision
 
     names = torchvision.models.list_models(module=torchvision.models)
@@ -112,7 +116,7 @@ def _torchvision(name: str, num_classes: int, weights: str | None, kwargs: dict)
         with _options(f"torchvision:{name}", kwargs):
             model = torchvision.models.get_model(name, num_classes=num_classes, **kwargs)
         spec = derive_spec(model)
-        return model, spec if weights is None else _with_file(model, spec, weights, IMAGENET_MEAN, IMAGENET_STD)
+        return model, spec if weights is None else _with_file(model, spec, weights, classes, IMAGENET_MEAN, IMAGENET_STD)
     enum = torchvision.models.get_model_weights(name)
     valid = ["DEFAULT", *(w.name for w in enum)]
     if weights not in valid:
@@ -130,7 +134,8 @@ def _torchvision(name: str, num_classes: int, weights: str | None, kwargs: dict)
                                       input_size=t.crop_size[0])
 
 
-def _timm(name: str, num_classes: int, weights: str | None, kwargs: dict) -> tuple[nn.Module, ModelSpec]:
+def _timm(name: str, num_classes: int, weights: str | None, classes: list[str] | None,
+          kwargs: dict) -> tuple[nn.Module, ModelSpec]:
     import timm
 
     names = timm.list_models()
@@ -160,10 +165,11 @@ def _timm(name: str, num_classes: int, weights: str | None, kwargs: dict) -> tup
         return model, dataclasses.replace(spec, mean=mean, std=std)
     if weights is None or weights == LITE0_PYPI:
         return model, spec
-    return model, _with_file(model, spec, weights, mean, std)
+    return model, _with_file(model, spec, weights, classes, mean, std)
 
 
-def _user(name: str, num_classes: int, weights: str | None, kwargs: dict) -> tuple[nn.Module, ModelSpec]:
+def _user(name: str, num_classes: int, weights: str | None, classes: list[str] | None,
+          kwargs: dict) -> tuple[nn.Module, ModelSpec]:
     module_name, _, attr = name.partition(":")
     try:
         fn = getattr(importlib.import_module(module_name), attr)
@@ -182,12 +188,15 @@ def _user(name: str, num_classes: int, weights: str | None, kwargs: dict) -> tup
         return model, spec
     if not is_file_spec(weights):
         raise LrlabError(f"model.weights {weights!r}: a user model takes a state-dict file path or none")
-    return model, _with_file(model, spec, weights)
+    return model, _with_file(model, spec, weights, classes)
 
 
-def build(name: str, num_classes: int, weights: str | None = None, **kwargs) -> nn.Module:
-    """The model ``name`` (see the module docstring) for ``num_classes`` classes, with
-    ``weights`` loaded; maps (N, 3, H, W) float32 images to (N, num_classes) float32 logits.
+def build(name: str, classes: int | Sequence[str], weights: str | None = None, **kwargs) -> nn.Module:
+    """The model ``name`` (see the module docstring) for ``classes`` (the class names, or just
+    their number C), with ``weights`` loaded; maps (N, 3, H, W) float32 images to (N, C) float32
+    logits. The classifier keeps the weights' own only when it fits: same C, and for an lrlab
+    checkpoint (which stores its class names) the same names as ``classes``; else it starts from
+    random weights (transfer to other classes).
 
     The returned module carries ``lrlab_spec`` (:class:`~lrlab.models.spec.ModelSpec`: mean/std
     of the weights, CAM layer, layer groups, head, input size, a note on the loading, also logged
@@ -198,15 +207,17 @@ def build(name: str, num_classes: int, weights: str | None = None, **kwargs) -> 
             model does not have, a missing or unreadable weights file, keys or shapes that do not
             match, pretrained weights that cannot be downloaded (the cache folders named).
     """
+    names = None if isinstance(classes, int) else list(classes)
+    num_classes = classes if names is None else len(names)
     source, _, target = name.partition(":")
     if source == "torchvision" and target:
-        model, spec = _torchvision(target, num_classes, weights, kwargs)
+        model, spec = _torchvision(target, num_classes, weights, names, kwargs)
     elif source == "timm" and target:
-        model, spec = _timm(target, num_classes, weights, kwargs)
+        model, spec = _timm(target, num_classes, weights, names, kwargs)
     elif target:
-        model, spec = _user(name, num_classes, weights, kwargs)
+        model, spec = _user(name, num_classes, weights, names, kwargs)
     else:
-        model, spec = _own(name, num_classes, weights, kwargs)
+        model, spec = _own(name, num_classes, weights, names, kwargs)
     if spec.note:
         log.info("%s: %s", name, spec.note)
     model.lrlab_spec = spec

@@ -27,6 +27,7 @@ TensorFlow's EfficientNet-Lite preprocessing is (x - 127) / 128 (Tan & Le 2019, 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -48,13 +49,24 @@ def is_file_spec(weights: str) -> bool:
 Norm = tuple[float, float, float]
 
 
-def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Norm | None, Norm | None]:
-    """The tensors of a weights file and the normalisation stored with them.
+@dataclass(frozen=True)
+class WeightsFile:
+    """What a weights file holds: its tensors (``state``) and, for an lrlab checkpoint, the
+    normalisation it was trained with (``mean``/``std``: 3 floats each, [0, 1] pixel units) and
+    its class names (``classes``); None where the file does not say."""
+
+    state: dict[str, torch.Tensor]
+    mean: Norm | None = None
+    std: Norm | None = None
+    classes: list[str] | None = None
+
+
+def read_weights(path: str | Path) -> WeightsFile:
+    """The tensors of a weights file, with the normalisation and class names stored beside them.
 
     The file is safetensors, or a torch file (loaded with ``weights_only``) holding a state dict
     or a dict with one under ``state_dict``/``model``; a ``module.`` prefix on every key is
-    removed. Mean/std (3 floats each, [0, 1] pixel units) are those of an lrlab checkpoint
-    (its top-level ``mean``/``std``: what the model was trained with), else None.
+    removed. An lrlab checkpoint's top-level ``mean``/``std``/``classes`` come along.
 
     Raises:
         LrlabError: the file does not exist, cannot be read or holds no state dict.
@@ -72,7 +84,9 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Norm | None
             data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling / format errors: one line naming the file
         raise LrlabError(f"model.weights file {path} could not be read ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    norm = _norm(data.get("mean"), data.get("std")) if isinstance(data, dict) else (None, None)
+    top = data if isinstance(data, dict) else {}
+    classes = top.get("classes")
+    classes = list(classes) if isinstance(classes, (list, tuple)) and all(isinstance(c, str) for c in classes) else None
     for key in ("state_dict", "model"):
         if isinstance(data, dict) and isinstance(data.get(key), dict):
             data = data[key]
@@ -80,7 +94,7 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Norm | None
         raise LrlabError(f"model.weights file {path} holds no state dict (a mapping of names to tensors)")
     if all(k.startswith("module.") for k in data):
         data = {k.removeprefix("module."): v for k, v in data.items()}
-    return data, *norm
+    return WeightsFile(data, *_norm(top.get("mean"), top.get("std")), classes)
 
 
 def _norm(mean, std) -> tuple[Norm | None, Norm | None]:
@@ -96,16 +110,18 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     Raises:
         LrlabError: as :func:`read_weights`.
     """
-    return read_weights(path)[0]
+    return read_weights(path).state
 
 
 def _listed(keys: list[str], n: int = 4) -> str:
     return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
 
 
-def load_state(model: nn.Module, state: dict[str, torch.Tensor], head: tuple[str, ...], source: str) -> str:
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], head: tuple[str, ...], source: str,
+               keep_head: bool = True) -> str:
     """Copy ``state`` into ``model``; every key must match in name and shape, except the
-    classifier's (``head`` module names), which is left as built when its shape differs.
+    classifier's (``head`` module names), which is left as built when its shape differs or
+    ``keep_head`` is False (weights trained on other classes).
 
     Returns:
         a note for the log ("" when everything loaded), e.g. that the head was not loaded.
@@ -124,7 +140,7 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], head: tuple[str
     if missing or unexpected:
         raise LrlabError(f"model.weights {source} does not match the model: {len(missing)} missing keys "
                          f"({_listed(missing)}), {len(unexpected)} unexpected keys ({_listed(unexpected)})")
-    skipped = [k for k in state if own[k].shape != state[k].shape and in_head(k)]
+    skipped = [k for k in state if in_head(k) and (own[k].shape != state[k].shape or not keep_head)]
     absent = [k for k in own if in_head(k) and k not in state]
     for k in state:
         if own[k].shape != state[k].shape and not in_head(k):
@@ -135,8 +151,9 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], head: tuple[str
         return f"loaded {source}, which has no classifier ({_listed(absent)}): it starts from random weights"
     if not skipped:
         return ""
-    return (f"loaded {source} except the classifier ({_listed(skipped)}: {tuple(state[skipped[0]].shape)} in the "
-            f"file, {tuple(own[skipped[0]].shape)} for this dataset), which starts from random weights")
+    why = (f"{tuple(state[skipped[0]].shape)} in the file, {tuple(own[skipped[0]].shape)} for this dataset"
+           if keep_head else "trained on other classes")
+    return f"loaded {source} except the classifier ({_listed(skipped)}: {why}), which starts from random weights"
 
 
 def download_error(what: str, error: Exception) -> LrlabError:
