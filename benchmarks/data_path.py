@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_throughput import seconds_per_step  # noqa: E402
 from time_to_accuracy import matmul_peak  # noqa: E402
 
 CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
@@ -80,22 +80,7 @@ def time_steps(batch: int, steps: int, compute) -> float:
     import torchvision
 
     model = compute.prepare(torchvision.models.resnet18(num_classes=10))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
-    x = compute.to_device(torch.randn(batch, 3, 224, 224))
-    y = torch.randint(0, 10, (batch,), device=compute.device)
-
-    def step():
-        with compute.autocast():
-            loss = F.cross_entropy(model(x).float(), y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - start) / steps
+    return seconds_per_step(model, compute, 224, batch, steps, warmup=1)
 
 
 def main() -> None:

@@ -18,6 +18,28 @@ import torch
 import torch.nn.functional as F
 
 
+def seconds_per_step(model, compute, size: int, batch: int, steps: int, warmup: int) -> float:
+    """Seconds per training step (forward + backward + SGD Nesterov step, under the device's
+    autocast) of ``model`` on one synthetic (batch, 3, size, size) batch, after ``warmup`` steps."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    x = compute.to_device(torch.randn(batch, 3, size, size))
+    y = torch.randint(0, 10, (batch,), device=compute.device)
+
+    def step():
+        with compute.autocast():
+            loss = F.cross_entropy(model(x).float(), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) / steps
+
+
 def measure(model_name: str, width: float, batch: int, steps: int, retain: bool, precision: str = "auto") -> float:
     from lrlab.compute import Compute, retain_freed_memory
     from lrlab.models import build
@@ -29,23 +51,7 @@ def measure(model_name: str, width: float, batch: int, steps: int, retain: bool,
     model = build(model_name, 10, **kwargs).to(compute.device)  # not compute.prepare: it retains memory
     if compute.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
-    x = compute.to_device(torch.randn(batch, 3, 32, 32))
-    y = torch.randint(0, 10, (batch,), device=compute.device)
-
-    def step():
-        with compute.autocast():
-            loss = F.cross_entropy(model(x).float(), y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    for _ in range(max(2, steps // 2)):
-        step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return steps * batch / (time.perf_counter() - start)
+    return batch / seconds_per_step(model, compute, 32, batch, steps, warmup=max(2, steps // 2))
 
 
 def main() -> None:

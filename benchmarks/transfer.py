@@ -5,7 +5,7 @@
 
 Part 1, lrlab's own pretrained network (no download). FastNet (width 0.5) is pretrained with
 recipes/cifar10-quick.yaml on the 25,000 training images of CIFAR-10 classes 0-4 (airplane,
-automobile, bird, cat, deer); its best.pt (chosen on its 10% validation hold-out) is then the
+automobile, bird, cat, deer); its best checkpoint (chosen on its 10% validation hold-out) is then the
 ``model.weights`` file for classes 5-9 (dog, frog, horse, ship, truck), whose classifier starts
 from random weights (other class names). For each n in ``--per-class`` the target task has n
 labelled training images per class (a seeded random choice; 20% of them are the validation
@@ -49,6 +49,7 @@ import torch
 
 from lrlab.config import load_config
 from lrlab.pipeline import run_pipeline
+from lrlab.run_folder import RunFolder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from time_to_accuracy import matmul_peak  # noqa: E402
@@ -97,7 +98,7 @@ def part1(args, work: Path, log) -> list[tuple]:
     tree = link_tree(work / "source", {"train": dict.fromkeys(source), "test": dict.fromkeys(source)})
     log(f"pretraining fastnet on {', '.join(source)} (recipes/cifar10-quick.yaml)")
     summary = run(QUICK, [f"data.path={tree}", *(["train.epochs=1"] if args.smoke else [])], work / "runs")
-    weights = Path(summary["run_dir"]) / "best.pt"
+    weights = RunFolder(summary["run_dir"]).file("best_checkpoint")
     log(f"pretrained: validation top-1 {summary['best_val_acc']:.2%}, test top-1 {summary['test_acc_at_best']:.2%}")
     rows = []
     for n in args.per_class:

@@ -135,6 +135,9 @@ def bad_inputs(ws: dict, tmp: Path) -> dict[str, tuple[list[str], str]]:
     return {
         "missing data path": (["run", recipe, "--data", str(tmp / "nowhere")], "does not exist"),
         "tree without test/": (["run", recipe, "--data", str(no_test)], "test"),
+        # the model name is checked before any image is decoded (this tree's bad file is never reached)
+        "unknown model before the data": (["run", recipe, "--data", str(not_image), "model.name=torchvision:resnet19"],
+                                          "close names: resnet18"),
         "empty class folder": (["run", recipe, "--data", str(empty_class)], "dog"),
         "file that is not an image": (["train", recipe, "--data", str(not_image)], "0001.jpg"),
         "unknown config key": (["run", recipe, "--data", data, "train.epoch=3"], "unknown config key 'train.epoch'"),
@@ -160,7 +163,8 @@ def bad_inputs(ws: dict, tmp: Path) -> dict[str, tuple[list[str], str]]:
     }
 
 
-@pytest.mark.parametrize("case", ["missing data path", "tree without test/", "empty class folder",
+@pytest.mark.parametrize("case", ["missing data path", "tree without test/", "unknown model before the data",
+                                  "empty class folder",
                                   "file that is not an image", "unknown config key", "lr <= 0",
                                   "start_lr >= end_lr", "unknown suggestion method", "unknown Grad-CAM layer",
                                   "explain of a missing layer", "rotation on the tensor path", "unknown layer group",

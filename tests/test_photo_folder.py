@@ -62,14 +62,19 @@ def _special_files(folder: Path) -> None:
     _halves((300, 150), RED, BLUE).save(folder / "m_exif.jpg", exif=exif, quality=95)
 
 
-@pytest.fixture(scope="module")
-def photo_tree(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("photos")
-    rng = np.random.default_rng(0)
+def build_photo_tree(root: Path, seed: int) -> Path:
+    """CIFAR photos upscaled to random sizes 100-400 px (JPEG and PNG), 8 per class in train/ and 3 in val/,
+    plus grayscale, RGBA, palette, CMYK, 16-bit and EXIF-rotated files in train/cat."""
+    rng = np.random.default_rng(seed)
     _cifar_photos(root, "train", 8, rng)
     _cifar_photos(root, "val", 3, rng, first=8)
     _special_files(root / "train" / "cat")
     return root
+
+
+@pytest.fixture(scope="module")
+def photo_tree(tmp_path_factory) -> Path:
+    return build_photo_tree(tmp_path_factory.mktemp("photos"), seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
-from test_photo_folder import _cifar_photos, _special_files
+from test_photo_folder import build_photo_tree
 
 from conftest import REPO
 from lrlab.cli import main
@@ -19,14 +18,8 @@ SHORT = ["data.image_size=64", "train.epochs=1", "transfer.freeze_epochs=1", "tr
 
 @pytest.fixture(scope="module")
 def photo_folder(tmp_path_factory):
-    """CIFAR photos upscaled to random sizes 100-400 px (JPEG and PNG), 8 per class in train/ and
-    3 in val/, plus grayscale, RGBA, palette, CMYK, 16-bit and EXIF-rotated files in train/cat."""
-    root = tmp_path_factory.mktemp("photos")
-    rng = np.random.default_rng(2)
-    _cifar_photos(root, "train", 8, rng)
-    _cifar_photos(root, "val", 3, rng, first=8)
-    _special_files(root / "train" / "cat")
-    return root
+    """A mixed-size photo folder with train/ and val/ (test_photo_folder.build_photo_tree)."""
+    return build_photo_tree(tmp_path_factory.mktemp("photos"), seed=2)
 
 
 def test_transfer_recipe_runs_end_to_end_with_both_stages(photo_folder, tmp_path, capsys):

@@ -195,3 +195,11 @@ def test_killed_in_stage2_resumes_in_stage2(recipe, reference, tmp_path):
     assert run.file("lr_steps").read_text() == ref.file("lr_steps").read_text()
     a, b = (r.load_checkpoint("last_checkpoint")["model"] for r in (run, ref))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_find_lr_on_a_transfer_recipe_sweeps_the_first_stage(recipe, tmp_path):
+    assert main(["find-lr", str(recipe), "--out", str(tmp_path), "transfer.freeze_epochs=1", "--quiet"]) == 0
+    (folder,) = tmp_path.iterdir()
+    run = RunFolder.open(folder)
+    assert run.load_plan().group_names == ("fc",)  # the head, as stage 1 trains it: not every group
+    assert json.loads(run.file("summary").read_text())["stages"] == [{"stage": 1, "name": "head only, backbone frozen"}]

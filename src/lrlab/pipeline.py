@@ -37,7 +37,7 @@ from lrlab.interpret import (FaithfulnessResult, Predictions, cam_faithfulness, 
                              layer_names, per_class_summary, predict, select_misclassified)
 from lrlab.lr_finder import RangeTestResult, range_test as sweep
 from lrlab.lr_plan import LRPlan, layer_scales, suggestion_method
-from lrlab.models import build, model_spec
+from lrlab.models import build, check_name, model_spec
 from lrlab.optim import GradientNoise, build_optimizer
 from lrlab.plateau import find_plateaus
 from lrlab.report import write_report
@@ -184,6 +184,7 @@ def prepare(config: Config, *, range_test: bool, train: bool, explain: bool,
         LrlabError: the first problem found, in one sentence.
     """
     compute = Compute.choose(config.compute.device, config.compute.precision)
+    check_name(config.model.name)  # before the (possibly long) first decoding of the data
     data = load_data(config)
     setup = Setup(config, compute, data, new_model(config, data, compute, init_from_data))
     spec = model_spec(setup.model)
@@ -579,6 +580,19 @@ def _transfer_stages(setup: Setup, run: RunFolder, callbacks: Callbacks, testing
     return history
 
 
+def _first_stage_plan(setup: Setup, run: RunFolder, callbacks: Callbacks, testing: bool, resume: bool) -> dict:
+    """The range test and LR plan of a transfer recipe's first stage, as training would run it
+    (its groups frozen, its lr ratios), saved under the usual names; their summary keys."""
+    stage = transfer.stages(setup.config, setup.model)[0]
+    frozen = transfer.freeze(setup.model, stage.trainable)
+    try:
+        plan, result = _plan(Setup(stage.config, setup.compute, setup.data, setup.model), run, callbacks, testing,
+                             resume)
+    finally:
+        frozen.undo()
+    return {**_plan_summary(plan, result), "stages": [{"stage": stage.number, "name": stage.name}]}
+
+
 def _run_stages(setup: Setup, run: RunFolder, callbacks: Callbacks, testing: bool, training: bool,
                 explaining: bool, resume: bool = False) -> Outcome:
     """The stages of :func:`run_pipeline` inside its folder; returns the summary so far. The test
@@ -595,6 +609,8 @@ def _run_stages(setup: Setup, run: RunFolder, callbacks: Callbacks, testing: boo
     history = None
     if training and setup.config.transfer.active:
         history = _transfer_stages(setup, run, callbacks, testing, resume, summary)
+    elif setup.config.transfer.active:  # find-lr on a transfer recipe
+        summary.update(_first_stage_plan(setup, run, callbacks, testing, resume))
     else:
         plan, result = _plan(setup, run, callbacks, testing, resume)
         summary.update(_plan_summary(plan, result))

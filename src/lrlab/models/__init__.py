@@ -1,4 +1,4 @@
-"""Models: ``build(name, num_classes, weights, **kwargs)`` and what lrlab needs to know about a
+"""Models: ``build(name, classes, weights, **kwargs)`` and what lrlab needs to know about a
 model, :class:`ModelSpec` (``model_spec(model)``).
 
 ``name`` is one of lrlab's own CIFAR networks (``model_names()``; adding one is adding a function
@@ -12,7 +12,7 @@ from lrlab.models.registry import model_names, register
 from lrlab.models import fastnet, resnet  # importing registers them
 
 del fastnet, resnet
-from lrlab.models.external import build
+from lrlab.models.external import build, check_name
 from lrlab.models.spec import ModelSpec, model_spec
 
-__all__ = ["ModelSpec", "build", "model_names", "model_spec", "register"]
+__all__ = ["ModelSpec", "build", "check_name", "model_names", "model_spec", "register"]

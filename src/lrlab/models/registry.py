@@ -22,6 +22,17 @@ def model_names() -> list[str]:
     return sorted(_MODELS)
 
 
+def check_model_name(name: str) -> None:
+    """Raise unless ``name`` is a registered model.
+
+    Raises:
+        LrlabError: unknown name (the message lists the valid ones).
+    """
+    if name not in _MODELS:
+        raise LrlabError(f"unknown model {name!r}; valid models: {', '.join(model_names())}, or torchvision:<name>, "
+                         f"timm:<name>, package.module:function")
+
+
 def build_model(name: str, num_classes: int, **kwargs) -> nn.Module:
     """Build the registered model ``name`` for ``num_classes`` classes.
 
@@ -35,9 +46,7 @@ def build_model(name: str, num_classes: int, **kwargs) -> nn.Module:
         LrlabError: unknown name (the message lists the valid ones) or an option the
             model does not take.
     """
-    if name not in _MODELS:
-        raise LrlabError(f"unknown model {name!r}; valid models: {', '.join(model_names())}, or torchvision:<name>, "
-                         f"timm:<name>, package.module:function")
+    check_model_name(name)
     try:
         return _MODELS[name](num_classes, **kwargs)
     except TypeError as e:
