@@ -64,19 +64,18 @@ def test_muon_orthogonalises_every_hidden_filter_and_sgd_steps_the_rest(batches)
     assert aux == everything - FILTERS and {"stem.0.weight", "fc.weight"} <= aux  # first layer and head
     assert isinstance(opt, torch.optim.Optimizer) and isinstance(opt.muon, Muon)
     assert isinstance(opt.aux, torch.optim.SGD) and opt.aux.defaults["nesterov"]
-    assert {g["lr"] for g in opt.param_groups if g["use_muon"]} == {pytest.approx(lr * 0.1)}
-    assert {g["lr"] for g in opt.param_groups if not g["use_muon"]} == {lr}
+    assert all(g["lr"] == pytest.approx(lr * (0.1 if g["use_muon"] else 1.0)) for g in opt.param_groups)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt.zero_grad()
     F.cross_entropy(model(batches[0][0]), batches[0][1]).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     opt.step()
     after = dict(model.named_parameters())
-    for n in FILTERS:  # the step is lr x an orthogonalised (out, in*3*3) matrix: singular values near 1
+    for n in FILTERS:  # the step is lr x an orthogonalised (out, in*3*3) matrix: all singular values ~1
         step = (before[n] - after[n].detach()).reshape(len(before[n]), -1) / (lr * 0.1)
         s = torch.linalg.svdvals(step.double())
         g = torch.linalg.svdvals(grads[n].reshape(len(before[n]), -1).double())
-        assert len(s) == min(step.shape) and 0.5 < s.median() and s.max() < 1.5, n
+        assert len(s) == min(step.shape) and 0.9 < s.min() and s.max() < 1.1, n
         assert s.max() / s.median() < 0.5 * g.max() / g.median(), n  # far flatter than the gradient's
     for n in aux:  # first Nesterov step of torch's SGD: p - lr (1 + momentum) g
         assert torch.allclose(after[n].detach(), before[n] - lr * 1.9 * grads[n], rtol=1e-5, atol=1e-7), n
@@ -154,11 +153,11 @@ def test_a_frozen_backbone_leaves_muon_nothing(batches):
 
 def test_lrlab_run_with_muon_trains_and_the_loss_falls(small_tree, cache_dir, tmp_path):
     recipe = write_recipe(tmp_path / "muon.yaml", cache_dir, train={"optimizer": "muon", "epochs": 3},
-                          lr_finder={"num_iter": 20, "skip_start": 2, "skip_end": 2}, explain={"num_images": 2})
+                          explain={"num_images": 2})
     assert main(["run", str(recipe), "--data", str(small_tree), "--out", str(tmp_path / "runs"), "--quiet"]) == 0
     (run,) = (tmp_path / "runs").iterdir()
     losses = [r["train_loss"] for r in json.loads((run / "history.json").read_text())]
-    assert len(losses) == 3 and losses[-1] < losses[0] and losses[-1] < 2.2  # ln 10 = 2.30 at chance
+    assert len(losses) == 3 and losses[-1] < losses[0] - 0.05  # 450 images, 27 steps: from ln 10 = 2.30 down
     found, plan = json.loads((run / "lr_finder.json").read_text()), json.loads((run / "lr_plan.json").read_text())
     assert found["method"] == "steepest" and plan["lr"] == found["suggestion"] and plan["muon_lr_ratio"] == 0.1
     rows = json.loads((run / "summary.json").read_text())["lr_plan"]
