@@ -23,7 +23,7 @@ from lrlab.engine import NONFINITE_POLICIES
 from lrlab.errors import LrlabError
 from lrlab.interpret import CAM_METHODS, DEFAULT_CAM_METHOD, SELECT_BY
 from lrlab.lr_finder import METHODS, MODES
-from lrlab.optim import OPTIMIZERS
+from lrlab.optim import MUON_AUX, OPTIMIZERS
 from lrlab.registry import Section as _Section
 from lrlab.registry import choice
 from lrlab.schedules import SCHEDULES, Milestones
@@ -33,6 +33,7 @@ AugmentMode = choice(AUGMENT_MODES, "data.augment")
 SweepMode = choice(MODES, "lr_finder.mode")
 SuggestionMethod = choice(("auto", *METHODS), "lr_finder.method")
 OptimizerName = OPTIMIZERS.field()
+MuonAuxName = MUON_AUX.field()
 ScheduleName = SCHEDULES.field()
 MistakeOrder = SELECT_BY.field()
 CamMethodName = CAM_METHODS.field()
@@ -158,13 +159,27 @@ class GradNoiseConfig(_Section):
     gamma: float = Field(0.55, ge=0)
 
 
+class MuonConfig(_Section):
+    """train.muon, read when train.optimizer is muon (lrlab.optim.MuonWithAux; Jordan et al. 2024,
+    "Muon: An optimizer for hidden layers in neural networks"): Muon for the hidden conv filters and
+    matrices, the auxiliary optimizer for the first layer, the head, biases and norm weights."""
+
+    # Muon's lr / the plan's lr (the auxiliary optimizer's): with SGD peaks of ~0.2-0.6 (fastnet)
+    # Muon gets ~0.02-0.06, the range of Jordan's experiments; the range test keeps the ratio
+    lr_ratio: float = Field(0.1, gt=0)
+    aux_optimizer: MuonAuxName = "sgd"  # sgd: Nesterov SGD with train.momentum; adamw: train.betas, train.eps
+    momentum: float = Field(0.95, ge=0, lt=1)  # Muon's Nesterov momentum (Jordan's default 0.95)
+    ns_steps: int = Field(5, ge=1)  # Newton-Schulz iterations per step (airbench94_muon uses 3)
+
+
 class _TrainBase(_Section):
     """Training: optimizer, lr, schedule (options in ``train.<schedule>``), batch size, TTA."""
 
     epochs: int = Field(10, gt=0)
     batch_size: int = Field(128, gt=0)
     # sgd: SGD with train.momentum (0: plain SGD) and train.nesterov; nesterov: SGD with
-    # Nesterov momentum; the others are torch.optim's (see lrlab.optim.build_optimizer).
+    # Nesterov momentum; muon: Muon + train.muon.aux_optimizer (train.muon); the others are
+    # torch.optim's (see lrlab.optim.build_optimizer).
     optimizer: OptimizerName = "sgd"
     lr: float = Field(0.05, gt=0)  # used as is when the range test is off
     max_lr: float | None = Field(None, gt=0)  # onecycle/cyclic peak; None: the range test's lr
@@ -186,6 +201,7 @@ class _TrainBase(_Section):
     batch_size_milestones: Milestones = Field(default_factory=list)
     batch_size_factor: float = Field(2.0, ge=1)
     grad_noise: GradNoiseConfig = Field(default_factory=GradNoiseConfig)
+    muon: MuonConfig = Field(default_factory=MuonConfig)
     # TTA belongs to the reported test accuracies (final model, best checkpoint) and the predictions;
     # the per-epoch validation is plain, so that every epoch is judged alike
     tta: bool = False  # reported evaluation on image + its mirror image (flip test-time augmentation)

@@ -12,6 +12,8 @@ combines them, and the only place that checks them:
 * with ``train.layer_groups`` (bottom to top) and ``train.lr_ratio`` r, layer group i of n gets
   lr x r^-((n - 1 - i) / (n - 1)): the top group the plan's lr, the bottom one lr / r, geometric
   in between (fastai's ``slice(lr / r, lr)``; Howard & Ruder 2018, arXiv:1801.06146).
+* with ``train.optimizer: muon`` the plan's lr is the auxiliary optimizer's, and Muon's groups
+  train at lr x ``train.muon.lr_ratio`` (in every layer group, times its scale; ``lrlab.optim``).
 
 Optimizers are built from the plan (``build_optimizer(cfg, model, plan.lr, plan.scales)``),
 schedules shape ``plan.lr`` over time for every group, the report prints :meth:`LRPlan.rows`.
@@ -32,7 +34,9 @@ def suggestion_method(method: str, optimizer: torch.optim.Optimizer) -> str:
     ``max_lr`` (Smith 2018's one-cycle peak) with SGD (plain, momentum, Nesterov) and
     ``steepest`` with every other optimizer. Measured, not assumed: in
     benchmarks/lr_suggestion_quality.py (README, "Which suggestion to trust") max_lr was the
-    best rule for SGD and among the worst for Adam, whose best lr sits mid-descent."""
+    best rule for SGD and among the worst for Adam, whose best lr sits mid-descent. Muon with
+    its auxiliary optimizer (:class:`lrlab.optim.MuonWithAux`) is not SGD: ``steepest``, not yet
+    measured."""
     if method != "auto":
         return method
     return "max_lr" if isinstance(optimizer, torch.optim.SGD) else "steepest"
@@ -59,6 +63,8 @@ class LRPlan:
         group_names: per layer group, the module names it holds ("all" without layer groups).
         suggestion: the range test's suggestion that was used (before ``lr_factor``), or None.
         method: the suggestion method that gave it, or None.
+        muon_lr_ratio: with ``train.optimizer: muon``, Muon's lr / ``lr`` in every layer group
+            (``train.muon.lr_ratio``); None for the other optimizers.
     """
 
     lr: float
@@ -68,6 +74,7 @@ class LRPlan:
     group_names: tuple[str, ...] = ("all",)
     suggestion: float | None = None
     method: str | None = None
+    muon_lr_ratio: float | None = None
 
     @classmethod
     def make(cls, config, suggestion: float | None = None, method: str | None = None) -> LRPlan:
@@ -93,7 +100,8 @@ class LRPlan:
         schedule.check_lr(schedule_options(t), lr, source)
         names = tuple("+".join(g) for g in t.layer_groups) or ("all",)
         return cls(lr, "peak" if schedule.lr_is_peak else "initial", source, layer_scales(len(names), t.lr_ratio),
-                   names, used, method if used is not None else None)
+                   names, used, method if used is not None else None,
+                   t.muon.lr_ratio if t.optimizer == "muon" else None)
 
     @classmethod
     def check(cls, config, range_test_runs: bool) -> None:
@@ -115,9 +123,15 @@ class LRPlan:
         return tuple(self.lr * s for s in self.scales)
 
     def rows(self) -> list[dict]:
-        """One row per layer group (top first): group, lr, kind, source; for tables and reports."""
-        return [{"group": name, "lr": lr, "kind": self.kind, "source": self.source}
-                for name, lr in reversed(list(zip(self.group_names, self.group_lrs)))]
+        """One row per layer group (top first): group, lr, kind, source; for tables and reports.
+        With Muon each group has a second row, "<group> (Muon)", at lr x ``muon_lr_ratio``."""
+        rows = []
+        for name, lr in reversed(list(zip(self.group_names, self.group_lrs))):
+            rows.append({"group": name, "lr": lr, "kind": self.kind, "source": self.source})
+            if self.muon_lr_ratio is not None:
+                rows.append({"group": f"{name} (Muon)", "lr": lr * self.muon_lr_ratio, "kind": self.kind,
+                             "source": f"{self.source} x train.muon.lr_ratio {self.muon_lr_ratio:g}"})
+        return rows
 
     def to_dict(self) -> dict:
         """JSON-ready dict; :meth:`from_dict` reads it back."""

@@ -1,7 +1,7 @@
 """Optimizers by name, parameter groups for weight decay, and Gaussian gradient noise.
 
-Names (``train.optimizer``), all from ``torch.optim``; the learning rate is per optimizer
-step and is then driven by the schedule (``lrlab.schedules``):
+Names (``train.optimizer``), all from ``torch.optim`` (muon: timm's Muon with one of them); the
+learning rate is per optimizer step and is then driven by the schedule (``lrlab.schedules``):
 
 =========  ==========================================================================
 sgd        SGD with ``train.momentum`` (heavy ball; 0 gives plain SGD) and Nesterov when
@@ -15,6 +15,9 @@ rmsprop    RMSProp (Hinton, lecture 6e), smoothing constant 0.99, no momentum, `
 adagrad    AdaGrad (Duchi et al. 2011), ``train.eps``.
 adadelta   AdaDelta (Zeiler 2012, arXiv:1212.5701), rho 0.9, ``train.eps``; its lr is a
            multiplier on the update (torch's default is 1.0).
+muon       Muon (Jordan et al. 2024) for the hidden weights, an auxiliary optimizer
+           (``train.muon.aux_optimizer``: Nesterov SGD or AdamW) for the rest, as one
+           optimizer: :class:`MuonWithAux`, options in ``train.muon``.
 =========  ==========================================================================
 
 Weight decay is ``train.weight_decay``; unless ``train.decay_norm_and_bias`` is true it is
@@ -26,8 +29,38 @@ Discriminative learning rates (Howard & Ruder 2018, ULMFiT, arXiv:1801.06146; fa
 network to the top; every parameter group carries the ``lr_scale`` of its layer group from the
 :class:`lrlab.lr_plan.LRPlan`, and the schedules multiply their lr by it at every step.
 
+Muon ("MomentUm Orthogonalized by Newton-Schulz"; K. Jordan, Y. Jin, V. Boza, J. You, F.
+Cesista, L. Newhouse, J. Bernstein, "Muon: An optimizer for hidden layers in neural networks",
+2024, kellerjordan.github.io/posts/muon) replaces each hidden weight's momentum update by its
+nearest semi-orthogonal matrix (a few Newton-Schulz iterations). Which parameters it takes
+(:func:`hidden_weights`), following the post (section "Empirical considerations": Muon for the
+hidden layers' 2-D weights only; the input layer, the classifier head and scalar and vector
+parameters go to a standard optimizer, as airbench94_muon and modded-nanogpt do): every conv
+filter and weight matrix (out, in, ...) with out > 1 and in > 1, except the first such
+parameter of the model (the input layer: the stem conv, a patch embedding; it sees pixels, not
+hidden features) and the head's (``lrlab.models.model_spec(model).head``). Depthwise filters
+(in = 1) stay with the auxiliary optimizer too (timm's ``_is_suitable_for_muon`` rule). Conv
+filters (out, in, kh, kw) are orthogonalised as the (out, in x kh x kw) matrix.
+
+The Muon update is timm's ``timm.optim.Muon`` (timm 1.0.31, R. Wightman, after Jordan's
+github.com/KellerJordan/Muon), which flattens conv filters itself; ``torch.optim.Muon`` takes 2-D
+parameters only. Settings: Nesterov momentum ``train.muon.momentum`` (0.95, Jordan's default),
+``train.muon.ns_steps`` Newton-Schulz steps with timm's default coefficients, the update scaled
+by Jordan's sqrt(max(1, out / (in x kh x kw))) (timm's ``adjust_lr_fn="original"``, so its lr
+lives on Muon's usual scale, ~0.02-0.05, not AdamW's), and decoupled weight decay: each step
+multiplies a hidden weight by 1 - lr_muon x ``train.weight_decay``. The auxiliary optimizer is
+``train.muon.aux_optimizer`` (:data:`MUON_AUX`): Nesterov SGD with ``train.momentum`` and L2
+decay, or AdamW.
+
+The two learning rates: the plan's lr (:class:`lrlab.lr_plan.LRPlan`, what ``train.lr``,
+``train.max_lr`` and the range test's suggestion mean) is the auxiliary optimizer's; every Muon
+group trains at that lr x ``train.muon.lr_ratio``. The ratio is put into the Muon groups'
+``lr_scale``, so every schedule and the range test move both lrs together at a fixed ratio,
+exactly as they move discriminative layer groups; the range test records the auxiliary lr.
+
 Every optimizer is registered once in :data:`OPTIMIZERS`: adding one is one decorated builder
-function in this file.
+function in this file. A builder may carry ``regroup(model, groups, train_cfg) -> groups``,
+applied to the parameter groups before it is called (Muon splits off the hidden weights).
 """
 
 from __future__ import annotations
@@ -38,6 +71,7 @@ import torch
 from torch import nn
 
 from lrlab.errors import LrlabError
+from lrlab.models.spec import model_spec
 from lrlab.registry import Registry
 
 OPTIMIZERS: Registry[Callable[[list[dict], float, object], torch.optim.Optimizer]] = Registry(
@@ -80,6 +114,123 @@ def _adagrad(groups, lr, cfg):
 @OPTIMIZERS.register("adadelta")
 def _adadelta(groups, lr, cfg):
     return torch.optim.Adadelta(groups, lr=lr, rho=0.9, eps=cfg.eps)
+
+
+MUON_AUX: Registry[Callable[[list[dict], float, object], torch.optim.Optimizer]] = Registry(
+    "auxiliary optimizer", "train.muon.aux_optimizer")
+"""``train.muon.aux_optimizer`` name -> builder of the optimizer for what Muon does not take:
+``sgd`` (Nesterov momentum ``train.momentum``, L2 weight decay, as ``nesterov``) or ``adamw``
+(``train.betas``, ``train.eps``, decoupled weight decay)."""
+MUON_AUX.register("sgd")(_nesterov)
+MUON_AUX.register("adamw")(_adamw)
+
+
+class MuonWithAux(torch.optim.Optimizer):
+    """Muon for the hidden weights and an auxiliary optimizer for every other parameter, as ONE
+    ``torch.optim.Optimizer`` (the idea of Jordan's ``MuonWithAuxAdam``, github.com/KellerJordan/Muon;
+    the updates are the libraries' own).
+
+    Its ``param_groups`` are all groups (a group with ``use_muon=True`` is Muon's), its ``state``
+    holds both parts' per-parameter state; :meth:`step` steps Muon, then the auxiliary
+    optimizer. The two parts are library optimizers built over the SAME group dicts and sharing
+    this object's ``state``, so setting a group's lr here sets it for the part that steps it,
+    and ``state_dict`` / ``load_state_dict`` are torch's, one flat dict for both parts
+    (checkpoints, resume, the range test's bit-exact restore). Step hooks (gradient noise) and
+    ``zero_grad`` are the base class's. ``add_param_group`` after construction is not supported,
+    and the parts' own ``state_dict()`` is not meaningful (their state holds the other part's
+    parameters too): save and load this object's.
+
+    Args:
+        groups: parameter groups (dicts with "params", "lr", "use_muon", any other options).
+        make_muon: builds the Muon part from its groups (a list of the group dicts).
+        make_aux: builds the auxiliary part from its groups.
+    """
+
+    def __init__(self, groups: list[dict], make_muon: Callable[[list[dict]], torch.optim.Optimizer],
+                 make_aux: Callable[[list[dict]], torch.optim.Optimizer]):
+        super().__init__(groups, {})
+        muon = [g for g in self.param_groups if g["use_muon"]]
+        aux = [g for g in self.param_groups if not g["use_muon"]]
+        self.muon = make_muon(muon) if muon else None  # None: nothing for Muon (e.g. a frozen backbone)
+        self.aux = make_aux(aux) if aux else None
+        self._link()
+
+    def _link(self) -> None:
+        """Point both parts at this optimizer's groups and state (again after loading a state)."""
+        for part, flag in ((self.muon, True), (self.aux, False)):
+            if part is not None:
+                part.param_groups = [g for g in self.param_groups if g["use_muon"] is flag]
+                part.state = self.state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One step of both parts (Muon first); returns ``closure()``'s loss when given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for part in (self.muon, self.aux):
+            if part is not None:
+                part.step()
+        return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's ``load_state_dict`` (new group dicts, new state), then both parts re-linked."""
+        super().load_state_dict(state_dict)
+        self._link()
+
+
+def hidden_weights(model: nn.Module) -> list[str]:
+    """Names of the parameters Muon updates (trainable or not), in ``named_parameters`` order:
+    every weight of >= 2 dimensions (out, in, ...) with out > 1 and in > 1, except the first one
+    (the input layer) and those of the head (``model_spec(model).head``). See the module docstring."""
+    head = model_spec(model).head
+    shaped = [n for n, p in model.named_parameters() if p.ndim >= 2 and p.shape[0] > 1 and p.shape[1] > 1]
+    return [n for n in shaped[1:] if not any(n == h or n.startswith(h + ".") for h in head)]
+
+
+def muon_groups(model: nn.Module, groups: list[dict], train_cfg) -> list[dict]:
+    """Each of :func:`param_groups`' groups split in two, in this order: the auxiliary
+    optimizer's part (``use_muon=False``) and Muon's (``use_muon=True``, ``lr_scale`` x
+    ``train.muon.lr_ratio``); empty parts are left out. Group 0 stays the plan's reference.
+
+    Raises:
+        LrlabError: the model has no hidden weight, or its top layer group holds nothing for the
+            auxiliary optimizer (then no group trains at the plan's lr).
+    """
+    hidden = hidden_weights(model)
+    if not hidden:
+        raise LrlabError(f"train.optimizer muon: {type(model).__name__} has no hidden weight for Muon (a conv filter "
+                         f"or matrix other than the first layer's and the head's); use another train.optimizer")
+    ids = {id(model.get_parameter(n)) for n in hidden}
+    out = []
+    for g in groups:
+        for flag in (False, True):
+            params = [p for p in g["params"] if (id(p) in ids) is flag]
+            if params:
+                scale = g["lr_scale"] * (train_cfg.muon.lr_ratio if flag else 1.0)
+                out.append({**g, "params": params, "use_muon": flag, "lr_scale": scale})
+    if out and out[0]["use_muon"]:
+        raise LrlabError("train.optimizer muon: the top layer group of train.layer_groups holds only hidden "
+                         "weights, so no group trains at the plan's lr; put the head in the last layer group")
+    return out
+
+
+@OPTIMIZERS.register("muon")
+def _muon(groups, lr, cfg):
+    from timm.optim import Muon  # timm's Muon (flattens conv filters); imported only when used
+
+    m = cfg.muon
+    aux = MUON_AUX.get(m.aux_optimizer)
+    if m.aux_optimizer == "sgd" and cfg.momentum <= 0:
+        raise LrlabError("train.optimizer muon with train.muon.aux_optimizer sgd needs train.momentum > 0 "
+                         "(Nesterov SGD, e.g. 0.9), got 0; or set train.muon.aux_optimizer=adamw")
+    return MuonWithAux(groups, lambda gs: Muon(gs, lr=lr, momentum=m.momentum, nesterov=True, ns_steps=m.ns_steps,
+                                               adjust_lr_fn="original", conv_mode="flatten"),
+                       lambda gs: aux(gs, lr, cfg))
+
+
+_muon.regroup = muon_groups
 
 
 def _layer_group_of(names: list[str], layer_groups: Sequence[Sequence[str]]) -> list[int]:
@@ -145,12 +296,16 @@ def build_optimizer(train_cfg, model: nn.Module, lr: float, lr_scales: Sequence[
         lr_scales: per layer group (``LRPlan.scales``).
 
     Raises:
-        LrlabError: an unknown name (the valid ones are listed), ``nesterov`` with
-            momentum 0, or a layer-group name that matches no parameter.
+        LrlabError: an unknown name (the valid ones are listed), ``nesterov`` (or ``muon``
+            with SGD) with momentum 0, a layer-group name that matches no parameter, or
+            ``muon`` on a model without hidden weights (:func:`muon_groups`).
     """
     build = OPTIMIZERS.get(train_cfg.optimizer)
     groups = param_groups(model, train_cfg.weight_decay, train_cfg.decay_norm_and_bias,
                           train_cfg.layer_groups, lr_scales)
+    regroup = getattr(build, "regroup", None)
+    if regroup is not None:
+        groups = regroup(model, groups, train_cfg)
     optimizer = build(groups, lr, train_cfg)
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_scale"]
