@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from datetime import timedelta
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -41,6 +42,10 @@ T = TypeVar("T")
 
 COMMANDS = ("run", "train", "find-lr", "resume")
 """The ``lrlab`` commands that run under torchrun with more than one process."""
+
+TIMEOUT = timedelta(hours=6)
+"""How long a collective may wait: the other ranks wait in a broadcast while rank 0 runs the LR
+range test (torch's default, 30 minutes, is shorter than a long range test on a CPU)."""
 
 
 def launched() -> bool:
@@ -93,9 +98,9 @@ def process_group(command: str) -> Iterator[None]:
                          f"(torchrun runs: {', '.join(COMMANDS)})")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("cpu:gloo,cuda:nccl")
+        dist.init_process_group("cpu:gloo,cuda:nccl", timeout=TIMEOUT)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=TIMEOUT)
     try:
         yield
     finally:

@@ -188,6 +188,8 @@ def prepare(config: Config, *, range_test: bool, train: bool, explain: bool,
         LrlabError: the first problem found, in one sentence.
     """
     compute = Compute.choose(config.compute.device, config.compute.precision)
+    if train:
+        distributed.check_batch_sizes(batch_sizes(config.train), compute.device, config.train.sync_bn)
     data = distributed.main_first(lambda: load_data(config))
     setup = Setup(config, compute, data, new_model(config, data, compute, init_from_data))
     spec = model_spec(setup.model)
@@ -201,7 +203,6 @@ def prepare(config: Config, *, range_test: bool, train: bool, explain: bool,
     if train:
         LRPlan.check(config, range_test and config.lr_finder.enabled)
         check_batch_sizes(config.train, len(data.train))
-        distributed.check_batch_sizes(batch_sizes(config.train), compute.device, config.train.sync_bn)
         if config.transfer.active:
             for stage in transfer.stages(config, setup.model):
                 LRPlan.check(stage.config, range_test and config.lr_finder.enabled)
