@@ -7,9 +7,12 @@
     lrlab predict RUN_DIR IMAGE_OR_FOLDER... [--top-k K] [--out CSV] [--device DEV]
     lrlab export RUN_DIR   # RUN_DIR/export/model.pt2 + model.json, loadable with plain torch
 
+    torchrun --nproc-per-node=N -m lrlab run RECIPE ...   # data-parallel (also train, find-lr, resume)
+
 Every failure ends with one line ``error: ...`` on stderr and no traceback. Exit status: 0 done,
 1 a file could not be written, 2 bad input, 3 training stopped at a non-finite loss, 130 / 143
-stopped by SIGINT / SIGTERM (after a checkpoint when it came during training).
+stopped by SIGINT / SIGTERM (after a checkpoint when it came during training). Under torchrun
+every rank exits so, and only rank 0 prints (:mod:`lrlab.distributed`).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from lrlab import interrupts
+from lrlab import distributed, interrupts
 from lrlab.config import load_config
 from lrlab.errors import LrlabError
 from lrlab.pipeline import Callbacks, explain_run, resume_pipeline, run_pipeline
@@ -166,12 +169,14 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(f"--data path {args.data} does not exist")
         overrides.append(f"data.path={args.data.resolve()}")
     try:
-        with interrupts.handle_signals():
+        with interrupts.handle_signals(), distributed.process_group(args.command):
             summary = _command(args, overrides)
     except LrlabError as e:
         return _fail(str(e), e.exit_status)
     except KeyboardInterrupt as e:
         return _interrupted(e)
+    if not distributed.is_main():  # another rank of a torchrun job: rank 0 reports
+        return 0
     if args.command == "find-lr" and not args.quiet:
         print(suggestion_table_text(summary.get("lr_suggestions") or []))
     print(_final_line(args.command, summary))
@@ -184,12 +189,13 @@ def _command(args: argparse.Namespace, overrides: list[str]) -> dict:
         source = RunFolder.open(args.run_dir)
         return explain_run(source, source.load_config(overrides), args.out)
     if args.command == "resume":
-        run = RunFolder.open(args.run_dir)
+        run = distributed.from_main(lambda: RunFolder.open(args.run_dir))
         config, command = None, None
     else:
         config, command = load_config(args.recipe, overrides), args.command
-        run = RunFolder.open(args.resume) if getattr(args, "resume", None) else None
-    progress = None if args.quiet else _Progress((config or run.load_config()).train.epochs)
+        run = distributed.from_main(lambda: RunFolder.open(args.resume)) if getattr(args, "resume", None) else None
+    quiet = args.quiet or not distributed.is_main()
+    progress = None if quiet else _Progress((config or run.load_config()).train.epochs)
     try:
         if run is not None:
             return resume_pipeline(run, progress or Callbacks(), config, command).summary
@@ -273,7 +279,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _fail(message: str, status: int = 2) -> int:
-    print(f"error: {message}", file=sys.stderr)
+    if distributed.is_main():
+        print(f"error: {message}", file=sys.stderr)
     return status
 
 

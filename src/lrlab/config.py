@@ -23,6 +23,7 @@ from lrlab.engine import NONFINITE_POLICIES
 from lrlab.errors import LrlabError
 from lrlab.interpret import CAM_METHODS, DEFAULT_CAM_METHOD, SELECT_BY
 from lrlab.lr_finder import METHODS, MODES
+from lrlab.lr_plan import LR_SCALE_RULES
 from lrlab.optim import MUON_AUX, OPTIMIZERS
 from lrlab.registry import Section as _Section
 from lrlab.registry import choice
@@ -37,6 +38,7 @@ MuonAuxName = MUON_AUX.field()
 ScheduleName = SCHEDULES.field()
 MistakeOrder = SELECT_BY.field()
 CamMethodName = CAM_METHODS.field()
+LrScaleRule = choice(tuple(LR_SCALE_RULES), "train.lr_scale_rule")
 
 
 class ComputeConfig(_Section):
@@ -200,6 +202,14 @@ class _TrainBase(_Section):
     # milestone epoch (0-based), instead of decaying the lr.
     batch_size_milestones: Milestones = Field(default_factory=list)
     batch_size_factor: float = Field(2.0, ge=1)
+    # the lr for a changed (global) batch size (lrlab.lr_plan, as timm's --lr-base-scale): train.lr and
+    # train.max_lr are meant for lr_base_batch images per step, the range test's lr for its own batch;
+    # linear: x batch_size / that batch (Goyal et al. 2017), sqrt: x its square root; none: as they are
+    lr_scale_rule: LrScaleRule = "none"
+    lr_base_batch: int = Field(256, gt=0)
+    # under torchrun on CUDA: BatchNorm statistics over the whole global batch (torch.nn.SyncBatchNorm)
+    # instead of each rank's part of it
+    sync_bn: bool = False
     grad_noise: GradNoiseConfig = Field(default_factory=GradNoiseConfig)
     muon: MuonConfig = Field(default_factory=MuonConfig)
     # TTA belongs to the reported test accuracies (final model, best checkpoint) and the predictions;

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -77,8 +78,12 @@ class History:
         return rows
 
 def evaluate(model: nn.Module, loader: Iterable, compute: Compute, tta: bool = False,
-             tta_shift: int = 0) -> tuple[float, float]:
+             tta_shift: int = 0, sync: Callable[..., tuple] | None = None) -> tuple[float, float]:
     """(mean cross-entropy per image, top-1 accuracy in [0, 1]) over ``loader``.
+
+    ``sync`` (data-parallel, :func:`lrlab.distributed.all_reduce_sums`): each rank's loader
+    holds its part of the split; the sums are added over the ranks, so every rank returns the
+    metrics of the whole split.
 
     With ``tta`` the prediction is the mean of the softmax over the test-time augmentation
     views of :func:`lrlab.tta.tta_probs` (the image and its mirror image; with ``tta_shift``
@@ -90,6 +95,8 @@ def evaluate(model: nn.Module, loader: Iterable, compute: Compute, tta: bool = F
         total_loss += F.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
+    if sync is not None:
+        total_loss, correct, seen = sync(total_loss, correct, seen)
     return total_loss / seen, correct / seen
 
 
@@ -157,10 +164,18 @@ class Trainer:
     ``on_nonfinite``: "stop" (training ends at the first step whose loss is NaN or infinite,
     before that step changes anything; ``history.stopped`` says where) or "skip" (the step
     changes nothing and is counted in the record's ``skipped_steps``).
+
+    Data-parallel (:mod:`lrlab.distributed`): ``model`` is the ``DistributedDataParallel``
+    wrapper of the network ``model.module`` (:attr:`net`: saved, loaded and evaluated) and
+    ``sync`` sums numbers over the ranks (:func:`lrlab.distributed.all_reduce_sums`): every
+    step's loss, correct predictions and images are those of the whole global batch on every
+    rank, so the non-finite policy, the records and the schedule decide alike everywhere, and a
+    signal that reached any rank stops all of them after the same step (:attr:`signal`).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, schedule, compute: Compute, *,
-                 label_smoothing: float = 0.0, on_nonfinite: str = "stop", grad_noise=None):
+                 label_smoothing: float = 0.0, on_nonfinite: str = "stop", grad_noise=None,
+                 sync: Callable[..., tuple] | None = None):
         if on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"on_nonfinite {on_nonfinite!r} is not one of {NONFINITE_POLICIES}")
         self.model, self.optimizer, self.schedule, self.compute = model, optimizer, schedule, compute
@@ -171,6 +186,9 @@ class Trainer:
         self.progress = EpochProgress()
         self.last_finite_loss: float | None = None
         self.stage: int | None = None  # written into every record when set (runs in stages)
+        self.sync = sync
+        self.net = model.module if sync is not None else model
+        self.signal: int | None = None  # with sync: a signal pending on any rank at the last step
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """One optimizer step on the batch x (B, C, H, W) float32, y (B,) int64 (training mode);
@@ -179,16 +197,24 @@ class Trainer:
         with self.compute.autocast():
             logits = self.model(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
-        value = loss.item()
+        value, correct, n = (loss.item(), None, len(y)) if self.sync is None else self._global(loss, logits, y)
         if not math.isfinite(value):
             return self._nonfinite(value)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self._count(value, (logits.argmax(1) == y).sum().item(), len(y))
+        self._count(value, (logits.argmax(1) == y).sum().item() if correct is None else correct, n)
         self.last_finite_loss = value
         return value
+
+    def _global(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> tuple[float, int, int]:
+        """(mean loss, correct, images) of the global batch, summed over the ranks with
+        :attr:`sync`, which also tells whether a signal is pending on any rank (:attr:`signal`)."""
+        total, correct, n, signals = self.sync(loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y),
+                                               interrupts.pending() is not None)
+        self.signal = (interrupts.pending() or signal.SIGTERM) if signals else None
+        return total / n, int(correct), int(n)
 
     def _count(self, loss: float, correct: int, n: int, skipped: int = 0) -> None:
         self.history.step_lrs.append(self.schedule.lr)
@@ -218,7 +244,7 @@ class Trainer:
 
     def state_dict(self) -> dict:
         """Everything :meth:`load_state_dict` needs (loadable with ``weights_only=True``)."""
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        return {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "schedule": self.schedule.state_dict(), "scaler": self.scaler.state_dict(),
                 "grad_noise": self.grad_noise.state_dict() if self.grad_noise is not None else None,
                 "epoch": self.epoch, "step": len(self.history.step_lrs), "epoch_progress": vars(self.progress).copy(),
@@ -227,7 +253,7 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a :meth:`state_dict` (model and optimizer tensors go to their devices)."""
-        self.model.load_state_dict(state["model"])
+        self.net.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         if self.scaler.is_enabled():
@@ -255,7 +281,7 @@ def _train_epoch(trainer: Trainer, loader, checkpoint: Callable[[dict, bool], No
         p.seconds = time.perf_counter() - start
         if on_step is not None:
             on_step(p.steps - 1, loss)
-        signum = interrupts.pending()
+        signum = interrupts.pending() if trainer.sync is None else trainer.signal
         if checkpoint is not None and (signum or (checkpoint_every and len(trainer.history.step_lrs) % checkpoint_every == 0)):
             checkpoint(trainer.state_dict(), False)
         if signum:
@@ -268,7 +294,7 @@ def fit(model: nn.Module, train_loader, val_loader, optimizer, schedule, epochs:
         checkpoint: Callable[[dict, bool], None] | None = None, checkpoint_every: int = 0,
         early_stop_patience: int = 0, resume: dict | None = None, earlier: History | None = None,
         stage: int | None = None, on_step: Callable[[int, float], None] | None = None,
-        on_epoch: Callable[[dict], None] | None = None) -> History:
+        on_epoch: Callable[[dict], None] | None = None, sync: Callable[..., tuple] | None = None) -> History:
     """Train for ``epochs`` epochs, evaluating on the validation batches ``val_loader`` after each
     (see :class:`Trainer` for the step, ``on_nonfinite`` and the state a checkpoint holds). Every
     decision reads the validation split; the test split is not seen here.
@@ -286,7 +312,9 @@ def fit(model: nn.Module, train_loader, val_loader, optimizer, schedule, epochs:
     resumed run makes it exactly as the uninterrupted one. ``resume``: a state from an
     earlier ``checkpoint`` call to continue from (also one at the end of training: then nothing
     is trained). ``grad_noise``: the :class:`lrlab.optim.GradientNoise` attached to the optimizer,
-    whose state the checkpoints carry.
+    whose state the checkpoints carry. ``sync``: data-parallel training, ``model`` a
+    ``DistributedDataParallel`` wrapper and the loaders each rank's part (see :class:`Trainer`;
+    the validation metrics are summed over the ranks, :func:`evaluate`).
 
     Stages (:mod:`lrlab.transfer`): ``earlier`` is the history of the stages before this one
     (without ``resume``): its epochs and steps count, so ``epochs`` is the total of the run so
@@ -298,7 +326,7 @@ def fit(model: nn.Module, train_loader, val_loader, optimizer, schedule, epochs:
             under way was finished and ``checkpoint`` called first.
     """
     trainer = Trainer(model, optimizer, schedule, compute, label_smoothing=label_smoothing,
-                      on_nonfinite=on_nonfinite, grad_noise=grad_noise)
+                      on_nonfinite=on_nonfinite, grad_noise=grad_noise, sync=sync)
     if resume is not None:
         trainer.load_state_dict(resume)
     elif earlier is not None:
@@ -328,7 +356,7 @@ def _end_epoch(trainer: Trainer, epoch: int, val_loader, batch_size: int | None,
     then raise :class:`Interrupted` if a signal came meanwhile."""
     start = time.perf_counter()
     p = trainer.progress
-    val_loss, val_acc = evaluate(trainer.model, val_loader, trainer.compute)
+    val_loss, val_acc = evaluate(trainer.net, val_loader, trainer.compute, sync=trainer.sync)
     trainer.schedule.step_epoch(val_loss)
     train_loss, train_acc = p.means()
     record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
@@ -341,5 +369,8 @@ def _end_epoch(trainer: Trainer, epoch: int, val_loader, batch_size: int | None,
         checkpoint(trainer.state_dict(), trainer.history.best() is record)
     if on_epoch is not None:
         on_epoch(record)
-    if interrupts.pending():
-        raise interrupts.Interrupted(interrupts.pending(), f"after epoch {epoch}")
+    signum = interrupts.pending()
+    if trainer.sync is not None:  # stop on every rank or on none
+        signum = (signum or signal.SIGTERM) if trainer.sync(signum is not None)[0] else None
+    if signum:
+        raise interrupts.Interrupted(signum, f"after epoch {epoch}")

@@ -11,9 +11,11 @@ combines them, and the only place that checks them:
 * the schedule may reject the lr (cyclic: ``train.cyclic.base_lr`` must be below the peak);
 * with ``train.layer_groups`` (bottom to top) and ``train.lr_ratio`` r, layer group i of n gets
   lr x r^-((n - 1 - i) / (n - 1)): the top group the plan's lr, the bottom one lr / r, geometric
-  in between (fastai's ``slice(lr / r, lr)``; Howard & Ruder 2018, arXiv:1801.06146).
+  in between (fastai's ``slice(lr / r, lr)``; Howard & Ruder 2018, arXiv:1801.06146);
 * with ``train.optimizer: muon`` the plan's lr is the auxiliary optimizer's, and Muon's groups
-  train at lr x ``train.muon.lr_ratio`` (in every layer group, times its scale; ``lrlab.optim``).
+  train at lr x ``train.muon.lr_ratio`` (in every layer group, times its scale; ``lrlab.optim``);
+* with ``train.lr_scale_rule`` linear or sqrt, an lr meant for another batch size is scaled to
+  ``train.batch_size`` (the global batch under torchrun), once, here (:func:`batch_scale`).
 
 Optimizers are built from the plan (``build_optimizer(cfg, model, plan.lr, plan.scales)``),
 schedules shape ``plan.lr`` over time for every group, the report prints :meth:`LRPlan.rows`.
@@ -42,6 +44,30 @@ def suggestion_method(method: str, optimizer: torch.optim.Optimizer) -> str:
     return "max_lr" if isinstance(optimizer, torch.optim.SGD) else "steepest"
 
 
+LR_SCALE_RULES = {"none": 0.0, "linear": 1.0, "sqrt": 0.5}
+"""``train.lr_scale_rule``: the exponent p of lr x (batch / reference batch)^p."""
+
+
+def batch_scale(rule: str, batch: int, reference: int) -> float:
+    """The lr multiplier (batch / reference)^p of ``rule`` (:data:`LR_SCALE_RULES`): linear is
+    Goyal et al. 2017 (arXiv:1706.02677, the linear scaling rule of large-batch SGD), sqrt is
+    Krizhevsky 2014 (arXiv:1404.5997) and Hoffer et al. 2017 (arXiv:1705.08741), often used with
+    adaptive optimizers; timm's ``--lr-base``/``--lr-base-size``/``--lr-base-scale`` offer the same.
+    1 for "none" or equal batches."""
+    return (batch / reference) ** LR_SCALE_RULES[rule]
+
+
+def _scaled(config, lr: float, source: str, reference: int) -> tuple[float, str, float]:
+    """(lr, source, factor) after ``train.lr_scale_rule`` from ``reference`` images per step to
+    ``train.batch_size``; the source says so when the factor is not 1."""
+    t = config.train
+    factor = batch_scale(t.lr_scale_rule, t.batch_size, reference)
+    if factor == 1.0:
+        return lr, source, factor
+    return (lr * factor, f"{source} x {factor:.4g} ({t.lr_scale_rule}: batch {t.batch_size} / {reference})",
+            factor)
+
+
 def layer_scales(num_groups: int, ratio: float) -> tuple[float, ...]:
     """lr of each layer group (bottom first) / the top group's: geometric from 1/ratio to 1."""
     if num_groups <= 1:
@@ -65,6 +91,9 @@ class LRPlan:
         method: the suggestion method that gave it, or None.
         muon_lr_ratio: with ``train.optimizer: muon``, Muon's lr / ``lr`` in every layer group
             (``train.muon.lr_ratio``); None for the other optimizers.
+        batch_scale: the factor of ``train.lr_scale_rule`` in ``lr`` (1: none), from the batch the
+            lr was meant for (``train.lr_base_batch``; the range test's batch for its suggestion)
+            to ``train.batch_size``.
     """
 
     lr: float
@@ -75,6 +104,7 @@ class LRPlan:
     suggestion: float | None = None
     method: str | None = None
     muon_lr_ratio: float | None = None
+    batch_scale: float = 1.0
 
     @classmethod
     def make(cls, config, suggestion: float | None = None, method: str | None = None) -> LRPlan:
@@ -88,20 +118,21 @@ class LRPlan:
         schedule = SCHEDULES.get(t.schedule)
         used = None  # the suggestion the lr comes from
         if schedule.lr_is_peak and t.max_lr is not None:
-            lr, source = t.max_lr, "train.max_lr"
+            lr, source, scale = _scaled(config, t.max_lr, "train.max_lr", t.lr_base_batch)
         elif suggestion is not None:
             used, factor = suggestion, config.lr_finder.lr_factor
-            lr, source = suggestion * factor, f"range test: {method} {suggestion:.3g} x lr_factor {factor:g}"
+            lr, source, scale = _scaled(config, suggestion * factor, f"range test: {method} {suggestion:.3g} x "
+                                        f"lr_factor {factor:g}", config.lr_finder.batch_size or t.batch_size)
         elif schedule.lr_is_peak:
             raise LrlabError(f"train.schedule {t.schedule!r} needs a max_lr: set train.max_lr or let the range "
                              f"test find it (lr_finder.enabled=true, the run command)")
         else:
-            lr, source = t.lr, "train.lr"
+            lr, source, scale = _scaled(config, t.lr, "train.lr", t.lr_base_batch)
         schedule.check_lr(schedule_options(t), lr, source)
         names = tuple("+".join(g) for g in t.layer_groups) or ("all",)
         return cls(lr, "peak" if schedule.lr_is_peak else "initial", source, layer_scales(len(names), t.lr_ratio),
                    names, used, method if used is not None else None,
-                   t.muon.lr_ratio if t.optimizer == "muon" else None)
+                   t.muon.lr_ratio if t.optimizer == "muon" else None, scale)
 
     @classmethod
     def check(cls, config, range_test_runs: bool) -> None:

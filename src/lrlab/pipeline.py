@@ -28,7 +28,7 @@ from torch import nn
 from lrlab.compute import Compute
 from lrlab.config import Config
 from lrlab.data import BatchLoader, Dataset, Split, load_dataset
-from lrlab import transfer
+from lrlab import distributed, transfer
 from lrlab.engine import History, evaluate, fit, seed_everything
 from lrlab.errors import Diverged, LrlabError, RunStopped, WriteError
 from lrlab.inference import Preprocessing
@@ -108,21 +108,23 @@ def load_data(config: Config) -> Dataset:
     return data
 
 
-def train_loader(setup: Setup, batch_size: int) -> BatchLoader:
-    """Shuffled, augmented batches of the training split on the device."""
+def train_loader(setup: Setup, batch_size: int, shard: tuple[int, int] = (0, 1)) -> BatchLoader:
+    """Shuffled, augmented batches of the training split on the device (with ``shard`` =
+    (rank, world): this rank's part of each, see :class:`BatchLoader`)."""
     d, data, compute = setup.config.data, setup.data, setup.compute
     return BatchLoader(data.train, batch_size, mean=data.mean, std=data.std, shuffle=True,
                        augment=d.augment, crop_padding=d.crop_padding, flip=d.flip, cutout=d.cutout,
                        rotate=d.rotate, device=compute.device, channels_last=compute.channels_last,
                        drop_last=True, seed=setup.config.seed, crop_sizes=d.crop_sizes,
-                       image_size=d.image_size, crop_scale=d.crop_scale, trivial_augment=d.trivial_augment)
+                       image_size=d.image_size, crop_scale=d.crop_scale, trivial_augment=d.trivial_augment,
+                       shard=shard)
 
 
-def eval_loader(setup: Setup, split: Split, batch_size: int = 500) -> BatchLoader:
-    """Batches of ``split`` in order, normalised, without augmentation."""
+def eval_loader(setup: Setup, split: Split, batch_size: int = 500, shard: tuple[int, int] = (0, 1)) -> BatchLoader:
+    """Batches of ``split`` in order, normalised, without augmentation (``shard``: this rank's part)."""
     return BatchLoader(split, batch_size, mean=setup.data.mean, std=setup.data.std, shuffle=False,
                        augment="none", device=setup.compute.device, channels_last=setup.compute.channels_last,
-                       image_size=setup.config.data.image_size)
+                       image_size=setup.config.data.image_size, shard=shard)
 
 
 def new_model(config: Config, data: Dataset, compute: Compute, init_from_data: bool = True) -> nn.Module:
@@ -174,7 +176,9 @@ def prepare(config: Config, *, range_test: bool, train: bool, explain: bool,
             init_from_data: bool = True) -> Setup:
     """Load data and model and check everything that can reject the recipe, before any work is
     written: the model and its weights, augmentation options, optimizer and layer groups, the lr
-    sources (LRPlan.check), the batch-size schedule, the CAM layer.
+    sources (LRPlan.check), the batch-size schedule (under torchrun: split evenly over the
+    ranks, :func:`lrlab.distributed.check_batch_sizes`), the CAM layer. Under torchrun rank 0
+    loads the data first (filling the cache), then the other ranks.
 
     Pretrained weights bring their input normalisation (``model_spec(model).mean/std``, e.g.
     ImageNet's): it replaces the training split's in ``setup.data``, which every loader,
@@ -185,7 +189,9 @@ def prepare(config: Config, *, range_test: bool, train: bool, explain: bool,
     """
     compute = Compute.choose(config.compute.device, config.compute.precision)
     check_name(config.model.name)  # before the (possibly long) first decoding of the data
-    data = load_data(config)
+    if train:
+        distributed.check_batch_sizes(batch_sizes(config.train), compute.device, config.train.sync_bn)
+    data = distributed.main_first(lambda: load_data(config))
     setup = Setup(config, compute, data, new_model(config, data, compute, init_from_data))
     spec = model_spec(setup.model)
     if spec.mean is not None:
@@ -201,6 +207,7 @@ def prepare(config: Config, *, range_test: bool, train: bool, explain: bool,
         if config.transfer.active:
             for stage in transfer.stages(config, setup.model):
                 LRPlan.check(stage.config, range_test and config.lr_finder.enabled)
+                distributed.check_batch_sizes(batch_sizes(stage.config.train), compute.device, config.train.sync_bn)
     return setup
 
 
@@ -280,7 +287,9 @@ def _tensorboard(run: RunFolder | None, resume: dict | None) -> TensorBoardScala
 def train(setup: Setup, plan: LRPlan, callbacks: Callbacks = Callbacks(), run: RunFolder | None = None,
           resume: dict | None = None, earlier: History | None = None, stage: int | None = None) -> History:
     """Train the model with the configured optimizer and schedule over ``plan``, the batch-size
-    schedule and gradient noise; from the checkpoint state ``resume`` when given. With ``run``:
+    schedule and gradient noise; from the checkpoint state ``resume`` when given. Under torchrun
+    (:mod:`lrlab.distributed`) the model trains in DistributedDataParallel on this rank's part of
+    every batch (``run`` only on rank 0). With ``run``:
     checkpoints every epoch (and every ``train.checkpoint_every`` steps), TensorBoard scalars,
     and the history with its figures (``RunFolder.save_history``). The global random states are
     seeded from ``seed`` first, so training does not depend on what ran before it.
@@ -294,7 +303,7 @@ def train(setup: Setup, plan: LRPlan, callbacks: Callbacks = Callbacks(), run: R
     config, cfg = setup.config, setup.config.train
     seed_everything(config.seed)
     sizes = batch_sizes(cfg)
-    loader = train_loader(setup, sizes[0])
+    loader = train_loader(setup, sizes[0], distributed.shard())
     clock = Clock(_steps_per_epoch(loader, sizes))
     optimizer = build_optimizer(cfg, setup.model, plan.lr, plan.scales)
     noise = GradientNoise(cfg.grad_noise.eta, cfg.grad_noise.gamma, seed=config.seed) if cfg.grad_noise.eta > 0 else None
@@ -316,14 +325,16 @@ def train(setup: Setup, plan: LRPlan, callbacks: Callbacks = Callbacks(), run: R
             if callbacks.on_epoch is not None:
                 callbacks.on_epoch(record)
 
-        history = fit(setup.model, loader, eval_loader(setup, setup.data.val), optimizer, schedule,
+        history = fit(distributed.wrap(setup.model, cfg.sync_bn), loader,
+                      eval_loader(setup, setup.data.val, shard=distributed.shard()), optimizer, schedule,
                       start + cfg.epochs, setup.compute,
                       label_smoothing=cfg.label_smoothing, grad_noise=noise,
                       batch_sizes=[sizes[0]] * start + sizes if cfg.batch_size_milestones else None,
                       on_nonfinite=cfg.on_nonfinite, checkpoint_every=cfg.checkpoint_every,
                       early_stop_patience=cfg.early_stop_patience, resume=resume, earlier=earlier, stage=stage,
                       checkpoint=(lambda state, best: run.save_checkpoint({**state, **extra}, best)) if run else None,
-                      on_step=callbacks.on_step, on_epoch=on_epoch)
+                      on_step=callbacks.on_step, on_epoch=on_epoch,
+                      sync=distributed.all_reduce_sums if distributed.is_distributed() else None)
     finally:
         if scalars is not None:
             scalars.close()
@@ -436,14 +447,20 @@ def run_pipeline(config: Config, out: str | Path, callbacks: Callbacks = Callbac
     (:class:`~lrlab.errors.RunStopped`, :class:`~lrlab.interrupts.Interrupted`) keeps its folder
     for :func:`resume_pipeline`.
 
+    Under torchrun only rank 0 makes and writes the folder, runs the range test and everything
+    after training; the other ranks get its plan, train their part of every batch and return
+    an empty summary.
+
     Raises:
         LrlabError: rejected input; WriteError: ``out`` or a file cannot be written; Diverged:
             a non-finite loss stopped training (after the report was written); Interrupted.
     """
     start = time.perf_counter()
-    check_writable(out, "output folder")
+    distributed.from_main(lambda: check_writable(out, "output folder"))
     testing = range_test_stage and config.lr_finder.enabled
     setup = prepare(config, range_test=testing, train=train_stage, explain=explain_stage)
+    if not distributed.is_main():
+        return _run_stages(setup, None, callbacks, testing, train_stage, explain_stage)
     run = RunFolder.create(out, config.name)
     run.save_status(command, dict(zip(STAGE_NAMES, (range_test_stage, train_stage, explain_stage))))
     with _stopping(run, discard=True):
@@ -458,12 +475,27 @@ def resume_pipeline(run: RunFolder, callbacks: Callbacks = Callbacks(), config: 
     :class:`lrlab.engine.Trainer`), then explain, summary and report, all in the same folder.
 
     ``config`` / ``command`` (``lrlab run RECIPE --resume RUN_DIR``) must be the run's own.
+    Under torchrun rank 0 reads the folder and hands config, plan and checkpoint to the other
+    ranks (which need no copy of it); the number of ranks may differ from the first start's.
 
     Raises:
         LrlabError: not a resumable run folder, a different recipe or command, a corrupt
             checkpoint; and as :func:`run_pipeline` (never removes the folder).
     """
     start = time.perf_counter()
+    saved, stages = distributed.from_main(lambda: _resumable(run, config, command))
+    testing = stages["range_test"] and saved.lr_finder.enabled
+    setup = prepare(saved, range_test=testing, train=stages["train"], explain=stages["explain"])
+    if not distributed.is_main():
+        return _run_stages(setup, None, callbacks, testing, stages["train"], stages["explain"], resume=True)
+    with _stopping(run, discard=False):
+        outcome = _run_stages(setup, run, callbacks, testing, stages["train"], stages["explain"], resume=True)
+        return _finish(run, outcome, start)
+
+
+def _resumable(run: RunFolder, config: Config | None, command: str | None) -> tuple[Config, dict]:
+    """The saved config and stages of ``run``, checked against ``config`` / ``command`` when
+    given; the folder checked writable and cleared of temporary files."""
     saved_command, stages = run.load_status()
     saved = run.load_config()
     if command is not None and command != saved_command:
@@ -473,11 +505,7 @@ def resume_pipeline(run: RunFolder, callbacks: Callbacks = Callbacks(), config: 
                          f"resume with the run's own recipe ('lrlab resume {run.path}')")
     check_writable(run.path, "run folder")
     remove_temporaries(run.path)
-    testing = stages["range_test"] and saved.lr_finder.enabled
-    setup = prepare(saved, range_test=testing, train=stages["train"], explain=stages["explain"])
-    with _stopping(run, discard=False):
-        outcome = _run_stages(setup, run, callbacks, testing, stages["train"], stages["explain"], resume=True)
-        return _finish(run, outcome, start)
+    return saved, stages
 
 
 def _differing_keys(a: Config, b: Config) -> list[str]:
@@ -555,19 +583,21 @@ def _transfer_stages(setup: Setup, run: RunFolder, callbacks: Callbacks, testing
     """Train in the stages of :func:`lrlab.transfer.stages`, each with its own range test, LR plan
     and schedule, one history across them; ``summary["stages"]`` gets each stage's lrs and
     epochs, and the summary's lr keys are the last stage's. Resuming skips the stages that
-    checkpoints/last.pt has passed (their saved plans are reused) and continues its own."""
-    state = run.load_checkpoint("last_checkpoint") if resume and run.file("last_checkpoint").is_file() else None
+    checkpoints/last.pt has passed (their saved plans are reused) and continues its own.
+    ``run`` None: a rank other than 0 under torchrun (plans and checkpoint come from rank 0)."""
+    state = _resume_state(run, resume)
     at = state.get("stage") if state is not None else None
     history, rows = None, []
     for stage in transfer.stages(setup.config, setup.model):
         if at is not None and at > stage.number:  # finished before the stop: nothing to redo
-            plan, result = run.load_plan(stage.number), run.load_range_test(stage.number)
+            plan, result = distributed.from_main(lambda: (run.load_plan(stage.number),
+                                                          run.load_range_test(stage.number)))
         else:
             sub = Setup(stage.config, setup.compute, setup.data, setup.model)
             frozen = transfer.freeze(setup.model, stage.trainable)
             try:
                 seed_everything(setup.config.seed)
-                plan, result = _plan(sub, run, callbacks, testing, resume, stage.number)
+                plan, result = distributed.from_main(lambda: _plan(sub, run, callbacks, testing, resume, stage.number))
                 history = train(sub, plan, callbacks, run, state if at == stage.number else None, history,
                                 stage.number)
             finally:
@@ -597,10 +627,12 @@ def _run_stages(setup: Setup, run: RunFolder, callbacks: Callbacks, testing: boo
                 explaining: bool, resume: bool = False) -> Outcome:
     """The stages of :func:`run_pipeline` inside its folder; returns the summary so far. The test
     split is evaluated for the summary only: the final model, and the best checkpoint (the best
-    validation epoch), whose predictions explain then studies."""
+    validation epoch), whose predictions explain then studies. ``run`` None: a rank other than 0
+    under torchrun, which receives plan and checkpoint from rank 0, trains and returns."""
     compute, data = setup.compute, setup.data
-    run.save_preprocessing(Preprocessing.of(data.classes, setup.config.data.image_size, tuple(data.train.images.shape),
-                                            data.mean, data.std))
+    if run is not None:
+        run.save_preprocessing(Preprocessing.of(data.classes, setup.config.data.image_size,
+                                                tuple(data.train.images.shape), data.mean, data.std))
     summary: dict = {"run_dir": str(run), "device": str(compute.device), "autocast": compute.dtype_name,
                      "train_images": len(data.train), "val_images": len(data.val),
                      "test_images": len(data.test) if data.test is not None else None,
@@ -610,13 +642,16 @@ def _run_stages(setup: Setup, run: RunFolder, callbacks: Callbacks, testing: boo
     if training and setup.config.transfer.active:
         history = _transfer_stages(setup, run, callbacks, testing, resume, summary)
     elif setup.config.transfer.active:  # find-lr on a transfer recipe
-        summary.update(_first_stage_plan(setup, run, callbacks, testing, resume))
+        summary.update(distributed.from_main(lambda: _first_stage_plan(setup, run, callbacks, testing, resume)))
     else:
-        plan, result = _plan(setup, run, callbacks, testing, resume)
+        plan, result = distributed.from_main(lambda: _plan(setup, run, callbacks, testing, resume))
         summary.update(_plan_summary(plan, result))
         if training:
-            state = run.load_checkpoint("last_checkpoint") if resume and run.file("last_checkpoint").is_file() else None
-            history = train(setup, plan, callbacks, run, state)
+            history = train(setup, plan, callbacks, run, _resume_state(run, resume))
+    if run is None:  # rank 0 evaluates the test split, explains and reports
+        return Outcome(summary, history)
+    if distributed.is_distributed():
+        summary["world_size"] = distributed.world_size()
     if history is not None:
         summary.update(_training_summary(setup, history))
     if (training or explaining) and run.file("best_checkpoint").is_file():
@@ -628,6 +663,15 @@ def _run_stages(setup: Setup, run: RunFolder, callbacks: Callbacks, testing: boo
             callbacks.stage("explain", 0)
             explain_into(setup, run, pred)
     return Outcome(summary, history)
+
+
+def _resume_state(run: RunFolder | None, resume: bool) -> dict | None:
+    """The state of checkpoints/last.pt when resuming a run that has one (read on rank 0 and
+    handed to every rank under torchrun), else None."""
+    if not resume:
+        return None
+    return distributed.from_main(lambda: run.load_checkpoint("last_checkpoint")
+                                 if run.file("last_checkpoint").is_file() else None)
 
 
 def _training_summary(setup: Setup, history: History) -> dict:

@@ -175,6 +175,13 @@ class BatchLoader:
         channels_last: deliver x in ``torch.channels_last`` memory format.
         drop_last: drop the final incomplete batch.
         seed: base seed of the per-epoch generators.
+        shard: (rank, world) of data-parallel training (:mod:`lrlab.distributed`): each batch
+            is still drawn, augmented and counted as the whole (global) batch of
+            ``batch_size``, from the same generator draws, and this process receives only
+            its part: images [rank * B // world, (rank + 1) * B // world) of it (a rank whose
+            part of a short last batch is empty skips that batch). The ranks' parts are
+            disjoint and together are the one-process batch, augmentation included; the
+            augmentation's cost is that of the whole batch on every rank. (0, 1): no sharding.
 
     Yields:
         (x, y): x float32 (B, 3, H, W) normalised, y int64 (B,), both on ``device``.
@@ -191,7 +198,7 @@ class BatchLoader:
                  device: torch.device | str = torch.device("cpu"), channels_last: bool = False,
                  drop_last: bool = False, seed: int = 0, crop_sizes: Sequence[int] = (),
                  image_size: int | None = None, crop_scale: Sequence[float] = CROP_SCALE,
-                 trivial_augment: bool = False):
+                 trivial_augment: bool = False, shard: tuple[int, int] = (0, 1)):
         _check_photo_options(split.images.shape, augment=augment, image_size=image_size,
                              crop_scale=crop_scale, crop_sizes=crop_sizes)
         n, h, w, c = split.images.shape
@@ -211,6 +218,7 @@ class BatchLoader:
         self.flip = flip if flip == "alternate" else bool(flip)
         self.seed = int(seed)
         self.crop_sizes = crop_sizes
+        self.shard = (int(shard[0]), int(shard[1]))
         # alternating flips: image i is flipped in epoch e iff first_flip[i] xor (e odd)
         self._first_flip = (torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(self.seed))
                             .bool().to(device if image_size is None else "cpu") if flip == "alternate" else None)
@@ -271,6 +279,16 @@ class BatchLoader:
         for start in range(0, stop, bs):
             yield order[start:start + bs]
 
+    def _cut(self, x: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """This rank's part (:attr:`shard`) of the augmented uint8 batch x and its indices; the
+        batch itself without sharding; None when the part is empty."""
+        rank, world = self.shard
+        if world == 1:
+            return x, idx
+        n = len(idx)
+        lo, hi = rank * n // world, (rank + 1) * n // world
+        return (x[lo:hi], idx[lo:hi]) if hi > lo else None
+
     def _finish(self, x_uint8_nchw: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, H, W) -> normalised float32 in the requested memory format."""
         if not self.channels_last:
@@ -297,7 +315,8 @@ class BatchLoader:
                 size = self.crop_sizes[min(epoch, len(self.crop_sizes) - 1)] if self.crop_sizes else None
                 x = batch_augment(x, self.crop_padding, flip, self.cutout, gen, size=size,
                                   pad_fill=0, cutout_fill=self._cutout_fill)
-            yield self._finish(x), self._labels.index_select(0, idx)
+            if (part := self._cut(x, idx)) is not None:
+                yield self._finish(part[0]), self._labels.index_select(0, part[1])
 
     def _iter_albumentations(self, order: torch.Tensor, bs: int):
         compose = self._compose
@@ -306,7 +325,8 @@ class BatchLoader:
             idx_np = idx.numpy()
             batch = np.stack([compose(image=images[i])["image"] for i in idx_np])
             x = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2)
-            yield self._finish(x), self._labels.index_select(0, idx.to(self.device))
+            if (part := self._cut(x, idx)) is not None:
+                yield self._finish(part[0]), self._labels.index_select(0, part[1].to(self.device))
 
     def _iter_photos(self, order: torch.Tensor, bs: int, gen: torch.Generator, epoch: int):
         """Batches at image_size: read on the CPU, crop (and augment) as uint8, then move."""
@@ -328,4 +348,5 @@ class BatchLoader:
                     x = batch_augment(x, 0, False, self.cutout, gen, cutout_fill=self._cutout_fill)
             else:
                 x = center_crop(x, self.image_size)
-            yield self._finish(x.to(self.device)), labels.index_select(0, idx).to(self.device)
+            if (part := self._cut(x, idx)) is not None:
+                yield self._finish(part[0].to(self.device)), labels.index_select(0, part[1]).to(self.device)
