@@ -116,7 +116,7 @@ def _axis(key: str, param: TuneParam) -> Axis:
     Raises:
         LrlabError: naming the key.
     """
-    check_key(key, "tune.space key")
+    check_key(key, "tune.space")
     if key in LR_KEYS:
         if param.choices is not None or (param.low is not None and param.low <= 0):
             raise LrlabError(f"tune.space.{key}: the lr axis is a log-uniform range: give low > 0 and high, "
@@ -135,8 +135,9 @@ def search_space(config: Config, recipe: str | Path | None, overrides: list[str]
     choice is loaded into a trial config, so a value the config rejects is found before any work.
 
     Raises:
-        LrlabError: an empty space, an unknown key (the valid ones listed), no lr axis or two, an
-            empty range (reported by the config), or a value the config rejects.
+        LrlabError: an empty space, an unknown key (the valid ones listed), no lr axis or two, no
+            other axis for stage 2, an empty range (reported by the config), or a value the config
+            rejects.
     """
     space = config.tune.space
     if not space:
@@ -148,6 +149,9 @@ def search_space(config: Config, recipe: str | Path | None, overrides: list[str]
         raise LrlabError(f"tune.space needs exactly one lr axis, {' or '.join(LR_KEYS)}, which stage 1 "
                          f"searches; found {found}")
     result = Space(lrs[0], tuple(a for a in axes if a.key not in LR_KEYS))
+    if not result.others and config.tune.trials > config.tune.lr_trials:
+        raise LrlabError(f"tune.space has no axis but the lr for stage 2's {config.tune.trials - config.tune.lr_trials} "
+                         f"trials; add one (e.g. train.weight_decay) or set tune.lr_trials = tune.trials")
     lr = lrs[0].param.low or config.train.lr
     for a in result.others:
         for value in a.ends():

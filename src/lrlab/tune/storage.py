@@ -14,6 +14,7 @@ journal storage the same ``BaseHeartbeat`` interface, so the same Optuna code do
 
 from __future__ import annotations
 
+import random
 import time
 import warnings
 from pathlib import Path
@@ -23,6 +24,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages._heartbeat import BaseHeartbeat  # the interface RDBStorage implements
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
+from sqlalchemy.exc import DBAPIError, IntegrityError, ProgrammingError
 
 from lrlab.errors import LrlabError
 
@@ -118,9 +120,18 @@ def _open_journal(path: str, interval: int, grace: int, retry):
     return JournalHeartbeatStorage(JournalFileBackend(path), interval, grace, retry)
 
 
-def _open_rdb(url: str, scheme: str, interval: int, grace: int, retry):
+def _open_rdb(url: str, scheme: str, interval: int, grace: int, retry, attempts: int = 5):
     """Optuna's RDBStorage on ``url`` with its own heartbeat (SQLite waits up to 60 s for a
-    lock held by another worker of the same machine)."""
+    lock held by another worker of the same machine). Workers that open a new, empty database at
+    the same moment all try to create Optuna's tables, and all but one fail (optuna/optuna#1092):
+    those try again after a short random pause, when the tables exist."""
     engine = {"connect_args": {"timeout": 60}} if scheme == "sqlite" else {"pool_pre_ping": True}
-    return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=interval, grace_period=grace,
-                      heartbeat_stale_trial_callback=retry)
+    for attempt in range(attempts):
+        try:
+            return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=interval, grace_period=grace,
+                              heartbeat_stale_trial_callback=retry)
+        except DBAPIError as e:
+            race = isinstance(e, (IntegrityError, ProgrammingError)) or "already exists" in str(e)
+            if not race or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 + random.random())

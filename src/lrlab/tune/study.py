@@ -232,10 +232,10 @@ def _join_study(name: str, storage, config: Config, space: Space) -> optuna.Stud
         LrlabError: the study was started with another space or ``tune.lr_trials``.
     """
     t = config.tune
-    sampler = optuna.samplers.TPESampler(seed=worker_seed(config.seed), constant_liar=True,
-                                         n_startup_trials=max(2, t.lr_trials // 2))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(seed=worker_seed(config.seed), constant_liar=True,
+                                             n_startup_trials=max(2, t.lr_trials // 2))
         study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True,
                                     sampler=sampler, pruner=build_pruner(t.pruner))
     mine = {"space": space.as_dict(), "lr_trials": t.lr_trials}
