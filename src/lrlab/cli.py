@@ -71,10 +71,7 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--train-only", action="store_true",
                            help="no range test per variant: train at train.lr (train.max_lr for onecycle/cyclic)")
         if name == "tune":
-            p.add_argument("--study", metavar="NAME", help="the study every worker joins (default: the recipe's name)")
-            p.add_argument("--storage", metavar="URL", help="sqlite:///PATH (one machine), postgresql://..., or "
-                           "journal:PATH (default: sqlite in OUT/STUDY/study.db)")
-            p.add_argument("--trials", type=int, metavar="K", help="the study's budget of trials (default: tune.trials)")
+            _tune_arguments(p)
     text = "rebuild the report page of a run folder from its files (the only file written there)"
     p = sub.add_parser("report", help=text, description=text)
     p.add_argument("run_dir", type=Path, help="a run folder, e.g. runs/cifar10-quick-20261122-052508")
@@ -89,6 +86,14 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help=text, description=text)
     p.add_argument("run_dir", type=Path, help="folder of a run that trained")
     return parser
+
+
+def _tune_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``lrlab tune``."""
+    p.add_argument("--study", metavar="NAME", help="the study every worker joins (default: the recipe's name)")
+    p.add_argument("--storage", metavar="URL", help="sqlite:///PATH (one machine), postgresql://..., or "
+                   "journal:PATH (default: sqlite in OUT/STUDY/study.db)")
+    p.add_argument("--trials", type=int, metavar="K", help="the study's budget of trials (default: tune.trials)")
 
 
 class _Progress(Callbacks):

@@ -88,7 +88,11 @@ class Worker:
         self.current: int | None = None
 
     def run(self) -> None:
-        """Run trials until every slot of the budget is done (waiting when told to)."""
+        """Stage 1's lr range first when stage 1 has slots to open (so a range test without a
+        suggestion is one error of the command), then trials until every slot of the budget is
+        done (waiting when told to)."""
+        if len(slots.slot_index(self.study.get_trials(deepcopy=False))) < self.budget.lr_trials:
+            self.bounds = self.lr_range()
         while True:
             step = slots.next_step(self.study.get_trials(deepcopy=False), self.budget)
             if step == slots.STOP:
@@ -135,8 +139,9 @@ class Worker:
             config = load_config(self.recipe, [*self.overrides, "lr_finder.enabled=true", f"name={name}"])
             s = run_pipeline(config, self.folder.file("trials_dir"), self.callbacks, command="find-lr",
                              range_test_stage=True, train_stage=False, explain_stage=False).summary
-            low, high = (s["lr"] * f for f in self.config.tune.lr_range_factors)
-            self.study.set_user_attr(LR_RANGE_ATTR, {"range": [low, high], "lr": s["lr"],
+            lr = s["lr_suggestion"] * config.lr_finder.lr_factor  # not train.max_lr, when the recipe sets it
+            low, high = (lr * f for f in self.config.tune.lr_range_factors)
+            self.study.set_user_attr(LR_RANGE_ATTR, {"range": [low, high], "lr": lr,
                                                      "method": s.get("lr_method"), "run_dir": s["run_dir"]})
             stored = self.study.user_attrs[LR_RANGE_ATTR]
         return tuple(stored["range"])
