@@ -277,11 +277,15 @@ def run_tune(recipe: str | Path | None, overrides: list[str], *, study_name: str
         out: parent of the summary folder.
 
     Raises:
-        LrlabError: bad input (recipe, space, storage, data, model), one sentence; WriteError:
+        LrlabError: bad input (recipe, data.val_split=test, space, storage, data, model), one
+            sentence; WriteError:
             ``out`` is not writable; Interrupted: SIGINT/SIGTERM (the trial is queued again).
     """
     overrides = list(overrides) + ([f"tune.trials={trials}"] if trials is not None else [])
     config = load_config(recipe, overrides)
+    if config.data.val_split != "val":
+        raise LrlabError("lrlab tune ranks trials by the validation split, and data.val_split=test would make it "
+                         "the test split; use data.val_split=val (the test split is only reported)")
     space = search_space(config, recipe, overrides)
     check_writable(out, "output folder")
     t, name = config.tune, study_name or config.name
