@@ -63,15 +63,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--data", type=Path, help="ImageFolder tree with train/ and test/, or cifar-10-batches-py")
         p.add_argument("--out", type=Path, default=Path("runs"), help="parent folder of run folders (default: runs)")
         p.add_argument("--quiet", action="store_true", help="print nothing but errors and the final line")
-        if name == "compare":
-            p.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2,...",
-                           help="one axis of the grid, e.g. train.optimizer=sgd,adam (repeat for a grid)")
-            p.add_argument("--variant", action="append", default=[], metavar='"[LABEL:] KEY=V ..."',
-                           help='one variant setting several keys, e.g. "sgd: train.optimizer=sgd train.momentum=0"')
-            p.add_argument("--train-only", action="store_true",
-                           help="no range test per variant: train at train.lr (train.max_lr for onecycle/cyclic)")
-        if name == "tune":
-            _tune_arguments(p)
+        if name in _OPTIONS:
+            _OPTIONS[name](p)
     text = "rebuild the report page of a run folder from its files (the only file written there)"
     p = sub.add_parser("report", help=text, description=text)
     p.add_argument("run_dir", type=Path, help="a run folder, e.g. runs/cifar10-quick-20261122-052508")
@@ -88,12 +81,26 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _compare_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``lrlab compare``."""
+    p.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="one axis of the grid, e.g. train.optimizer=sgd,adam (repeat for a grid)")
+    p.add_argument("--variant", action="append", default=[], metavar='"[LABEL:] KEY=V ..."',
+                   help='one variant setting several keys, e.g. "sgd: train.optimizer=sgd train.momentum=0"')
+    p.add_argument("--train-only", action="store_true",
+                   help="no range test per variant: train at train.lr (train.max_lr for onecycle/cyclic)")
+
+
 def _tune_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``lrlab tune``."""
     p.add_argument("--study", metavar="NAME", help="the study every worker joins (default: the recipe's name)")
     p.add_argument("--storage", metavar="URL", help="sqlite:///PATH (one machine), postgresql://..., or "
-                   "journal:PATH (default: sqlite in OUT/STUDY/study.db)")
+                   "journal:PATH (default: a SQLite file in the summary folder OUT/STUDY)")
     p.add_argument("--trials", type=int, metavar="K", help="the study's budget of trials (default: tune.trials)")
+
+
+_OPTIONS = {"compare": _compare_arguments, "tune": _tune_arguments}
+"""The options of the commands that have their own."""
 
 
 class _Progress(Callbacks):

@@ -187,7 +187,7 @@ class Worker:
                 and self.budget.stage(slots.slot_of(trials, t)) == 1]
         if not done:
             raise LrlabError("no stage-1 trial completed (every one failed or was pruned), so stage 2 has no lr; "
-                             "see the errors in trials.csv")
+                             "see the errors in the summary folder's trials table")
         return max(done, key=lambda t: (t.value, -t.number)).params[self.space.lr.key]
 
     def train(self, trial: optuna.Trial, config: Config, name: str) -> float:
