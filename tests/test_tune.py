@@ -41,6 +41,7 @@ def tiny_recipe(path: Path, cache_dir: Path, data: Path, **tune) -> Path:
     recipe = write_recipe(path, cache_dir, data={"path": str(data), "train_subset": 200, "test_subset": 50})
     raw = yaml.safe_load(recipe.read_text())
     raw["lr_finder"]["num_iter"] = 20
+    raw["train"]["batch_size"] = 25  # 8 steps per epoch
     raw["tune"] = {"trials": 4, "lr_trials": 2, "pruner": "none", "heartbeat_interval": 1, "grace_period": 30,
                    "space": SPACE, **tune}
     path.write_text(yaml.safe_dump(raw))
@@ -203,6 +204,7 @@ def test_a_killed_worker_trial_is_failed_and_retried(root, small_tree, cache_dir
     rows = list(csv.DictReader((out / "s" / "trials.csv").open()))
     assert [(r["state"], r["retry_of"]) for r in rows if r["trial"] in ("0", str(retry.number))] == [
         ("fail", ""), ("complete", "0")]
+    assert rows[0]["note"].endswith(f"retried as trial {retry.number}") and rows[0]["run_dir"] != retry.user_attrs["run_dir"]
 
 
 def _trial(number: int, state: TrialState, retry_of: int | None = None) -> optuna.trial.FrozenTrial:

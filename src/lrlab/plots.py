@@ -650,6 +650,7 @@ def plot_tune_history(rows: Sequence[Mapping], path: str | os.PathLike) -> Path:
     if stage2:
         ax.axvline(min(stage2) - 0.5, color="0.5", linestyle=":", linewidth=1)
     ax.set_xlabel("trial")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel("best validation top-1 accuracy (%)")
     ax.set_title("Optimisation history")
     ax.grid(True, alpha=0.3)

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 from optuna.trial import FrozenTrial, TrialState
 
-RETRIED_ATTR = "failed_trial"
-"""``RetryHeartbeatStaleTrialCallback``'s system attribute on a retry: the number of the first
-trial of its retry series."""
+RETRIED_ATTR, HISTORY_ATTR = "failed_trial", "retry_history"
+"""``RetryHeartbeatStaleTrialCallback``'s system attributes on a retry: the number of the first
+trial of its retry series, and the numbers of the trials it retries, first to last."""
 
 PENDING = (TrialState.RUNNING, TrialState.WAITING)
 RUN, WAIT, STOP = "run", "wait", "stop"

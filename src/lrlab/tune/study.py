@@ -215,9 +215,8 @@ class Worker:
         epoch's validation accuracy to Optuna (raising TrialPruned when the pruner says so)."""
         outer = self.callbacks
 
-        def on_stage(stage: str, total: int) -> None:
-            if "run_dir" not in trial.user_attrs:
-                trial.set_user_attr("run_dir", str(sorted(trials_dir.glob(f"{name}-[0-9]*"))[-1]))
+        def on_stage(stage: str, total: int) -> None:  # the folder exists now (a retry inherited the old one's)
+            trial.set_user_attr("run_dir", str(sorted(trials_dir.glob(f"{name}-[0-9]*"))[-1]))
             outer.stage(stage, total)
 
         def on_epoch(record: dict) -> None:

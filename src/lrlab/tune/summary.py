@@ -38,14 +38,22 @@ REPORTED = ("best_epoch", "epochs", "test_acc_at_best", "final_test_acc", "wall_
 """Per-trial numbers copied from its run's summary; the test accuracies are reported only."""
 
 
-def _note(t: FrozenTrial) -> str:
+def _note(t: FrozenTrial, retried_as: dict[int, int]) -> str:
+    """Why a trial has no value or a special one: skipped, its error, its divergence, or its
+    worker's death (or interrupt) and its retry."""
     a = t.user_attrs
-    return a.get("skipped") or a.get("error") or a.get("diverged") or ""
+    note = a.get("skipped") or a.get("error") or a.get("diverged") or ""
+    if not note and t.state == TrialState.FAIL:
+        again = retried_as.get(t.number)
+        note = "its worker stopped without a result (killed, lost or interrupted); " + (
+            f"retried as trial {again}" if again is not None else "no retry left")
+    return note
 
 
 def trial_rows(trials: list[FrozenTrial], space: Space, budget: slots.Budget) -> list[dict]:
     """One dict per trial (the columns of trials.csv), in trial order."""
     index, rows = slots.slot_index(trials), []
+    retried_as = {t.system_attrs[slots.HISTORY_ATTR][-1]: t.number for t in trials if t.system_attrs.get(slots.HISTORY_ATTR)}
     for t in sorted(trials, key=lambda t: t.number):
         slot = index.get(slots.origin(t))
         steps = sorted(t.intermediate_values)
@@ -58,7 +66,7 @@ def trial_rows(trials: list[FrozenTrial], space: Space, budget: slots.Budget) ->
         row.update({a.key: t.params.get(a.key) for a in space.others})
         row.update({k: t.user_attrs.get(k) for k in REPORTED})
         row.update(retry_of=t.system_attrs.get(slots.RETRIED_ATTR), worker=t.user_attrs.get("worker"),
-                   run_dir=t.user_attrs.get("run_dir"), note=_note(t))
+                   run_dir=t.user_attrs.get("run_dir"), note=_note(t, retried_as))
         rows.append(row)
     return rows
 
@@ -79,10 +87,11 @@ def best_trial(trials: list[FrozenTrial]) -> FrozenTrial | None:
 
 def importances(study: optuna.Study, space: Space) -> dict[str, float] | None:
     """Importance of each stage-2 axis (Optuna's default evaluator, PED-ANOVA) over the complete
-    trials that have them; None with fewer than 2 axes or when it cannot be computed (too few
-    trials, one value only)."""
+    trials that have them; None with fewer than 2 axes, when those trials all reached the same
+    accuracy, or when it cannot be computed."""
     keys = [a.key for a in space.others]
-    if len(keys) < 2:
+    values = {t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if set(keys) <= set(t.params)}
+    if len(keys) < 2 or len(values) < 2:  # nothing varied: no importance to share out
         return None
     try:
         with warnings.catch_warnings():
