@@ -655,22 +655,30 @@ def plot_tune_history(rows: Sequence[Mapping], path: str | os.PathLike) -> Path:
     ax.set_title("Optimisation history")
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="best")
     return save_figure(fig, path)
 
 
-def plot_tune_lr(rows: Sequence[Mapping], path: str | os.PathLike) -> Path:
+def plot_tune_lr(rows: Sequence[Mapping], path: str | os.PathLike,
+                 lr_range: tuple[float, float] | None = None) -> Path:
     """Validation accuracy (%) against the trial's lr (log axis) of an ``lrlab tune`` study:
-    stage 1's search of the lr, stage 2's trials at the lr it chose."""
+    stage 1's search of the lr within ``lr_range`` (shaded), stage 2's trials at the lr it chose
+    (a dashed line)."""
     fig, ax = plt.subplots(figsize=(8, 5))
+    if lr_range is not None:
+        ax.axvspan(*lr_range, color="0.92", zorder=0, label="stage 1's lr range")
+    chosen = {r["lr"] for r in rows if r["stage"] == 2 and r["lr"] is not None}
+    for lr in chosen:
+        ax.axvline(lr, color="C1", linestyle="--", linewidth=1, label="lr of stage 2")
     _scatter_tune(ax, rows, "lr")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # decades only: no crowded labels
     ax.set_xlabel("learning rate (peak or initial, as the schedule reads it)")
     ax.set_ylabel("best validation top-1 accuracy (%)")
     ax.set_title("Learning rate against validation accuracy")
     ax.grid(True, which="both", alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="best")
     return save_figure(fig, path)
 
 

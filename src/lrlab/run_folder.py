@@ -411,12 +411,14 @@ class TuneFolder(RunFolder):
             raise WriteError(f"cannot create the tune folder {folder.path} ({e.strerror})") from None
         return folder
 
-    def save(self, rows: list[dict], trials_csv: str, summary: dict, importances: dict[str, float] | None) -> None:
+    def save(self, rows: list[dict], trials_csv: str, summary: dict, importances: dict[str, float] | None,
+             lr_range: tuple[float, float] | None) -> None:
         """trials.csv, tune.json and the figures: history.png and lr.png (from the rows of
-        ``lrlab.tune.summary.trial_rows``), importance.png (when ``importances`` are given)."""
+        ``lrlab.tune.summary.trial_rows``; stage 1's ``lr_range`` shaded), importance.png (when
+        ``importances`` are given)."""
         atomic_write_text(self.file("trials_csv"), trials_csv)
         write_json(self.file("tune"), summary)
         plots.plot_tune_history(rows, self.file("history_figure"))
-        plots.plot_tune_lr(rows, self.file("lr_figure"))
+        plots.plot_tune_lr(rows, self.file("lr_figure"), lr_range)
         if importances:
             plots.plot_importances(importances, self.file("importance_figure"))

@@ -124,5 +124,6 @@ def write_summary(folder: TuneFolder, study: optuna.Study, space: Space, budget:
         config = trial_config(recipe, overrides, values, best.user_attrs["lr"], f"{study.study_name}-best")
         save_config(config, folder.file("best_recipe"))
         summary["best"] = next(r for r in rows if r["trial"] == best.number)
-    folder.save(rows, _csv(rows), summary, found)
+    bounds = lr_range["range"] if lr_range else (space.lr.param.low, space.lr.param.high)
+    folder.save(rows, _csv(rows), summary, found, tuple(bounds) if bounds[0] is not None else None)
     return summary
