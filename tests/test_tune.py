@@ -207,6 +207,32 @@ def test_a_killed_worker_trial_is_failed_and_retried(root, small_tree, cache_dir
     assert rows[0]["note"].endswith(f"retried as trial {retry.number}") and rows[0]["run_dir"] != retry.user_attrs["run_dir"]
 
 
+def test_median_pruning_stops_a_trial_after_its_epoch(root, small_tree, cache_dir, tmp_path, capsys):
+    """Five earlier trials (from other workers) reached 100% validation accuracy at epoch 1, so
+    Optuna's median pruner stops the new trial after its first epoch: its state is pruned, its run
+    folder keeps the epoch-1 checkpoint, the table shows the epoch it reached."""
+    recipe = tiny_recipe(root / "prune.yaml", cache_dir, small_tree, trials=6, lr_trials=6, pruner="median",
+                         space={**SPACE, "train.max_lr": {"low": 0.02, "high": 0.5}})
+    storage, out = f"journal:{tmp_path / 'prune.journal'}", tmp_path / "out"
+    study = optuna.create_study(study_name="s", storage=open_storage(storage, 1, None, 0), direction="maximize")
+    for lr in (0.05, 0.1, 0.15, 0.2, 0.25):
+        study.add_trial(create_trial(value=1.0, params={"train.max_lr": lr}, user_attrs={"lr": lr},
+                                     distributions={"train.max_lr": FloatDistribution(0.02, 0.5, log=True)},
+                                     intermediate_values={1: 1.0, 2: 1.0}))
+    assert main(["tune", str(recipe), "--study", "s", "--storage", storage, "--out", str(out), "--quiet"]) == 0
+    assert capsys.readouterr().out.startswith("study s: 5 complete, 1 pruned, 0 failed of 6 trials; best val top-1 100.00%")
+    pruned = load(storage).trials[5]
+    assert pruned.state == TrialState.PRUNED and list(pruned.intermediate_values) == [1]
+    assert pruned.intermediate_values[1] < 1.0
+    run = Path(pruned.user_attrs["run_dir"])
+    assert (run / "checkpoints" / "last.pt").is_file() and not (run / "summary.json").exists()
+    row = list(csv.DictReader((out / "s" / "trials.csv").open()))[5]
+    assert (row["state"], row["last_epoch_reported"], row["val_acc"]) == ("pruned", "1", "")
+    args = ["tune", str(recipe), "--study", "s", "--storage", storage, "--out", str(out), "tune.lr_trials=5"]
+    assert main(args) == 2  # a worker with another stage 1 cannot join
+    assert "error: study 's' was started with tune.lr_trials 6 (this recipe: 5)" in capsys.readouterr().err
+
+
 def _trial(number: int, state: TrialState, retry_of: int | None = None) -> optuna.trial.FrozenTrial:
     t = create_trial(state=state, value=0.5 if state == TrialState.COMPLETE else None, params={"x": 0.5},
                      distributions={"x": FloatDistribution(0, 1)},

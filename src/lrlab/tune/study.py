@@ -246,10 +246,9 @@ def _join_study(name: str, storage, config: Config, space: Space) -> optuna.Stud
     if SPACE_ATTR not in study.user_attrs:
         study.set_user_attr(SPACE_ATTR, mine)
     theirs = study.user_attrs[SPACE_ATTR]
-    if theirs != mine:
-        raise LrlabError(f"study {name!r} was started with tune.lr_trials={theirs['lr_trials']} and tune.space "
-                         f"{theirs['space']}, not {mine['lr_trials']} and {mine['space']}; use the same recipe, "
-                         f"or another --study")
+    differ = [f"tune.{k} {theirs[k]} (this recipe: {mine[k]})" for k in ("lr_trials", "space") if theirs[k] != mine[k]]
+    if differ:
+        raise LrlabError(f"study {name!r} was started with {' and '.join(differ)}; use the same recipe, or another --study")
     return study
 
 

@@ -121,7 +121,8 @@ def write_summary(folder: TuneFolder, study: optuna.Study, space: Space, budget:
                "lr_range": lr_range, "importances": found, "best": None, "rows": rows}
     if best is not None:
         values = {k: v for k, v in best.params.items() if k != space.lr.key}
-        config = trial_config(recipe, overrides, values, best.user_attrs["lr"], f"{study.study_name}-best")
+        lr = best.user_attrs.get("lr", best.params.get(space.lr.key))
+        config = trial_config(recipe, overrides, values, lr, f"{study.study_name}-best")
         save_config(config, folder.file("best_recipe"))
         summary["best"] = next(r for r in rows if r["trial"] == best.number)
     bounds = lr_range["range"] if lr_range else (space.lr.param.low, space.lr.param.high)
