@@ -48,9 +48,9 @@ def tiny_recipe(path: Path, cache_dir: Path, data: Path, **tune) -> Path:
     return path
 
 
-def tune_worker(recipe: Path, storage: str, out: Path, *extra: str) -> subprocess.Popen:
-    """One ``lrlab tune`` worker process of the study "s"."""
-    return subprocess.Popen([sys.executable, "-m", "lrlab.cli", "tune", str(recipe), "--study", "s", "--storage",
+def tune_worker(recipe: Path, storage: str, out: Path, *extra: str, study: str = "s") -> subprocess.Popen:
+    """One ``lrlab tune`` worker process of ``study``."""
+    return subprocess.Popen([sys.executable, "-m", "lrlab.cli", "tune", str(recipe), "--study", study, "--storage",
                              storage, "--out", str(out), "--quiet", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
 
@@ -65,8 +65,8 @@ def finish(*procs: subprocess.Popen) -> list[str]:
     return lines
 
 
-def load(storage: str) -> optuna.Study:
-    return optuna.load_study(study_name="s", storage=open_storage(storage, 1, None, 0))
+def load(storage: str, study: str = "s") -> optuna.Study:
+    return optuna.load_study(study_name=study, storage=open_storage(storage, 1, None, 0))
 
 
 def assert_budget_done(study: optuna.Study, budget: int, lr_trials: int) -> dict[int, optuna.trial.FrozenTrial]:
@@ -83,7 +83,7 @@ def assert_budget_done(study: optuna.Study, budget: int, lr_trials: int) -> dict
             done[slot] = t
     assert sorted(done) == list(range(budget))
     for slot, t in done.items():
-        (run,) = Path(t.user_attrs["run_dir"]).parent.glob(f"s-trial{t.number:04d}-*")  # one folder per trial
+        (run,) = Path(t.user_attrs["run_dir"]).parent.glob(f"{study.study_name}-trial{t.number:04d}-*")  # one per trial
         assert str(run) == t.user_attrs["run_dir"]
         summary = json.loads((run / "summary.json").read_text())
         config = load_config(run / "config.yaml")
@@ -170,38 +170,41 @@ def test_two_workers_share_a_postgresql_server(root, small_tree, cache_dir, post
 
 
 def _reported(storage: str) -> bool:
-    """True once a trial of the study has reported an epoch's validation accuracy."""
-    if not Path(storage.removeprefix("journal:")).exists():
+    """True once a trial of the study "k" has reported an epoch's validation accuracy."""
+    if storage.startswith("journal:") and not Path(storage.removeprefix("journal:")).exists():
         return False
     try:
-        return any(t.intermediate_values for t in load(storage).get_trials())
+        return any(t.intermediate_values for t in load(storage, "k").get_trials())
     except KeyError:  # the study is not created yet
         return False
 
 
-def test_a_killed_worker_trial_is_failed_and_retried(root, small_tree, cache_dir):
+@pytest.mark.parametrize("kind", ["journal", "postgresql"])
+def test_a_killed_worker_trial_is_failed_and_retried(root, small_tree, cache_dir, request, kind):
     """Worker A is SIGKILLed in the middle of trial 0 (after its first epoch); worker B, started
-    afterwards, waits out the grace period, fails trial 0, runs its retry and the rest."""
-    recipe = tiny_recipe(root / "kill.yaml", cache_dir, small_tree, trials=3, grace_period=5,
+    afterwards, waits out the grace period, fails trial 0, runs its retry and the rest (the
+    journal file: lrlab's heartbeat on Optuna's interface; PostgreSQL: Optuna's own)."""
+    recipe = tiny_recipe(root / f"kill-{kind}.yaml", cache_dir, small_tree, trials=3, grace_period=5,
                          space={**SPACE, "train.max_lr": {"low": 0.02, "high": 0.5}})
-    storage, out = f"journal:{root / 'kill.journal'}", root / "kill-out"
-    a = tune_worker(recipe, storage, out, "train.epochs=40")  # A's trials are long: it dies mid-trial
+    storage = f"journal:{root / 'kill.journal'}" if kind == "journal" else request.getfixturevalue("postgres")
+    out = root / f"kill-{kind}-out"
+    a = tune_worker(recipe, storage, out, "train.epochs=40", study="k")  # A's trials are long: it dies mid-trial
     deadline = time.monotonic() + 300
     while not _reported(storage):
         assert a.poll() is None and time.monotonic() < deadline, a.communicate()
         time.sleep(0.2)
     os.kill(a.pid, signal.SIGKILL)
     a.communicate()
-    (killed,) = load(storage).get_trials()
+    (killed,) = load(storage, "k").get_trials()
     assert killed.state == TrialState.RUNNING and killed.number == 0
-    finish(tune_worker(recipe, storage, out))
-    study = load(storage)
+    finish(tune_worker(recipe, storage, out, study="k"))
+    study = load(storage, "k")
     done = assert_budget_done(study, 3, 2)
     retry = done[0]
     assert study.trials[0].state == TrialState.FAIL and retry.system_attrs["failed_trial"] == 0
     assert retry.params == killed.params and retry.number > 0  # the same point, trained again
     assert Path(killed.user_attrs["run_dir"], "checkpoints", "last.pt").is_file()  # the dead trial's folder is kept
-    rows = list(csv.DictReader((out / "s" / "trials.csv").open()))
+    rows = list(csv.DictReader((out / "k" / "trials.csv").open()))
     assert [(r["state"], r["retry_of"]) for r in rows if r["trial"] in ("0", str(retry.number))] == [
         ("fail", ""), ("complete", "0")]
     assert rows[0]["note"].endswith(f"retried as trial {retry.number}") and rows[0]["run_dir"] != retry.user_attrs["run_dir"]
