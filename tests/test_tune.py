@@ -210,6 +210,26 @@ def test_a_killed_worker_trial_is_failed_and_retried(root, small_tree, cache_dir
     assert rows[0]["note"].endswith(f"retried as trial {retry.number}") and rows[0]["run_dir"] != retry.user_attrs["run_dir"]
 
 
+def test_sigterm_stops_a_worker_and_queues_its_trial_again(root, small_tree, cache_dir):
+    """SIGTERM in the middle of a trial: the epoch's checkpoint, exit 143 with one line, and the
+    trial FAIL with a queued retry (the same point) for the next worker; no 'lrlab resume' hint."""
+    recipe = tiny_recipe(root / "term.yaml", cache_dir, small_tree, trials=3,
+                         space={**SPACE, "train.max_lr": {"low": 0.02, "high": 0.5}})
+    storage = f"journal:{root / 'term.journal'}"
+    a = tune_worker(recipe, storage, root / "term-out", "train.epochs=40", study="k")
+    deadline = time.monotonic() + 300
+    while not _reported(storage):
+        assert a.poll() is None and time.monotonic() < deadline, a.communicate()
+        time.sleep(0.2)
+    a.send_signal(signal.SIGTERM)
+    _, err = a.communicate(timeout=120)
+    assert a.returncode == 143 and err.startswith("error: interrupted by SIGTERM") and "resume" not in err, err
+    assert err.strip().count("\n") == 0, err  # one line
+    stopped, queued = load(storage, "k").get_trials()
+    assert stopped.state == TrialState.FAIL and queued.state == TrialState.WAITING
+    assert queued.system_attrs["failed_trial"] == 0 and queued.params == stopped.params
+
+
 def test_median_pruning_stops_a_trial_after_its_epoch(root, small_tree, cache_dir, tmp_path, capsys):
     """Five earlier trials (from other workers) reached 100% validation accuracy at epoch 1, so
     Optuna's median pruner stops the new trial after its first epoch: its state is pruned, its run
