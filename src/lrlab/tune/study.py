@@ -21,7 +21,7 @@ same command with the same ``--study`` and ``--storage`` and share the trials.
 5. The summary folder ``<out>/<study>/`` (:mod:`lrlab.tune.summary`).
 
 The sampler is Optuna's TPE (Bergstra et al. 2011) with the constant liar for parallel workers,
-seeded from ``seed``, the host and the process: concurrent workers never draw the same points.
+seeded from ``seed``, the host and the process, so concurrent workers draw different points.
 """
 
 from __future__ import annotations
@@ -276,8 +276,8 @@ def run_tune(recipe: str | Path | None, overrides: list[str], *, study_name: str
 
     Raises:
         LrlabError: bad input (recipe, data.val_split=test, space, storage, data, model), one
-            sentence; WriteError:
-            ``out`` is not writable; Interrupted: SIGINT/SIGTERM (the trial is queued again).
+            sentence; WriteError: ``out`` is not writable; Interrupted: SIGINT/SIGTERM (the
+            trial is queued again).
     """
     overrides = list(overrides) + ([f"tune.trials={trials}"] if trials is not None else [])
     config = load_config(recipe, overrides)
