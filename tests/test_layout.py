@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from lrlab.run_folder import COMPARE_FILES, FILES
+from lrlab.run_folder import COMPARE_FILES, FILES, TUNE_FILES
 
 SRC = REPO / "src" / "lrlab"
 MODULES = sorted(SRC.rglob("*.py"))
@@ -25,7 +25,7 @@ def _strings(tree: ast.AST) -> list[tuple[int, str]]:
 
 
 def test_run_folder_file_names_live_in_run_folder_only():
-    names = {Path(v).name for v in [*FILES.values(), *COMPARE_FILES.values()]}
+    names = {Path(v).name for v in [*FILES.values(), *COMPARE_FILES.values(), *TUNE_FILES.values()]}
     found = []
     for path in MODULES:
         if path.name == "run_folder.py":

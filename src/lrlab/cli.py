@@ -1,7 +1,8 @@
-"""The ``lrlab`` command: run, find-lr, train, explain, compare, resume, report.
+"""The ``lrlab`` command: run, find-lr, train, explain, compare, tune, resume, report.
 
     lrlab run RECIPE [--data PATH] [--out DIR] [--quiet] [--resume RUN_DIR] [section.key=value ...]
     lrlab compare RECIPE --vary KEY=V1,V2 [--vary ...] [--variant "[LABEL:] KEY=V ..."] [...]
+    lrlab tune RECIPE [--study NAME] [--storage URL] [--trials K] [--out DIR] [section.key=value ...]
     lrlab resume RUN_DIR   # continue a killed or interrupted run in its own folder
     lrlab report RUN_DIR   # rebuild RUN_DIR/report.html from the run's files
     lrlab predict RUN_DIR IMAGE_OR_FOLDER... [--top-k K] [--out CSV] [--device DEV]
@@ -45,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
              "train": "training only, at train.lr (no range test)",
              "explain": "mistakes + Grad-CAM from the best checkpoint of an earlier run",
              "compare": "train variants of a recipe (--vary grid, --variant) and draw them on the same axes",
+             "tune": "Optuna search over the recipe's tune.space, the lr first; workers share a study by --storage",
              "resume": "continue a killed or interrupted run in its own folder, from its last checkpoint"}
     for name, text in helps.items():
         p = sub.add_parser(name, help=text, description=text)
@@ -64,13 +66,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--data", type=Path, help="ImageFolder tree with train/ and test/, or cifar-10-batches-py")
         p.add_argument("--out", type=Path, default=Path("runs"), help="parent folder of run folders (default: runs)")
         p.add_argument("--quiet", action="store_true", help="print nothing but errors and the final line")
-        if name == "compare":
-            p.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2,...",
-                           help="one axis of the grid, e.g. train.optimizer=sgd,adam (repeat for a grid)")
-            p.add_argument("--variant", action="append", default=[], metavar='"[LABEL:] KEY=V ..."',
-                           help='one variant setting several keys, e.g. "sgd: train.optimizer=sgd train.momentum=0"')
-            p.add_argument("--train-only", action="store_true",
-                           help="no range test per variant: train at train.lr (train.max_lr for onecycle/cyclic)")
+        if name in _OPTIONS:
+            _OPTIONS[name](p)
     text = "rebuild the report page of a run folder from its files (the only file written there)"
     p = sub.add_parser("report", help=text, description=text)
     p.add_argument("run_dir", type=Path, help="a run folder, e.g. runs/cifar10-quick-20261122-052508")
@@ -85,6 +82,28 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help=text, description=text)
     p.add_argument("run_dir", type=Path, help="folder of a run that trained")
     return parser
+
+
+def _compare_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``lrlab compare``."""
+    p.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="one axis of the grid, e.g. train.optimizer=sgd,adam (repeat for a grid)")
+    p.add_argument("--variant", action="append", default=[], metavar='"[LABEL:] KEY=V ..."',
+                   help='one variant setting several keys, e.g. "sgd: train.optimizer=sgd train.momentum=0"')
+    p.add_argument("--train-only", action="store_true",
+                   help="no range test per variant: train at train.lr (train.max_lr for onecycle/cyclic)")
+
+
+def _tune_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``lrlab tune``."""
+    p.add_argument("--study", metavar="NAME", help="the study every worker joins (default: the recipe's name)")
+    p.add_argument("--storage", metavar="URL", help="sqlite:///PATH (one machine), postgresql://..., or "
+                   "journal:PATH (default: a SQLite file in the summary folder OUT/STUDY)")
+    p.add_argument("--trials", type=int, metavar="K", help="the study's budget of trials (default: tune.trials)")
+
+
+_OPTIONS = {"compare": _compare_arguments, "tune": _tune_arguments}
+"""The options of the commands that have their own."""
 
 
 class _Progress(Callbacks):
@@ -107,6 +126,11 @@ class _Progress(Callbacks):
         tqdm.write(f"epoch {r['epoch']:>3}/{self.epochs}  train loss {r['train_loss']:.3f} "
                    f"acc {100 * r['train_acc']:.2f}%  val loss {r['val_loss']:.3f} "
                    f"acc {100 * r['val_acc']:.2f}%  lr {r['lr']:.3g}  {r['seconds']:.0f}s", file=sys.stderr)
+
+    def trial(self, number: int, stage: int, values: dict) -> None:
+        self.close()
+        shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+        tqdm.write(f"trial {number} (stage {stage}): {shown}", file=sys.stderr)
 
     def variant(self, i: int, n: int, label: str) -> None:
         self.close()
@@ -131,6 +155,14 @@ def _final_line(command: str, summary: dict) -> str:
         n, failed = len(summary["variants"]), summary["failed"]
         best = f"; best: {summary['best']}" if summary["best"] else ""
         return f"compared {n} variants ({failed} failed){best}: {summary['compare_dir']}"
+    if command == "tune":
+        c, best = summary["counts"], summary["best"]
+        text = (f"study {summary['study']}: {c['complete']} complete, {c['pruned']} pruned, {c['fail']} failed "
+                f"of {summary['budget']} trials")
+        if best is not None:
+            text += (f"; best val top-1 {100 * best['val_acc']:.2f}% (trial {best['trial']}, stage {best['stage']}, "
+                     f"lr {best['lr']:.3g})")
+        return f"{text}: {summary['tune_dir']}"
     where = summary["run_dir"]
     if "best_val_acc" in summary:
         tested = [f"{name} {100 * summary[key]:.2f}%" for key, name in
@@ -199,6 +231,8 @@ def _command(args: argparse.Namespace, overrides: list[str]) -> dict:
     try:
         if run is not None:
             return resume_pipeline(run, progress or Callbacks(), config, command).summary
+        if args.command == "tune":
+            return _tune(args, overrides, progress)
         if args.command == "compare":
             from lrlab.compare import run_compare
 
@@ -211,6 +245,18 @@ def _command(args: argparse.Namespace, overrides: list[str]) -> dict:
     finally:
         if progress is not None:
             progress.close()
+
+
+def _tune(args: argparse.Namespace, overrides: list[str], progress: _Progress | None) -> dict:
+    """``lrlab tune``: this process is one worker of the study (Optuna's own log lines, one per
+    trial, are kept unless --quiet)."""
+    import optuna
+
+    from lrlab.tune.study import run_tune
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR if args.quiet else optuna.logging.INFO)
+    return run_tune(args.recipe, overrides, study_name=args.study, storage=args.storage, trials=args.trials,
+                    out=args.out, callbacks=progress or Callbacks(), on_trial=progress.trial if progress else None)
 
 
 def _interrupted(e: KeyboardInterrupt) -> int:

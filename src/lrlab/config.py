@@ -1,7 +1,7 @@
 """Typed experiment config: YAML recipe in, ``section.key=value`` overrides, clear errors.
 
 A recipe is a YAML mapping whose sections mirror the pipeline (compute, data, model,
-lr_finder, train, transfer, explain). Every key has a default, so a recipe only states what differs.
+lr_finder, train, transfer, explain, tune). Every key has a default, so a recipe only states what differs.
 Unknown keys are errors, not silently ignored.
 
 Names come from the registries of the modules that own them (optimizers, schedules and their
@@ -28,6 +28,7 @@ from lrlab.optim import MUON_AUX, OPTIMIZERS
 from lrlab.registry import Section as _Section
 from lrlab.registry import choice
 from lrlab.schedules import SCHEDULES, Milestones
+from lrlab.tune.pruners import PRUNERS
 
 # Allowed values, from the modules that own the names (see lrlab.registry).
 AugmentMode = choice(AUGMENT_MODES, "data.augment")
@@ -285,6 +286,67 @@ class TransferConfig(_Section):
         return self.freeze_epochs > 0 or self.unfreeze != "all"
 
 
+class TuneParam(_Section):
+    """One axis of ``tune.space`` (lrlab.tune): a range ``{low, high, log}`` (an int key such as
+    train.batch_size draws integers) or ``{choices: [...]}``; a YAML list is short for choices.
+    The lr axis (train.lr or train.max_lr) is always log-uniform; without low/high its range
+    comes from the LR range test (``tune.lr_range_factors``)."""
+
+    low: float | None = None
+    high: float | None = None
+    log: bool = False  # log-uniform (Bergstra & Bengio 2012): for scales such as weight decay
+    choices: list[Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _list_is_choices(cls, data):
+        return {"choices": data} if isinstance(data, list) else data
+
+    @model_validator(mode="after")
+    def _axis(self):
+        if self.choices is not None:
+            if self.low is not None or self.high is not None:
+                raise ValueError("give either choices or low/high, not both")
+            if not self.choices:
+                raise ValueError("choices is empty; list at least one value")
+        elif (self.low is None) != (self.high is None):
+            raise ValueError("give both low and high (or neither, for the lr axis from the range test)")
+        elif self.low is not None and self.low >= self.high:
+            raise ValueError(f"empty range: low ({self.low:g}) must be below high ({self.high:g})")
+        if self.log and self.low is not None and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0, not {self.low:g}")
+        return self
+
+
+class TuneConfig(_Section):
+    """``lrlab tune`` (lrlab.tune, Optuna): the search space and the LR-first strategy. Stage 1
+    (``lr_trials`` trials) searches the lr axis alone, stage 2 (the rest of ``trials``) the other
+    axes at stage 1's best lr (Bengio 2012, arXiv:1206.5533: the learning rate first)."""
+
+    trials: int = Field(12, gt=0)  # budget of the study: finished trials (stage 1 + stage 2)
+    lr_trials: int = Field(6, gt=0)  # stage 1
+    # pruning on each epoch's validation accuracy: median (MedianPruner), successive_halving, none
+    pruner: PRUNERS.field() = "median"
+    # stage 1's range without low/high on the lr axis: the range test's lr x these factors
+    lr_range_factors: tuple[float, float] = (0.1, 3.0)
+    heartbeat_interval: int = Field(30, gt=0)  # seconds between the heartbeats of a running trial
+    # seconds without a heartbeat after which a trial counts as dead (failed, then retried);
+    # None: 2 x heartbeat_interval (Optuna's default)
+    grace_period: int | None = Field(None, gt=0)
+    max_retry: int = Field(2, ge=0)  # retries of a trial whose worker died
+    # config key (section.key) -> TuneParam; the lr axis is train.lr or train.max_lr
+    space: dict[str, TuneParam] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _budget(self):
+        if self.lr_trials > self.trials:
+            raise ValueError(f"lr_trials ({self.lr_trials}) must not exceed trials ({self.trials})")
+        low, high = self.lr_range_factors
+        if not 0 < low < high:
+            raise ValueError(f"lr_range_factors {[low, high]} must be (low, high) with 0 < low < high")
+        return self
+
+
 class Config(_Section):
     """A full, validated experiment: one recipe file plus command-line overrides."""
 
@@ -297,6 +359,7 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     explain: ExplainConfig = Field(default_factory=ExplainConfig)
     transfer: TransferConfig = Field(default_factory=TransferConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
 
 
 def _one_line(e: ValidationError, source: str) -> str:

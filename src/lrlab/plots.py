@@ -33,9 +33,12 @@ __all__ = [
     "plot_cam_pairs",
     "plot_confusion",
     "plot_faithfulness",
+    "plot_importances",
     "plot_loss",
     "plot_lr",
     "plot_mistakes",
+    "plot_tune_history",
+    "plot_tune_lr",
     "save_figure",
     "stage_boundaries",
 ]
@@ -604,4 +607,90 @@ def plot_compare(histories: Mapping[str, Sequence[Mapping]], key: str, path: str
     ax.set_ylabel(names.get(key, key))
     ax.set_title(names.get(key, key).split(" (")[0].capitalize())
     ax.legend(fontsize=8, loc="lower right" if is_acc else "upper right")
+    return save_figure(fig, path)
+
+
+# ---------------------------------------------------------------------------- lrlab tune
+
+_STAGE_MARKERS = {1: ("o", "stage 1 (lr)"), 2: ("s", "stage 2 (other axes)")}
+
+
+def _tune_points(rows: Sequence[Mapping], x_key: str):
+    """(stage, x, accuracy in %, pruned) of every trial with an accuracy: the best validation
+    accuracy of complete trials, the last reported one of pruned trials."""
+    for r in rows:
+        pruned = r["state"] == "pruned"
+        acc = r["last_val_acc_reported"] if pruned else r["val_acc"]
+        if acc is not None and r[x_key] is not None and r["stage"] in _STAGE_MARKERS:
+            yield r["stage"], r[x_key], 100.0 * acc, pruned
+
+
+def _scatter_tune(ax, rows: Sequence[Mapping], x_key: str) -> None:
+    """The trials as points: marker by stage, hollow when pruned."""
+    for stage, (marker, label) in _STAGE_MARKERS.items():
+        for pruned in (False, True):
+            pts = [(x, y) for s, x, y, p in _tune_points(rows, x_key) if s == stage and p == pruned]
+            if pts:
+                x, y = zip(*pts)
+                ax.scatter(x, y, marker=marker, s=36, facecolors="none" if pruned else f"C{stage - 1}",
+                           edgecolors=f"C{stage - 1}", label=f"{label}{', pruned' if pruned else ''}", zorder=3)
+
+
+def plot_tune_history(rows: Sequence[Mapping], path: str | os.PathLike) -> Path:
+    """Optimisation history of an ``lrlab tune`` study: each trial's validation accuracy (%)
+    against its number (``lrlab.tune.summary.trial_rows``: pruned trials hollow, at their last
+    reported epoch), the best so far as a step line, stage 2's start as a dotted line."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    _scatter_tune(ax, rows, "trial")
+    done = sorted((r["trial"], 100.0 * r["val_acc"]) for r in rows if r["val_acc"] is not None)
+    if done:
+        x, y = zip(*done)
+        ax.step(x, np.maximum.accumulate(y), where="post", color="0.3", linewidth=1.2, label="best so far")
+    stage2 = [r["trial"] for r in rows if r["stage"] == 2]
+    if stage2:
+        ax.axvline(min(stage2) - 0.5, color="0.5", linestyle=":", linewidth=1)
+    ax.set_xlabel("trial")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_ylabel("best validation top-1 accuracy (%)")
+    ax.set_title("Optimisation history")
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="best")
+    return save_figure(fig, path)
+
+
+def plot_tune_lr(rows: Sequence[Mapping], path: str | os.PathLike,
+                 lr_range: tuple[float, float] | None = None) -> Path:
+    """Validation accuracy (%) against the trial's lr (log axis) of an ``lrlab tune`` study:
+    stage 1's search of the lr within ``lr_range`` (shaded), stage 2's trials at the lr it chose
+    (a dashed line)."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    if lr_range is not None:
+        ax.axvspan(*lr_range, color="0.92", zorder=0, label="stage 1's lr range")
+    chosen = {r["lr"] for r in rows if r["stage"] == 2 and r["lr"] is not None}
+    for lr in chosen:
+        ax.axvline(lr, color="C1", linestyle="--", linewidth=1, label="lr of stage 2")
+    _scatter_tune(ax, rows, "lr")
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # decades only: no crowded labels
+    ax.set_xlabel("learning rate (peak or initial, as the schedule reads it)")
+    ax.set_ylabel("best validation top-1 accuracy (%)")
+    ax.set_title("Learning rate against validation accuracy")
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="best")
+    return save_figure(fig, path)
+
+
+def plot_importances(importances: Mapping[str, float], path: str | os.PathLike) -> Path:
+    """Horizontal bars of hyper-parameter importances (name -> share, summing to 1), the most
+    important on top."""
+    items = sorted(importances.items(), key=lambda kv: kv[1])
+    fig, ax = plt.subplots(figsize=(7, 1 + 0.45 * len(items)))
+    ax.barh([k for k, _ in items], [v for _, v in items], color="C0")
+    for i, (_, v) in enumerate(items):
+        ax.text(v, i, f" {v:.2f}", va="center", fontsize=8)
+    ax.set_xlabel("importance (share of the variation in validation accuracy)")
+    ax.set_title("Hyper-parameter importance (stage 2)")
+    ax.set_xlim(0, max(1.0, max(v for _, v in items) * 1.15))
     return save_figure(fig, path)

@@ -374,3 +374,51 @@ class CompareFolder(RunFolder):
         atomic_write_text(self.file("results_csv"), results_csv)
         atomic_write_text(self.file("results_md"), results_md)
         write_json(self.file("compare"), summary)
+
+
+TUNE_FILES = {
+    "trials_csv": "trials.csv",
+    "best_recipe": "best.yaml",
+    "history_figure": "history.png",
+    "lr_figure": "lr.png",
+    "importance_figure": "importance.png",
+    "tune": "tune.json",
+    "study_db": "study.db",
+    "trials_dir": "trials",
+}
+"""What the summary folder of ``lrlab tune`` holds (``lrlab.tune.summary``): kind -> name; the
+trials' run folders are under ``trials/``, the default SQLite storage is ``study.db``."""
+
+
+class TuneFolder(RunFolder):
+    """The summary folder of an ``lrlab tune`` study, ``<out>/<study>/``: shared by every worker
+    and every run of the study's command (not a new folder per command), with the trials' run
+    folders under ``trials/``."""
+
+    FILES = TUNE_FILES
+
+    @classmethod
+    def create(cls, out: str | Path, name: str) -> TuneFolder:
+        """The folder ``out/name`` and its ``trials/``, made if missing (never emptied).
+
+        Raises:
+            WriteError: it cannot be made.
+        """
+        folder = cls(Path(out) / name)
+        try:
+            folder.file("trials_dir").mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise WriteError(f"cannot create the tune folder {folder.path} ({e.strerror})") from None
+        return folder
+
+    def save(self, rows: list[dict], trials_csv: str, summary: dict, importances: dict[str, float] | None,
+             lr_range: tuple[float, float] | None) -> None:
+        """trials.csv, tune.json and the figures: history.png and lr.png (from the rows of
+        ``lrlab.tune.summary.trial_rows``; stage 1's ``lr_range`` shaded), importance.png (when
+        ``importances`` are given)."""
+        atomic_write_text(self.file("trials_csv"), trials_csv)
+        write_json(self.file("tune"), summary)
+        plots.plot_tune_history(rows, self.file("history_figure"))
+        plots.plot_tune_lr(rows, self.file("lr_figure"), lr_range)
+        if importances:
+            plots.plot_importances(importances, self.file("importance_figure"))
