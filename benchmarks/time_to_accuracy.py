@@ -9,7 +9,9 @@ recipe's data.val_split), training images/s, achieved GFLOP/s (FLOPs of one trai
 torch.utils.flop_counter, forward + backward) and its share of this CPU's measured bfloat16
 matrix-product peak (a 4096x4096 bf16 matmul). At the end: seconds to reach 85/88/90/92/93%,
 peak RSS, and the share of step time spent fetching and augmenting batches (the data path,
-timed on one separate pass over the training loader).
+timed on one separate pass over the training loader). Every time is also given as on a machine of
+this kind with a bf16 peak of 700 GFLOP/s (``@700``: seconds x peak / 700; machines of this kind
+differ by up to 1.8x, so figures from different machines are compared only this way).
 """
 
 from __future__ import annotations
@@ -26,6 +28,12 @@ from lrlab import pipeline
 from lrlab.config import load_config
 
 TARGETS = (0.85, 0.88, 0.90, 0.92, 0.93)
+REFERENCE_PEAK = 700.0  # GFLOP/s: the bf16 matmul peak the normalised times refer to
+
+
+def seconds_text(seconds: float, peak: float) -> str:
+    """``seconds`` on this machine and as at :data:`REFERENCE_PEAK` (x peak / 700), e.g. '120.0s (@700: 28.1s)'."""
+    return f"{seconds:.1f}s (@700: {seconds * peak / REFERENCE_PEAK:.1f}s)"
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 4096, reps: int = 5) -> float:
@@ -76,7 +84,7 @@ def main() -> None:
     setup = pipeline.prepare(config, range_test=config.lr_finder.enabled, train=True, explain=False)
     sizes = config.data.crop_sizes or [setup.data.train.images.shape[1]]
     flops = {s: train_flops_per_image(setup.model, setup.compute, s) for s in sorted(set(sizes))}
-    print(f"data loaded at {time.perf_counter() - start:.1f}s; GFLOP per training image: "
+    print(f"data loaded at {seconds_text(time.perf_counter() - start, peak_bf16)}; GFLOP per training image: "
           + ", ".join(f"{f / 1e9:.3f} at {s}x{s}" for s, f in flops.items()))
     run = None
     if args.out:
@@ -87,7 +95,7 @@ def main() -> None:
     plan = pipeline.make_plan(setup, result)
     if run is not None:
         run.save_plan(plan)
-    print(f"range test done at {time.perf_counter() - start:.1f}s: lr {plan.lr:.3g} ({plan.source})")
+    print(f"range test done at {seconds_text(time.perf_counter() - start, peak_bf16)}: lr {plan.lr:.3g} ({plan.source})")
     reached: dict[float, float] = {}
 
     def on_epoch(r: dict) -> None:
@@ -97,7 +105,7 @@ def main() -> None:
         for t in TARGETS:
             if r["val_acc"] >= t and t not in reached:
                 reached[t] = now
-        print(f"epoch {r['epoch']:>3}  {now:7.1f}s  val {100 * r['val_acc']:.2f}%  {rate:7.0f} img/s  "
+        print(f"epoch {r['epoch']:>3}  {seconds_text(now, peak_bf16)}  val {100 * r['val_acc']:.2f}%  {rate:7.0f} img/s  "
               f"{gflops:6.1f} GFLOP/s = {100 * gflops / peak_bf16:.0f}% of bf16 peak", flush=True)
 
     history = pipeline.train(setup, plan, pipeline.Callbacks(on_epoch=on_epoch), run)
@@ -105,11 +113,12 @@ def main() -> None:
     data_seconds, images = data_path_seconds(setup)
     train_seconds = sum(r["train_seconds"] for r in history.records)
     train_images = sum(r["steps"] * r["batch_size"] for r in history.records)
-    print(f"total {total:.1f}s (data load, range test, training, evaluation)")
+    print(f"total {seconds_text(total, peak_bf16)} (data load, range test, training, evaluation)")
     if setup.data.test is not None and history.stopped is None:
         print(f"final model: test top-1 {100 * pipeline.test_accuracy(setup):.2f}% (with the recipe's TTA)")
     print("seconds to reach: " + ", ".join(
-        f"{100 * t:.0f}%: {reached[t]:.0f}s" if t in reached else f"{100 * t:.0f}%: -" for t in TARGETS))
+        f"{100 * t:.0f}%: {seconds_text(reached[t], peak_bf16)}" if t in reached else f"{100 * t:.0f}%: -" for t in TARGETS))
+    print(f"bf16 matmul peak {peak_bf16:.0f} GFLOP/s; @700 = seconds x {peak_bf16:.0f} / {REFERENCE_PEAK:.0f}")
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB; data path "
           f"{100 * (data_seconds / images) / (train_seconds / train_images):.1f}% of step time")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -220,3 +221,6 @@ def test_time_to_accuracy_trains_through_the_same_stages(small_tree, cache_dir, 
     assert plan == json.loads((bench / "lr_plan.json").read_text()) and plan["source"].endswith("lr_factor 2")
     steps = (run / "lr_steps.csv").read_text()
     assert steps == (bench / "lr_steps.csv").read_text() and len(steps.splitlines()) == 1 + 2 * 9  # 450 images
+    peak = float(re.search(r"^bf16 matmul peak (\d+) GFLOP/s", proc.stdout, re.M).group(1))
+    total, at700 = map(float, re.search(r"^total ([\d.]+)s \(@700: ([\d.]+)s\)", proc.stdout, re.M).groups())
+    assert at700 == pytest.approx(total * peak / 700, rel=0.01, abs=0.1)  # times as at a 700 GFLOP/s peak
