@@ -1,29 +1,44 @@
-"""How good is each range-test suggestion? Train at it and at a grid of lrs, same budget and seed.
+"""How good is each range-test suggestion, how sure is it, and do LR-free optimizers need one at all?
 
-    python benchmarks/lr_suggestion_quality.py --data ../shared/data/cifar10 [--setups fastnet-sgd,...]
-        [--epochs 8 | --epochs fastnet-sgd=8 resnet18-sgd=3] [--out results/lr_quality.json] [--smoke]
+    python benchmarks/lr_suggestion_quality.py --data ../shared/data/cifar10 --out results/lrq.json
+        [--setups fastnet-sgd,...] [--seeds 3] [--parts grid,suggestions,lrfree,confidence] [--smoke]
 
-Setups (each on a class-balanced 10,000-image subset of the training split, the full test split):
+Setups (``role``: "choice" setups were seen when lrlab's defaults were chosen; "check" setups were
+held back and only measured):
 
-    fastnet-sgd    FastNet width 0.5, SGD momentum 0.9 Nesterov, batch 256, 8 epochs
-    fastnet-adam   FastNet width 0.5, Adam, batch 256, 8 epochs
-    resnet18-sgd   ResNet18, SGD momentum 0.9, batch 128, 3 epochs
+    fastnet-sgd     choice  FastNet x0.5, Nesterov SGD 0.9, batch 256, 10,000 CIFAR images, 5 epochs
+    fastnet-adam    choice  FastNet x0.5, Adam, batch 256, 10,000 images, 5 epochs
+    resnet18-sgd    choice  ResNet18, SGD 0.9, batch 128, 5,000 images, 2 epochs
+    fastnet-muon    check   FastNet x0.5, Muon + Nesterov SGD for the rest, batch 256, 10,000 images, 5 epochs
+    fastnet-adamw   check   FastNet x0.5, AdamW weight decay 0.05, batch 128, 10,000 images, 5 epochs
+    finetune-lite0  check   EfficientNet-Lite0 with ImageNet weights (recipes/transfer-lite0.yaml), every
+                            layer fine-tuned with discriminative lrs (lr_ratio 10), a photo folder of
+                            CIFAR-10 upscaled to 96 px, 100 per class (20% validation), 3 epochs
 
-Everything else comes from recipes/cifar10-quick.yaml (one-cycle schedule with the candidate lr
-as its peak, label smoothing, augmentation, flip TTA), and training is ``lrlab.pipeline.train``,
-exactly what ``lrlab train`` runs, from the same seed and the same initial weights each time.
+Everything else comes from recipes/cifar10-quick.yaml (transfer-lite0.yaml for finetune-lite0):
+one-cycle with the candidate lr as its peak, label smoothing, augmentation, no TTA. Training is
+``lrlab.pipeline.train`` (what ``lrlab train`` runs) with the plan ``LRPlan.make`` gives for
+``train.max_lr`` = the candidate, so layer-group ratios and Muon's ratio apply as in a run.
 
-Per setup: one range test (``lrlab.pipeline.range_test``, recorded), a 7-point log grid from the
-range test's start_lr to the lr where it stopped, and every suggestion method's lr (x the
-recipe's lr_factor; the methods work on the zero-lag smoothed curve), plus "steepest-ema",
-the plain steepest-slope rule on the running EMA as other LR finders apply it; identical lrs
-are trained once. The score is the final-epoch validation top-1 (the recipe's data.val_split:
-a hold-out of train by default); the final model's test top-1 is recorded beside it, reported only.
-Printed: a table per setup (method, suggested lr, its top-1, best grid top-1, ratio) and the
-grid. ``--out`` saves every number as JSON after each training (and the range tests' JSON/PNG
-beside it), so a long run can be inspected while it goes. ``--smoke`` shrinks everything
-(1,000 training and 500 test images, 1 epoch, 3-point grid, 30-step range test) to check the
-script in seconds; its numbers mean nothing.
+For every setup and seed (0, 1, 2: seed = initial weights, data order, the validation hold-out):
+
+    grid         a 7-point log grid over the range test's planned window (lr_finder.start_lr to
+                 end_lr), every point trained
+    suggestions  one range test (``lrlab.pipeline.range_test``), then a training at every method's
+                 suggestion (x lr_factor), the ``auto`` default among them, and at "steepest-ema",
+                 the plain steepest-slope rule on the running EMA as other LR finders apply it
+    lrfree       the LR-free optimizers at their packages' defaults, the same epochs, no range test
+    confidence   (seed 0 only) the range test repeated over k = 5 data orders: the spread of each
+                 method's suggestion, and whether each single sweep lands in the grid's 97% band
+
+The score is the final-epoch validation top-1 (the hold-out; the test split is evaluated and
+recorded, never used). Ratio = mean top-1 at the suggestion / best mean top-1 of the grid.
+
+``--out`` is a cache as well as the result: every training and range test is saved as soon as it
+ends, and a later call with the same file skips what it holds (same setup, seed and lr or
+optimizer), so the benchmark can run in pieces across sessions; ``--parts`` chooses what to run.
+``--smoke`` shrinks everything (1,000 images, 1 epoch, a 3-point grid, 30-step range tests, 1 seed) to
+check the script; its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -31,197 +46,258 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from lrlab import pipeline
 from lrlab.config import load_config
 from lrlab.errors import LrlabError
 from lrlab.io import write_json
-from lrlab.lr_finder import METHODS
+from lrlab.lr_finder import RangeTestResult
 from lrlab.lr_finder.suggest import steepest
-from lrlab import pipeline
 from lrlab.lr_plan import LRPlan
-from lrlab.run_folder import RunFolder
 
 REPO = Path(__file__).resolve().parents[1]
+CIFAR = REPO.parent / "shared" / "data" / "cifar10"
+QUICK, LITE0 = REPO / "recipes" / "cifar10-quick.yaml", REPO / "recipes" / "transfer-lite0.yaml"
+FASTNET = ("model.name=fastnet", "model.kwargs={width: 0.5}", "data.train_subset=10000")
+
+
+@dataclass(frozen=True)
+class Bench:
+    """One setup: whether it chose the defaults, its epochs, its overrides, recipe and data."""
+
+    role: str
+    epochs: int
+    overrides: tuple[str, ...]
+    recipe: Path = QUICK
+    photos: bool = False
+
+
 SETUPS = {
-    "fastnet-sgd": (8, ["model.name=fastnet", "model.kwargs={width: 0.5}", "train.optimizer=sgd",
-                        "train.momentum=0.9", "train.nesterov=true", "train.batch_size=256"]),
-    "fastnet-adam": (8, ["model.name=fastnet", "model.kwargs={width: 0.5}", "train.optimizer=adam",
-                         "train.batch_size=256"]),
-    "resnet18-sgd": (3, ["model.name=resnet18", "model.kwargs={}", "train.optimizer=sgd", "train.momentum=0.9",
-                         "train.nesterov=false", "train.batch_size=128"]),
+    "fastnet-sgd": Bench("choice", 5, (*FASTNET, "train.optimizer=sgd", "train.momentum=0.9", "train.nesterov=true",
+                                       "train.batch_size=256")),
+    "fastnet-adam": Bench("choice", 5, (*FASTNET, "train.optimizer=adam", "train.batch_size=256")),
+    "resnet18-sgd": Bench("choice", 2, ("model.name=resnet18", "model.kwargs={}", "data.train_subset=5000",
+                                        "train.optimizer=sgd", "train.momentum=0.9", "train.nesterov=false",
+                                        "train.batch_size=128")),
+    "fastnet-muon": Bench("check", 5, (*FASTNET, "train.optimizer=muon", "train.momentum=0.9",
+                                       "train.nesterov=true", "train.batch_size=256")),
+    "fastnet-adamw": Bench("check", 5, (*FASTNET, "train.optimizer=adamw", "train.weight_decay=0.05",
+                                        "train.batch_size=128")),
+    "finetune-lite0": Bench("check", 3, ("transfer.freeze_epochs=0", "data.image_size=96", "data.val_fraction=0.2"),
+                     recipe=LITE0, photos=True),
 }
+COMMON = ("train.schedule=onecycle", "train.max_lr=null", "lr_finder.enabled=true", "train.tta=false",
+          "train.batch_size_milestones=[]")
+SMOKE = ("data.train_subset=1000", "data.test_subset=300", "lr_finder.num_iter=30", "lr_finder.skip_start=5",
+         "lr_finder.skip_end=3")
+LRFREE = ("schedulefree_sgd", "schedulefree_adamw", "prodigy", "dadapt_adam", "dog")
 EMA_STEEPEST = "steepest-ema"
-COMMON = ["train.schedule=onecycle", "train.max_lr=null", "lr_finder.enabled=true", "data.train_subset=10000"]
-SMOKE = ["data.train_subset=1000", "data.test_subset=500", "lr_finder.num_iter=30", "lr_finder.skip_start=5",
-         "lr_finder.skip_end=3"]
+PARTS = ("grid", "suggestions", "lrfree", "confidence")
+REPEATS = 5
+GRID_BAND = 0.97  # the grid band: lrs whose interpolated mean top-1 is >= this share of the grid's best
 
 
-def parse_epochs(items: list[str], setups: list[str]) -> dict[str, int]:
-    """``["5"]`` -> every setup 5 epochs; ``["fastnet-sgd=4", ...]`` -> per setup."""
-    out = {}
-    for item in items:
-        name, sep, value = item.rpartition("=")
-        targets = [name] if sep else setups
-        if sep and name not in SETUPS:
-            raise SystemExit(f"error: --epochs {item}: unknown setup {name!r}; valid: {', '.join(SETUPS)}")
-        if not value.isdigit() or int(value) < 1:
-            raise SystemExit(f"error: --epochs {item}: the number of epochs must be a positive integer")
-        out.update({t: int(value) for t in targets})
-    return out
+def photo_tree(root: Path, per_class: int, test_per_class: int) -> Path:
+    """An ImageFolder tree of symbolic links into the CIFAR-10 copy (a seeded choice per class)."""
+    if root.exists():
+        return root
+    rng = random.Random(0)
+    for split, n in (("train", per_class), ("test", test_per_class)):
+        for c in sorted(p.name for p in (CIFAR / split).iterdir()):
+            (root / split / c).mkdir(parents=True)
+            for f in sorted(rng.sample(sorted((CIFAR / split / c).iterdir()), n)):
+                (root / split / c / f.name).symlink_to(f)
+    return root
 
 
-def log_grid(low: float, high: float, n: int) -> list[float]:
-    """``n`` learning rates evenly spaced in log10 from ``low`` to ``high`` (both included)."""
-    return [float(v) for v in np.geomspace(low, high, n)]
+def lr_key(lr: float) -> str:
+    """Learning rates equal to 9 significant digits are one training."""
+    return f"lr={float(lr):.9g}"
 
 
-def key(lr: float) -> float:
-    """Learning rates equal to 9 significant digits are trained once."""
-    return float(f"{lr:.9g}")
+class Bencher:
+    """Runs the parts of one setup and keeps every number in the cache file."""
+
+    def __init__(self, args, cache: dict, save, log):
+        self.args, self.cache, self.save, self.log = args, cache, save, log
+
+    def config(self, name: str, seed: int, extra: tuple[str, ...] = ()):
+        b = SETUPS[name]
+        data = photo_tree(self.args.work / "photos", 100, 100) if b.photos else self.args.data
+        smoke = (*SMOKE, "train.epochs=1") if self.args.smoke else ()
+        return load_config(b.recipe, [f"data.path={data}", *COMMON, *b.overrides, f"train.epochs={b.epochs}",
+                                      f"seed={seed}", *smoke, *self.args.overrides, *extra])
+
+    def setup(self, name: str, seed: int) -> pipeline.Setup:
+        config = self.config(name, seed)
+        return pipeline.prepare(config.model_copy(update={"name": f"lrq-{name}"}), range_test=True, train=True,
+                                explain=False)
+
+    def grid(self, name: str, seed: int) -> list[float]:
+        cfg = self.config(name, seed).lr_finder
+        n = 3 if self.args.smoke else self.args.grid
+        return [float(v) for v in np.geomspace(cfg.start_lr, cfg.end_lr, n)]
+
+    def range_test(self, setup: pipeline.Setup, name: str, seed: int, repeats: int = 1) -> RangeTestResult:
+        """The range test of ``setup`` (cached): ``repeats`` sweeps over as many data orders."""
+        k = f"{name}|seed={seed}|repeats={repeats}"
+        if k not in self.cache["range_tests"]:
+            t0 = time.perf_counter()
+            config = setup.config
+            if repeats > 1:
+                lr_finder = config.lr_finder.model_copy(update={"repeats": repeats})
+                config = config.model_copy(update={"lr_finder": lr_finder})
+            self.cache["range_tests"][k] = pipeline.range_test(replace(setup, config=config)).to_dict()
+            self.save()
+            self.log(f"{name} seed {seed}: range test x{repeats} in {time.perf_counter() - t0:.0f}s")
+        return RangeTestResult.from_dict(self.cache["range_tests"][k])
+
+    def train(self, setup: pipeline.Setup, name: str, seed: int, label: str, extra: tuple[str, ...]) -> dict:
+        """Train ``setup``'s model afresh with the config overrides ``extra`` (cached under ``label``)."""
+        k = f"{name}|seed={seed}|{label}"
+        if k in self.cache["trainings"]:
+            return self.cache["trainings"][k]
+        t0 = time.perf_counter()
+        config = self.config(name, seed, (*extra, "lr_finder.enabled=false"))
+        run = replace(setup, config=config, model=pipeline.new_model(config, setup.data, setup.compute))
+        try:
+            history = pipeline.train(run, LRPlan.make(config))
+            final = history.records[-1]["val_acc"]
+            rec = {"final_val_acc": final if math.isfinite(final) else None, "best_val_acc": history.best()["val_acc"],
+                   "final_test_acc": pipeline.test_accuracy(run) if history.stopped is None else None, "error": None}
+        except LrlabError as e:
+            rec = {"final_val_acc": None, "best_val_acc": None, "final_test_acc": None, "error": str(e)}
+        rec["seconds"] = time.perf_counter() - t0
+        self.cache["trainings"][k] = rec
+        self.save()
+        shown = f"val top-1 {rec['final_val_acc']:.2%}" if rec["final_val_acc"] is not None else f"failed: {rec['error']}"
+        self.log(f"{name} seed {seed} {label}: {shown} ({rec['seconds']:.0f}s)")
+        return rec
+
+    def suggestions(self, result: RangeTestResult, factor: float) -> dict[str, float]:
+        """Every method's lr (x ``factor``), plus the plain steepest rule on the running EMA."""
+        out = {m: s.lr * factor for m, s in result.suggestions.items()}
+        try:
+            out[EMA_STEEPEST] = steepest(result.lrs, result.smoothed, result.skip_start, result.skip_end).lr * factor
+        except LrlabError:
+            pass
+        return out
+
+    def run(self, name: str, parts: list[str]) -> None:
+        """The asked parts of setup ``name`` for every seed."""
+        for seed in range(1 if self.args.smoke else self.args.seeds):
+            setup = self.setup(name, seed)
+            if "grid" in parts:
+                for lr in self.grid(name, seed):
+                    self.train(setup, name, seed, lr_key(lr), (f"train.max_lr={lr}",))
+            if "suggestions" in parts:
+                result = self.range_test(setup, name, seed)
+                for lr in sorted(set(self.suggestions(result, setup.config.lr_finder.lr_factor).values())):
+                    self.train(setup, name, seed, lr_key(lr), (f"train.max_lr={lr}",))
+            if "lrfree" in parts:
+                for opt in LRFREE:
+                    self.train(setup, name, seed, f"optimizer={opt}", (f"train.optimizer={opt}",))
+            if "confidence" in parts and seed == 0:
+                self.range_test(setup, name, seed, 1 if self.args.smoke else REPEATS)
+
+
+# ---------------------------------------------------------------------------- tables
+
+
+def mean_std(values: list) -> tuple[float | None, float | None]:
+    vals = [v for v in values if v is not None]
+    if not vals or len(vals) < len(values):
+        return None, None
+    return float(np.mean(vals)), float(np.std(vals))
+
+
+def cell(mean: float | None, std: float | None) -> str:
+    return "-" if mean is None else f"{100 * mean:.2f} ± {100 * std:.2f}%"
+
+
+def grid_band(lrs: list[float], means: list[float]) -> tuple[float, float]:
+    """The lrs (log-linear interpolation of the grid's mean top-1) within GRID_BAND of the best."""
+    x = np.log10(lrs)
+    fine = np.linspace(x[0], x[-1], 2001)
+    acc = np.interp(fine, x, means)
+    inside = fine[acc >= GRID_BAND * max(means)]
+    return float(10 ** inside.min()), float(10 ** inside.max())
+
+
+def setup_table(name: str, cache: dict, seeds: int, b: Bencher) -> list[str]:
+    """Markdown lines: per method (and the default, steepest-ema, the LR-free optimizers) the
+    suggested lrs, mean ± std top-1 over the seeds and the ratio to the grid's best mean."""
+    t = cache["trainings"]
+
+    def acc(seed, label):
+        rec = t.get(f"{name}|seed={seed}|{label}")
+        return None if rec is None else rec["final_val_acc"]
+
+    lines = [f"\n### {name} ({SETUPS[name].role}, {SETUPS[name].epochs} epochs, {seeds} seeds)\n",
+             "| row | lr (per seed) | top-1 mean ± std | ratio to grid best |", "|---|---|---|---|"]
+    grid = b.grid(name, 0)
+    grid_means = [mean_std([acc(s, lr_key(lr)) for s in range(seeds)])[0] for lr in grid]
+    best = max((m for m in grid_means if m is not None), default=None)
+    rows: dict[str, tuple[list, list]] = {}
+    for seed in range(seeds):
+        rt = cache["range_tests"].get(f"{name}|seed={seed}|repeats=1")
+        if rt is None:
+            continue
+        result = RangeTestResult.from_dict(rt)
+        sugg = b.suggestions(result, b.config(name, seed).lr_finder.lr_factor)
+        sugg[f"auto ({result.method})"] = sugg.get(result.method)
+        for m, lr in sugg.items():
+            lrs, accs = rows.setdefault(m, ([], []))
+            lrs.append(lr)
+            accs.append(None if lr is None else acc(seed, lr_key(lr)))
+    for m, (lrs, accs) in rows.items():
+        mean, std = mean_std(accs)
+        ratio = "-" if mean is None or not best else f"{mean / best:.3f}"
+        lines.append(f"| {m} | {', '.join('-' if v is None else f'{v:.3g}' for v in lrs)} | {cell(mean, std)} | {ratio} |")
+    for opt in LRFREE:
+        mean, std = mean_std([acc(s, f"optimizer={opt}") for s in range(seeds)])
+        ratio = "-" if mean is None or not best else f"{mean / best:.3f}"
+        lines.append(f"| {opt} (LR-free) | package default | {cell(mean, std)} | {ratio} |")
+    lines.append("| grid | " + ", ".join(f"{lr:.3g}: {cell(m, None) if m is None else f'{100 * m:.2f}%'}"
+                                         for lr, m in zip(grid, grid_means)) + f" | best {cell(best, 0.0)} | 1 |")
+    return lines
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="CIFAR-10 ImageFolder tree or cifar-10-batches-py")
+    parser.add_argument("--data", default=str(CIFAR), help="CIFAR-10 ImageFolder tree")
     parser.add_argument("--setups", default=",".join(SETUPS), help=f"comma-separated subset of {', '.join(SETUPS)}")
-    parser.add_argument("--epochs", nargs="*", default=[], metavar="N|SETUP=N",
-                        help="epochs for every setup, or per setup (default: fastnet 8, resnet18 3)")
-    parser.add_argument("--grid", type=int, default=7, help="points of the log grid (default 7; --smoke: 3)")
-    parser.add_argument("--recipe", default=str(REPO / "recipes" / "cifar10-quick.yaml"))
-    parser.add_argument("--out", type=Path, help="JSON file for every number, rewritten after each training")
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes to check the script in seconds")
-    parser.add_argument("--reuse", type=Path, help="an earlier --out JSON: its trainings with the same setup, "
-                        "overrides and lr are not repeated (training does not depend on the suggestions)")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--grid", type=int, default=7, help="points of the log grid")
+    parser.add_argument("--out", type=Path, required=True, help="JSON cache and result, rewritten after each step")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes to check the script")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="extra config overrides")
     args = parser.parse_intermixed_args()
-
-    setups = [s.strip() for s in args.setups.split(",") if s.strip()]
-    unknown = [s for s in setups if s not in SETUPS]
-    if unknown or not setups:
-        raise SystemExit(f"error: unknown setup(s) {unknown}; valid: {', '.join(SETUPS)}")
-    epochs = {s: 1 if args.smoke else SETUPS[s][0] for s in setups} | parse_epochs(args.epochs, setups)
-    n_grid = 3 if args.smoke and args.grid == 7 else args.grid
-    if n_grid < 2:
-        raise SystemExit("error: --grid must be at least 2")
-
+    setups = [s for s in args.setups.split(",") if s]
+    parts = [p for p in args.parts.split(",") if p]
+    if not setups or set(setups) - set(SETUPS) or set(parts) - set(PARTS):
+        raise SystemExit(f"error: --setups from {', '.join(SETUPS)}; --parts from {', '.join(PARTS)}")
+    args.work = args.out.with_suffix(".d")
+    cache = json.loads(args.out.read_text()) if args.out.exists() else {"range_tests": {}, "trainings": {}}
     start = time.perf_counter()
 
     def log(text: str) -> None:
         print(f"[{time.perf_counter() - start:8.1f}s] {text}", flush=True)
 
-    earlier: dict = {}
-    if args.reuse:
-        for setup, e in json.loads(args.reuse.read_text())["setups"].items():
-            for run in e.get("runs", []):
-                if run.get("error") is None:
-                    earlier[(setup, json.dumps(e["overrides"]), e["epochs"], key(run["lr"]))] = run
-    report: dict = {"smoke": args.smoke, "recipe": args.recipe, "grid_points": n_grid, "setups": {}}
-    save = (lambda: write_json(args.out, report)) if args.out else (lambda: None)
+    bench = Bencher(args, cache, lambda: write_json(args.out, cache), log)
     for name in setups:
-        overrides = [f"data.path={args.data}", *COMMON, *SETUPS[name][1], f"train.epochs={epochs[name]}",
-                     *(SMOKE if args.smoke else []), *args.overrides]
-        try:
-            config = load_config(args.recipe, overrides)
-        except LrlabError as e:
-            raise SystemExit(f"error: {name}: {e}") from None
-        config = config.model_copy(update={"name": f"lrq-{name}"})
-        setup = pipeline.prepare(config, range_test=True, train=True, explain=False)
-        data = setup.data
-        entry: dict = {"overrides": overrides, "epochs": epochs[name], "train_images": len(data.train),
-                       "val_images": len(data.val), "test_images": len(data.test), "runs": []}
-        report["setups"][name] = entry
-
-        log(f"{name}: range test ({config.lr_finder.num_iter} steps, batch {config.train.batch_size})")
-        result = pipeline.range_test(setup)
-        if args.out:
-            RunFolder(args.out.parent / f"{args.out.stem}_{name}").save_range_test(result)
-        entry["range_test"] = result.to_dict()
-        factor = config.lr_finder.lr_factor
-        suggested = {m: s.lr * factor for m, s in result.suggestions.items()}
-        # the plain rule as other LR finders apply it: steepest slope of the running EMA
-        try:
-            suggested[EMA_STEEPEST] = steepest(result.lrs, result.smoothed, result.skip_start,
-                                               result.skip_end).lr * factor
-        except LrlabError:
-            pass
-        grid = log_grid(result.start_lr, result.stop_lr, n_grid)
-        entry["grid"] = grid
-        entry["suggested"] = suggested
-        log(f"{name}: stopped {result.stop_reason} at lr {result.stop_lr:.3g}; grid "
-            + ", ".join(f"{g:.3g}" for g in grid) + "; suggestions "
-            + ", ".join(f"{m} {lr:.3g}" for m, lr in suggested.items())
-            + "".join(f"; {m}: none ({why})" for m, why in result.suggestion_errors.items()))
-        save()
-
-        candidates: dict[float, list[str]] = {}
-        for i, g in enumerate(grid):
-            candidates.setdefault(key(g), []).append(f"grid{i + 1}")
-        for m, lr in suggested.items():
-            candidates.setdefault(key(lr), []).append(m)
-        scores: dict[float, float | None] = {}
-        for n, (lr, labels) in enumerate(candidates.items(), 1):
-            old = earlier.get((name, json.dumps(overrides), epochs[name], lr))
-            if old is not None and "final_val_acc" in old:
-                scores[lr] = old["final_val_acc"]
-                entry["runs"].append({**old, "labels": labels, "reused": True})
-                log(f"{name}: {n}/{len(candidates)} lr {lr:.3g} ({', '.join(labels)}) -> val top-1 "
-                    f"{100 * old['final_val_acc']:.2f}% (reused from {args.reuse})")
-                continue
-            t0 = time.perf_counter()
-            setup.model = pipeline.new_model(config, data, setup.compute)  # same seed, same initial weights
-            try:
-                history = pipeline.train(setup, LRPlan(lr, "peak", f"candidate {', '.join(labels)}"))
-                final, best = history.records[-1]["val_acc"], history.best()["val_acc"]
-                test = pipeline.test_accuracy(setup) if history.stopped is None else None
-                err = None
-            except LrlabError as e:
-                final = best = test = None
-                err = str(e)
-            acc = final if final is None or math.isfinite(final) else None
-            scores[lr] = acc
-            entry["runs"].append({"lr": lr, "labels": labels, "final_val_acc": acc, "best_val_acc": best,
-                                  "final_test_acc": test, "seconds": time.perf_counter() - t0, "error": err})
-            save()
-            shown = "failed: " + err if err else f"val top-1 {100 * acc:.2f}%"
-            log(f"{name}: {n}/{len(candidates)} lr {lr:.3g} ({', '.join(labels)}) -> {shown} "
-                f"({time.perf_counter() - t0:.0f}s)")
-
-        grid_accs = [scores[key(g)] for g in grid]
-        best_grid = max((a for a in grid_accs if a is not None), default=None)
-        entry["best_grid_acc"] = best_grid
-        rows = []
-        for m in [*METHODS, EMA_STEEPEST]:
-            lr = suggested.get(m)
-            acc = scores.get(key(lr)) if lr is not None else None
-            ratio = acc / best_grid if acc is not None and best_grid else None
-            rows.append({"method": m, "lr": lr, "acc": acc, "ratio": ratio})
-        entry["table"] = rows
-        save()
-        print_tables(name, epochs[name], rows, grid, grid_accs, best_grid, result.method)
-    log("done")
+        bench.run(name, parts)
+    seeds = 1 if args.smoke else args.seeds
+    print("\n".join(line for name in setups for line in setup_table(name, cache, seeds, bench)))
     return 0
-
-
-def pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.2f}%"
-
-
-def print_tables(name: str, epochs: int, rows: list[dict], grid: list[float], grid_accs: list, best_grid,
-                 default: str) -> None:
-    print(f"\n{name} ({epochs} epochs, one-cycle peak = lr; final-epoch validation top-1)")
-    print(f"  {'method':<10}{'suggested lr':>14}{'val top-1':>12}{'best grid':>12}{'ratio':>8}")
-    for r in rows:
-        lr = "-" if r["lr"] is None else f"{r['lr']:.3g}"
-        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.3f}"
-        mark = "  (default)" if r["method"] == default else ""
-        print(f"  {r['method']:<10}{lr:>14}{pct(r['acc']):>12}{pct(best_grid):>12}{ratio:>8}{mark}")
-    print("  grid:  " + "  ".join(f"{g:.3g}: {pct(a)}" for g, a in zip(grid, grid_accs)))
-    print(flush=True)
 
 
 if __name__ == "__main__":
