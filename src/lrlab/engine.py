@@ -162,6 +162,12 @@ class Trainer:
     :meth:`load_state_dict` puts all of it back, so training continues bit for bit as if it
     had not stopped.
 
+    :attr:`weights` (:func:`lrlab.eval_weights.eval_weights`): with Schedule-Free or DoG the
+    weights evaluated and saved (a checkpoint's ``model``) are not the trained ones; the loop
+    switches to them before every evaluation and checkpoint (:meth:`use_eval_weights`) and back,
+    exactly, before training on; the checkpoint's ``eval_weights`` holds the trained state and
+    DoG's averager.
+
     ``on_nonfinite``: "stop" (training ends at the first step whose loss is NaN or infinite,
     before that step changes anything; ``history.stopped`` says where) or "skip" (the step
     changes nothing and is counted in the record's ``skipped_steps``).
