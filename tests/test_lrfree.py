@@ -8,6 +8,8 @@ from __future__ import annotations
 import io
 import json
 import math
+import signal
+import time
 
 import pytest
 import torch
@@ -25,6 +27,7 @@ from lrlab.optim import OPTIMIZERS, build_optimizer, lr_free
 from lrlab.pipeline import eval_loader, prepare
 from lrlab.schedules import Constant
 from test_cli import write_recipe
+from test_resume import assert_same_run, lrlab, only_run, wait_for
 
 NAMES = ["schedulefree_sgd", "schedulefree_adamw", "prodigy", "dadapt_sgd", "dadapt_adam", "dog"]
 DEFAULT_LR = {"schedulefree_sgd": 1.0, "schedulefree_adamw": 0.0025, "prodigy": 1.0, "dadapt_sgd": 1.0,
@@ -183,3 +186,23 @@ def test_bad_combinations_are_one_line(runs, tmp_path, capsys, overrides, messag
     err = capsys.readouterr().err.strip()
     assert err.startswith(message) and "\n" not in err
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("name", ["schedulefree_sgd", "dog"])
+def test_lrlab_resume_after_sigint_matches_the_uninterrupted_run(runs, tmp_path, name):
+    """The real command: `lrlab train` stopped by SIGINT in epoch 2 (a checkpoint of its own, at
+    the eval weights) and `lrlab resume` end bit for bit where the uninterrupted run ends."""
+    args = ["train", str(runs["recipe"]), "train.epochs=3", f"train.optimizer={name}"]
+    assert main([*args, "--out", str(tmp_path / "ref"), "--quiet"]) == 0
+    proc = lrlab(*args, "--out", str(tmp_path / "stopped"))
+    wait_for("*/checkpoints/last.pt", tmp_path / "stopped", proc)  # end of epoch 1
+    time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate()
+    assert proc.returncode == 130
+    run = only_run(tmp_path / "stopped")
+    assert not (run / "summary.json").exists()
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert state["epoch"] < 3 and state["eval_weights"]["trained"] is not None
+    assert main(["resume", str(run), "--quiet"]) == 0
+    assert_same_run(run, only_run(tmp_path / "ref"))
