@@ -51,6 +51,8 @@ def test_the_plan_keeps_an_explicit_lr_and_replaces_undocumented_schedules():
     assert plan.schedule == "constant" and plan.kind == "initial" and plan.lr == 1.0
     assert plan.notes[0] == ("train.schedule onecycle replaced by constant: schedulefree.SGDScheduleFree is "
                              "documented with constant")
+    plan = LRPlan.make(load_config(None, ["train.optimizer=dog", "train.schedule=onecycle", "train.max_lr=0.4"]))
+    assert plan.lr == 1.0 and plan.notes[1] == "train.max_lr 0.4 not used: the constant schedule has no peak"
     plan = LRPlan.make(load_config(None, ["train.optimizer=dadapt_sgd", "train.schedule=onecycle"]))
     assert plan.schedule is None and plan.kind == "peak" and plan.lr == 1.0  # D-Adaptation: any schedule
 

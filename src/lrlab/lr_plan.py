@@ -197,6 +197,8 @@ class LRPlan:
             lr, source = t.lr, "train.lr"
         else:
             lr, source = free.default_lr, f"LR-free optimizer: lr = {free.default_lr:g} (the package's default)"
+        if t.max_lr is not None and not schedule.lr_is_peak:
+            notes.append(f"train.max_lr {t.max_lr:g} not used: the {name} schedule has no peak")
         notes.append(f"no LR range test: train.optimizer {t.optimizer} is LR-free ({free.source})")
         schedule.check_lr(schedule_options(t), lr, source)
         names = tuple("+".join(g) for g in t.layer_groups) or ("all",)
