@@ -181,8 +181,9 @@ class _TrainBase(_Section):
     epochs: int = Field(10, gt=0)
     batch_size: int = Field(128, gt=0)
     # sgd: SGD with train.momentum (0: plain SGD) and train.nesterov; nesterov: SGD with
-    # Nesterov momentum; muon: Muon + train.muon.aux_optimizer (train.muon); the others are
-    # torch.optim's (see lrlab.optim.build_optimizer).
+    # Nesterov momentum; muon: Muon + train.muon.aux_optimizer (train.muon); LR-free (no range test,
+    # the package's default lr, see lrlab.lr_plan): schedulefree_sgd, schedulefree_adamw, prodigy,
+    # dadapt_sgd, dadapt_adam, dog; the others are torch.optim's (see lrlab.optim.build_optimizer).
     optimizer: OptimizerName = "sgd"
     lr: float = Field(0.05, gt=0)  # used as is when the range test is off
     max_lr: float | None = Field(None, gt=0)  # onecycle/cyclic peak; None: the range test's lr

@@ -24,6 +24,7 @@ from torch import nn
 
 from lrlab import interrupts
 from lrlab.compute import Compute
+from lrlab.eval_weights import eval_weights
 from lrlab.tta import tta_probs
 
 COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "train_seconds",
@@ -161,6 +162,12 @@ class Trainer:
     :meth:`load_state_dict` puts all of it back, so training continues bit for bit as if it
     had not stopped.
 
+    :attr:`weights` (:func:`lrlab.eval_weights.eval_weights`): with Schedule-Free or DoG the
+    weights evaluated and saved (a checkpoint's ``model``) are not the trained ones; the loop
+    switches to them before every evaluation and checkpoint (:meth:`use_eval_weights`) and back,
+    exactly, before training on; the checkpoint's ``eval_weights`` holds the trained state and
+    DoG's averager.
+
     ``on_nonfinite``: "stop" (training ends at the first step whose loss is NaN or infinite,
     before that step changes anything; ``history.stopped`` says where) or "skip" (the step
     changes nothing and is counted in the record's ``skipped_steps``).
@@ -189,6 +196,7 @@ class Trainer:
         self.sync = sync
         self.net = model.module if sync is not None else model
         self.signal: int | None = None  # with sync: a signal pending on any rank at the last step
+        self.weights = eval_weights(optimizer, self.net)  # the weights to evaluate and save (lrlab.eval_weights)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """One optimizer step on the batch x (B, C, H, W) float32, y (B,) int64 (training mode);
@@ -204,6 +212,7 @@ class Trainer:
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        self.weights.after_step()
         self._count(value, (logits.argmax(1) == y).sum().item() if correct is None else correct, n)
         self.last_finite_loss = value
         return value
@@ -236,6 +245,16 @@ class Trainer:
                                     "lr": self.schedule.lr, "last_finite_loss": self.last_finite_loss}
         return value
 
+    def use_eval_weights(self, loader) -> None:
+        """Put the weights meant for evaluation and saving into the network
+        (:mod:`lrlab.eval_weights`; nothing changes for most optimizers); with Schedule-Free, the
+        BatchNorm statistics are then recomputed at them (:func:`_refresh_batchnorm`)."""
+        w = self.weights
+        if w.differs and w.trained is None:
+            w.use_eval()
+            if w.refresh_batchnorm:
+                _refresh_batchnorm(self, loader)
+
     def end_epoch(self, record: dict) -> None:
         """Append the finished epoch's ``record`` and start the next epoch's totals."""
         self.history.records.append(record)
@@ -249,12 +268,13 @@ class Trainer:
                 "grad_noise": self.grad_noise.state_dict() if self.grad_noise is not None else None,
                 "epoch": self.epoch, "step": len(self.history.step_lrs), "epoch_progress": vars(self.progress).copy(),
                 "last_finite_loss": self.last_finite_loss, "history": list(self.history.records),
-                "step_lrs": list(self.history.step_lrs), "rng": rng_state()}
+                "step_lrs": list(self.history.step_lrs), "rng": rng_state(), "eval_weights": self.weights.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a :meth:`state_dict` (model and optimizer tensors go to their devices)."""
         self.net.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.weights.load_state_dict(state.get("eval_weights"))
         self.schedule.load_state_dict(state["schedule"])
         if self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
@@ -266,11 +286,39 @@ class Trainer:
         set_rng_state(state["rng"])
 
 
+BN_REFRESH_BATCHES = 50
+"""Training batches whose BatchNorm statistics replace the running ones at Schedule-Free's eval
+weights (the schedulefree README's "Caveats": ``itertools.islice(train_loader, 50)``)."""
+
+
+def _refresh_batchnorm(trainer: Trainer, loader) -> None:
+    """The schedulefree README's recipe for BatchNorm: the model in training mode forwards the
+    first :data:`BN_REFRESH_BATCHES` batches of the epoch under way without gradients, so the
+    running statistics are those of the eval weights x instead of the training points y. The
+    loader's epoch counter and the global random states (dropout) are put back afterwards, so
+    training does not see it."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in trainer.net.modules()):
+        return
+    rng, was_training, epoch = rng_state(), trainer.model.training, getattr(loader, "epoch", None)
+    if epoch is not None:
+        loader.epoch = trainer.epoch
+    trainer.model.train()
+    with torch.no_grad():
+        for x, _ in itertools.islice(iter(loader), BN_REFRESH_BATCHES):
+            with trainer.compute.autocast():
+                trainer.model(x)
+    trainer.model.train(was_training)
+    if epoch is not None:
+        loader.epoch = epoch
+    set_rng_state(rng)
+
+
 def _train_epoch(trainer: Trainer, loader, checkpoint: Callable[[dict, bool], None] | None, checkpoint_every: int,
                  on_step: Callable[[int, float], None] | None) -> None:
     """The training pass of epoch ``trainer.epoch + 1``, from the step it had reached; stops early
     at a non-finite loss ("stop") or a pending signal (checkpoint, then :class:`Interrupted`)."""
     trainer.model.train()
+    trainer.weights.use_train()
     if hasattr(loader, "epoch"):
         loader.epoch = trainer.epoch  # the loader's per-epoch seed: the same order on resume
     p, start = trainer.progress, time.perf_counter() - trainer.progress.seconds
@@ -283,7 +331,9 @@ def _train_epoch(trainer: Trainer, loader, checkpoint: Callable[[dict, bool], No
             on_step(p.steps - 1, loss)
         signum = interrupts.pending() if trainer.sync is None else trainer.signal
         if checkpoint is not None and (signum or (checkpoint_every and len(trainer.history.step_lrs) % checkpoint_every == 0)):
+            trainer.use_eval_weights(loader)
             checkpoint(trainer.state_dict(), False)
+            trainer.weights.use_train()
         if signum:
             raise interrupts.Interrupted(signum, f"at epoch {trainer.epoch + 1}, step {len(trainer.history.step_lrs)}")
 
@@ -347,15 +397,17 @@ def fit(model: nn.Module, train_loader, val_loader, optimizer, schedule, epochs:
             _train_epoch(trainer, train_loader, checkpoint, checkpoint_every, on_step)
             if trainer.history.stopped is not None:
                 break
-            _end_epoch(trainer, epoch, val_loader, getattr(train_loader, "batch_size", None), checkpoint, on_epoch)
+            _end_epoch(trainer, epoch, val_loader, train_loader, checkpoint, on_epoch)
     return trainer.history
 
 
-def _end_epoch(trainer: Trainer, epoch: int, val_loader, batch_size: int | None, checkpoint, on_epoch) -> None:
-    """Evaluate on the validation split, step the schedule on its loss, record, checkpoint, report;
-    then raise :class:`Interrupted` if a signal came meanwhile."""
+def _end_epoch(trainer: Trainer, epoch: int, val_loader, train_loader, checkpoint, on_epoch) -> None:
+    """Evaluate the eval weights (:meth:`Trainer.use_eval_weights`) on the validation split, step
+    the schedule on its loss, record, checkpoint, report; then raise :class:`Interrupted` if a
+    signal came meanwhile."""
     start = time.perf_counter()
-    p = trainer.progress
+    p, batch_size = trainer.progress, getattr(train_loader, "batch_size", None)
+    trainer.use_eval_weights(train_loader)
     val_loss, val_acc = evaluate(trainer.net, val_loader, trainer.compute, sync=trainer.sync)
     trainer.schedule.step_epoch(val_loss)
     train_loss, train_acc = p.means()

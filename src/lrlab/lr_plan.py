@@ -14,6 +14,14 @@ combines them, and the only place that checks them:
   in between (fastai's ``slice(lr / r, lr)``; Howard & Ruder 2018, arXiv:1801.06146);
 * with ``train.optimizer: muon`` the plan's lr is the auxiliary optimizer's, and Muon's groups
   train at lr x ``train.muon.lr_ratio`` (in every layer group, times its scale; ``lrlab.optim``);
+* an LR-free optimizer (``lrlab.optim.lr_free``: schedulefree_sgd, schedulefree_adamw, prodigy,
+  dadapt_sgd, dadapt_adam, dog) has no range test (:func:`range_test_applies`); it trains at the
+  recipe's lr when the recipe sets one (``train.max_lr`` for a peak schedule, else ``train.lr``),
+  else at its package's documented default (source "LR-free optimizer: lr = 1 (the package's
+  default)"). A ``train.schedule`` its package does not document (schedule-free and DoG:
+  constant; Prodigy: constant or cosine; D-Adaptation: any) is replaced by ``constant``, and the
+  plan says so (:attr:`LRPlan.schedule`, :attr:`LRPlan.notes`); ``train.warmup_epochs`` stays (for
+  schedule-free it is exactly the package's ``warmup_steps``: lr x (k + 1) / W);
 * with ``train.lr_scale_rule`` linear or sqrt, an lr meant for another batch size is scaled to
   ``train.batch_size`` (the global batch under torchrun), once, here (:func:`batch_scale`).
 
@@ -28,6 +36,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from lrlab.errors import LrlabError
+from lrlab.optim import LrFree, lr_free
 from lrlab.schedules import SCHEDULES, schedule_options
 
 
@@ -68,6 +77,25 @@ def _scaled(config, lr: float, source: str, reference: int) -> tuple[float, str,
             factor)
 
 
+def range_test_applies(config) -> bool:
+    """True when the run's lr can come from an LR range test: ``lr_finder.enabled`` and an
+    optimizer that needs an lr (not an LR-free one, :func:`lrlab.optim.lr_free`)."""
+    return config.lr_finder.enabled and lr_free(config.train.optimizer) is None
+
+
+def check_range_test_applies(config) -> None:
+    """For a command that runs the range test only (``lrlab find-lr``).
+
+    Raises:
+        LrlabError: the optimizer is LR-free, so there is nothing to find.
+    """
+    free = lr_free(config.train.optimizer)
+    if free is not None:
+        raise LrlabError(f"train.optimizer {config.train.optimizer} is LR-free ({free.source} trains at lr "
+                         f"{free.default_lr:g}, the package's default), so the LR range test does not apply; "
+                         f"use 'lrlab run' or 'lrlab train'")
+
+
 def layer_scales(num_groups: int, ratio: float) -> tuple[float, ...]:
     """lr of each layer group (bottom first) / the top group's: geometric from 1/ratio to 1."""
     if num_groups <= 1:
@@ -94,6 +122,10 @@ class LRPlan:
         batch_scale: the factor of ``train.lr_scale_rule`` in ``lr`` (1: none), from the batch the
             lr was meant for (``train.lr_base_batch``; the range test's batch for its suggestion)
             to ``train.batch_size``.
+        lr_free: True for an LR-free optimizer (no range test; see the module docstring).
+        schedule: the schedule the run uses instead of ``train.schedule`` (LR-free optimizers),
+            or None: ``train.schedule``.
+        notes: sentences on what the plan changed or ignored (for the report and lr_plan.json).
     """
 
     lr: float
@@ -105,6 +137,9 @@ class LRPlan:
     method: str | None = None
     muon_lr_ratio: float | None = None
     batch_scale: float = 1.0
+    lr_free: bool = False
+    schedule: str | None = None
+    notes: tuple[str, ...] = ()
 
     @classmethod
     def make(cls, config, suggestion: float | None = None, method: str | None = None) -> LRPlan:
@@ -115,6 +150,9 @@ class LRPlan:
                 the schedule rejects (cyclic base_lr not below the peak).
         """
         t = config.train
+        free = lr_free(t.optimizer)
+        if free is not None:
+            return cls._lr_free(config, free)
         schedule = SCHEDULES.get(t.schedule)
         used = None  # the suggestion the lr comes from
         if schedule.lr_is_peak and t.max_lr is not None:
@@ -135,6 +173,39 @@ class LRPlan:
                    t.muon.lr_ratio if t.optimizer == "muon" else None, scale)
 
     @classmethod
+    def _lr_free(cls, config, free: LrFree) -> LRPlan:
+        """The plan of an LR-free optimizer (module docstring); an explicit lr is the recipe's
+        (``train.lr`` in its keys: pydantic's ``model_fields_set``).
+
+        Raises:
+            LrlabError: ``train.lr_scale_rule`` other than none (the lr is a multiplier of the
+                optimizer's own estimate, not an lr for some batch size).
+        """
+        t = config.train
+        if t.lr_scale_rule != "none":
+            raise LrlabError(f"train.lr_scale_rule {t.lr_scale_rule} does not apply to the LR-free train.optimizer "
+                             f"{t.optimizer} (its lr is not meant for a batch size); set train.lr_scale_rule=none")
+        name, notes = t.schedule, []
+        if free.schedules is not None and name not in free.schedules:
+            name = "constant"
+            notes.append(f"train.schedule {t.schedule} replaced by constant: {free.source} is documented with "
+                         f"{' or '.join(free.schedules)}")
+        schedule = SCHEDULES.get(name)
+        if schedule.lr_is_peak and t.max_lr is not None:
+            lr, source = t.max_lr, "train.max_lr"
+        elif "lr" in t.model_fields_set:
+            lr, source = t.lr, "train.lr"
+        else:
+            lr, source = free.default_lr, f"LR-free optimizer: lr = {free.default_lr:g} (the package's default)"
+        if t.max_lr is not None and not schedule.lr_is_peak:
+            notes.append(f"train.max_lr {t.max_lr:g} not used: the {name} schedule has no peak")
+        notes.append(f"no LR range test: train.optimizer {t.optimizer} is LR-free ({free.source})")
+        schedule.check_lr(schedule_options(t), lr, source)
+        names = tuple("+".join(g) for g in t.layer_groups) or ("all",)
+        return cls(lr, "peak" if schedule.lr_is_peak else "initial", source, layer_scales(len(names), t.lr_ratio),
+                   names, lr_free=True, schedule=None if name == t.schedule else name, notes=tuple(notes))
+
+    @classmethod
     def check(cls, config, range_test_runs: bool) -> None:
         """Before any work: would :meth:`make` succeed? When the lr will come from a range test
         that has not run yet, nothing can be checked now (:meth:`make` checks its value later).
@@ -142,7 +213,7 @@ class LRPlan:
         Raises:
             LrlabError: as :meth:`make`.
         """
-        if range_test_runs:
+        if range_test_runs and lr_free(config.train.optimizer) is None:
             t = config.train
             if not (SCHEDULES.get(t.schedule).lr_is_peak and t.max_lr is not None):
                 return  # the lr comes from the test; its value is checked when it is known
@@ -170,4 +241,5 @@ class LRPlan:
 
     @classmethod
     def from_dict(cls, data: dict) -> LRPlan:
-        return cls(**{**data, "scales": tuple(data["scales"]), "group_names": tuple(data["group_names"])})
+        return cls(**{**data, "scales": tuple(data["scales"]), "group_names": tuple(data["group_names"]),
+                      "notes": tuple(data.get("notes", ()))})

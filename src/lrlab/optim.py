@@ -58,6 +58,30 @@ group trains at that lr x ``train.muon.lr_ratio``. The ratio is put into the Muo
 ``lr_scale``, so every schedule and the range test move both lrs together at a fixed ratio,
 exactly as they move discriminative layer groups; the range test records the auxiliary lr.
 
+LR-free optimizers (each builder carries an :class:`LrFree`, read by :class:`lrlab.lr_plan.LRPlan`:
+no range test, the package's default lr unless the recipe sets ``train.lr``, the schedules the
+package documents, else ``constant``):
+
+==================  ==============================================================================
+schedulefree_sgd    Schedule-Free SGD (Defazio et al. 2024, "The Road Less Scheduled",
+                    arXiv:2405.15682; ``schedulefree``): lr 1.0, momentum (beta) ``train.momentum``.
+schedulefree_adamw  Schedule-Free AdamW (same paper): lr 0.0025, ``train.betas``, ``train.eps``.
+                    Both evaluated and saved at their average x (:mod:`lrlab.eval_weights`).
+prodigy             Prodigy (Mishchenko & Defazio 2023, arXiv:2306.06101; ``prodigyopt``): Adam
+                    with an estimated step size, lr 1.0 (a multiplier), decoupled weight decay,
+                    ``safeguard_warmup`` on with ``train.warmup_epochs`` (its README).
+dadapt_sgd          D-Adaptation SGD (Defazio & Mishchenko 2023, "Learning-Rate-Free Learning by
+                    D-Adaptation", arXiv:2301.07733; ``dadaptation``), lr 1.0, ``train.momentum``.
+dadapt_adam         D-Adaptation Adam (same), lr 1.0; discriminative lrs go to its ``layer_scale``.
+dog                 DoG (Ivgi et al. 2023, "DoG is SGD's Best Friend", arXiv:2302.12022;
+                    ``dog-optimizer``), lr 1.0, ``reps_rel`` 1e-4 with BatchNorm else 1e-6 (its
+                    README), evaluated at its ``PolynomialDecayAverager``'s average.
+==================  ==============================================================================
+
+Weight decay is ``train.weight_decay`` in every group as above (each package's own kind: L2, or
+decoupled for Prodigy). Prodigy and D-Adaptation SGD estimate one step size for all groups and
+refuse groups at different lrs (discriminative lrs raise an LrlabError).
+
 Every optimizer is registered once in :data:`OPTIMIZERS`: adding one is one decorated builder
 function in this file. A builder may carry ``regroup(model, groups, train_cfg) -> groups``,
 applied to the parameter groups before it is called (Muon splits off the hidden weights).
@@ -65,7 +89,10 @@ applied to the parameter groups before it is called (Muon splits off the hidden 
 
 from __future__ import annotations
 
+import contextlib
+import io
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -231,6 +258,131 @@ def _muon(groups, lr, cfg):
 
 
 _muon.regroup = muon_groups
+
+
+@dataclass(frozen=True)
+class LrFree:
+    """What lrlab does with an LR-free optimizer (read by :class:`lrlab.lr_plan.LRPlan`).
+
+    Attributes:
+        default_lr: the package's documented default lr (for Prodigy, D-Adaptation and DoG a
+            multiplier of the step size they estimate): the run's lr unless the recipe sets one.
+        schedules: the schedules the package documents for it; any other ``train.schedule`` is
+            replaced by ``constant`` (the plan says so). None: every schedule.
+        source: the package (and class) it comes from, for notes and errors.
+    """
+
+    default_lr: float
+    schedules: tuple[str, ...] | None
+    source: str
+
+
+def lr_free(name: str) -> LrFree | None:
+    """The :class:`LrFree` facts of the optimizer ``name`` (``train.optimizer``), None when it
+    needs an lr (the range test's or the recipe's)."""
+    return getattr(OPTIMIZERS.get(name), "lr_free", None)
+
+
+def _quiet(make: Callable[[], torch.optim.Optimizer]) -> torch.optim.Optimizer:
+    """``make()`` with its standard output dropped (prodigyopt and dadaptation print a line when
+    decoupled weight decay is on; only lrlab's CLI prints)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return make()
+
+
+def _one_lr(name: str, groups: list[dict]) -> list[dict]:
+    """``groups`` unchanged when they share one lr (Prodigy and D-Adaptation SGD refuse groups at
+    different lrs; their estimate is global).
+
+    Raises:
+        LrlabError: discriminative lrs (``train.lr_ratio`` > 1 or Muon's ratio).
+    """
+    if len({g["lr_scale"] for g in groups}) > 1:
+        raise LrlabError(f"train.optimizer {name} trains every parameter group at one lr (the package estimates "
+                         f"one step size), so discriminative lrs do not apply; set train.lr_ratio=1 or use "
+                         f"dadapt_adam, which scales layers by its layer_scale")
+    return groups
+
+
+@OPTIMIZERS.register("schedulefree_sgd")
+def _schedulefree_sgd(groups, lr, cfg):
+    from schedulefree import SGDScheduleFree
+
+    if cfg.momentum <= 0:
+        raise LrlabError("train.optimizer schedulefree_sgd needs train.momentum in (0, 1) (its interpolation "
+                         "weight beta, default 0.9), got 0")
+    return SGDScheduleFree(groups, lr=lr, momentum=cfg.momentum)
+
+
+_schedulefree_sgd.lr_free = LrFree(1.0, ("constant",), "schedulefree.SGDScheduleFree")
+
+
+@OPTIMIZERS.register("schedulefree_adamw")
+def _schedulefree_adamw(groups, lr, cfg):
+    from schedulefree import AdamWScheduleFree
+
+    return AdamWScheduleFree(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+_schedulefree_adamw.lr_free = LrFree(0.0025, ("constant",), "schedulefree.AdamWScheduleFree")
+
+
+@OPTIMIZERS.register("prodigy")
+def _prodigy(groups, lr, cfg):
+    from prodigyopt import Prodigy
+
+    return _quiet(lambda: Prodigy(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                                  safeguard_warmup=cfg.warmup_epochs > 0))
+
+
+_prodigy.lr_free = LrFree(1.0, ("constant", "cosine"), "prodigyopt.Prodigy")
+_prodigy.regroup = lambda model, groups, cfg: _one_lr("prodigy", groups)
+
+
+@OPTIMIZERS.register("dadapt_sgd")
+def _dadapt_sgd(groups, lr, cfg):
+    from dadaptation import DAdaptSGD
+
+    return DAdaptSGD(groups, lr=lr, momentum=cfg.momentum)
+
+
+_dadapt_sgd.lr_free = LrFree(1.0, None, "dadaptation.DAdaptSGD")
+_dadapt_sgd.regroup = lambda model, groups, cfg: _one_lr("dadapt_sgd", groups)
+
+
+@OPTIMIZERS.register("dadapt_adam")
+def _dadapt_adam(groups, lr, cfg):
+    from dadaptation import DAdaptAdam
+
+    return _quiet(lambda: DAdaptAdam(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps))
+
+
+def _layer_scale(model: nn.Module, groups: list[dict], train_cfg) -> list[dict]:
+    """D-Adaptation Adam: discriminative lrs as its per-group ``layer_scale`` (its README: every
+    group at one lr, layers scaled by ``layer_scale``); the groups' ``lr_scale`` becomes 1."""
+    return [{**g, "layer_scale": g["lr_scale"], "lr_scale": 1.0} for g in groups]
+
+
+_dadapt_adam.lr_free = LrFree(1.0, None, "dadaptation.DAdaptAdam")
+_dadapt_adam.regroup = _layer_scale
+
+
+@OPTIMIZERS.register("dog")
+def _dog(groups, lr, cfg):
+    from dog import DoG
+
+    return DoG(groups, lr=1.0)  # build_optimizer sets every group's lr; 1.0 here keeps DoG's "lr != 1" warning quiet
+
+
+def _reps_rel(model: nn.Module, groups: list[dict], train_cfg) -> list[dict]:
+    """DoG's initial movement ``reps_rel`` per group, as its README recommends: 1e-6, or 1e-4 for
+    a model with BatchNorm (with 1e-6 its step size hardly grows)."""
+    bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    return [{**g, "reps_rel": 1e-4 if bn else 1e-6} for g in groups]
+
+
+_dog.lr_free = LrFree(1.0, ("constant",), "dog.DoG with dog.PolynomialDecayAverager")
+_dog.regroup = _reps_rel
 
 
 def _layer_group_of(names: list[str], layer_groups: Sequence[Sequence[str]]) -> list[int]:

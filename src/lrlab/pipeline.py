@@ -36,7 +36,7 @@ from lrlab.io import check_writable, remove_temporaries
 from lrlab.interpret import (FaithfulnessResult, Predictions, cam_faithfulness, class_activation_maps,
                              layer_names, per_class_summary, predict, select_misclassified)
 from lrlab.lr_finder import RangeTestResult, range_test as sweep
-from lrlab.lr_plan import LRPlan, layer_scales, suggestion_method
+from lrlab.lr_plan import LRPlan, check_range_test_applies, layer_scales, range_test_applies, suggestion_method
 from lrlab.models import build, check_name, model_spec
 from lrlab.optim import GradientNoise, build_optimizer
 from lrlab.plateau import find_plateaus
@@ -309,7 +309,8 @@ def train(setup: Setup, plan: LRPlan, callbacks: Callbacks = Callbacks(), run: R
     noise = GradientNoise(cfg.grad_noise.eta, cfg.grad_noise.gamma, seed=config.seed) if cfg.grad_noise.eta > 0 else None
     if noise is not None:
         noise.attach(optimizer)
-    schedule = build_schedule(cfg, optimizer, plan.lr, clock)
+    schedule = build_schedule(cfg if plan.schedule is None else cfg.model_copy(update={"schedule": plan.schedule}),
+                              optimizer, plan.lr, clock)
     callbacks.stage("train", clock.total_steps)
     extra = {"config": config.model_dump(mode="json"), "classes": setup.data.classes,
              "mean": setup.data.mean, "std": setup.data.std}
@@ -457,7 +458,9 @@ def run_pipeline(config: Config, out: str | Path, callbacks: Callbacks = Callbac
     """
     start = time.perf_counter()
     distributed.from_main(lambda: check_writable(out, "output folder"))
-    testing = range_test_stage and config.lr_finder.enabled
+    if range_test_stage and not train_stage:
+        check_range_test_applies(config)
+    testing = range_test_stage and range_test_applies(config)
     setup = prepare(config, range_test=testing, train=train_stage, explain=explain_stage)
     if not distributed.is_main():
         return _run_stages(setup, None, callbacks, testing, train_stage, explain_stage)
@@ -484,7 +487,7 @@ def resume_pipeline(run: RunFolder, callbacks: Callbacks = Callbacks(), config: 
     """
     start = time.perf_counter()
     saved, stages = distributed.from_main(lambda: _resumable(run, config, command))
-    testing = stages["range_test"] and saved.lr_finder.enabled
+    testing = stages["range_test"] and range_test_applies(saved)
     setup = prepare(saved, range_test=testing, train=stages["train"], explain=stages["explain"])
     if not distributed.is_main():
         return _run_stages(setup, None, callbacks, testing, stages["train"], stages["explain"], resume=True)

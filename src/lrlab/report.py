@@ -261,7 +261,7 @@ def _range_test_block(run: RunFolder, stage: int | None) -> str:
         result = None
     if result is None and fig is None:
         parts = [_missing(f"No LR range test in this run ({run.file(kind).name} not found).")]
-        return "".join(parts + [_plan_table(run, stage)]) if stage is not None else parts[0]
+        return "".join(parts + [_plan_table(run, stage)])
     parts = [fig or _missing(f"{run.file(fig_kind).name} is missing.")]
     if result is not None:
         rows = [[r["method"] + (" (used)" if r["used"] else ""), _num(r["lr"]),
@@ -285,7 +285,8 @@ def _plan_table(run: RunFolder, stage: int | None) -> str:
     what = "the run" if stage is None else f"stage {stage}"
     return f"<h3>Learning rates of {what} (LR plan)</h3>" + _table(
         ["layer group", "lr (per step)", "meaning", "from"],
-        [[r["group"], _num(r["lr"]), r["kind"], r["source"]] for r in plan.rows()], {1})
+        [[r["group"], _num(r["lr"]), r["kind"], r["source"]] for r in plan.rows()], {1}) + "".join(
+        f'<p class="note">{_e(n)}.</p>' for n in plan.notes)
 
 
 def _curves_section(run: RunFolder, ctx: dict) -> str:
