@@ -169,7 +169,7 @@ class LRRangeTest:
         if self._state is None:
             raise LrlabError("LRRangeTest.run must be called inside its with-block: "
                              "with LRRangeTest(model, optimizer) as finder: finder.run(...)")
-        if not (isinstance(repeats, int) and repeats >= 1):
+        if not (isinstance(repeats, int) and not isinstance(repeats, bool) and repeats >= 1):
             raise LrlabError(f"repeats ({repeats!r}) must be an integer of at least 1")
         val = val_batches is not None
         skip_pts = _validate(num_iter, mode, smooth, diverge_factor, skip_start, skip_end, accumulation_steps,
