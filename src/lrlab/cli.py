@@ -28,6 +28,7 @@ from tqdm import tqdm
 from lrlab import distributed, interrupts
 from lrlab.config import load_config
 from lrlab.errors import LrlabError
+from lrlab.lr_finder.spread import STABLE_RANGE
 from lrlab.pipeline import Callbacks, explain_run, resume_pipeline, run_pipeline
 from lrlab.run_folder import RunFolder
 
@@ -210,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     if not distributed.is_main():  # another rank of a torchrun job: rank 0 reports
         return 0
     if args.command == "find-lr" and not args.quiet:
-        print(suggestion_table_text(summary.get("lr_suggestions") or []))
+        print(suggestion_table_text(summary.get("lr_suggestions") or [], summary.get("lr_window_cut"),
+                                    summary.get("lr_repeats", 1)))
     print(_final_line(args.command, summary))
     return 0
 
@@ -272,18 +274,29 @@ def _interrupted(e: KeyboardInterrupt) -> int:
     return _fail(text, 128 + signum)
 
 
-def suggestion_table_text(rows: list[dict]) -> str:
+def suggestion_table_text(rows: list[dict], cut_lr: float | None = None, repeats: int = 1) -> str:
     """The range test's suggestions (``RangeTestResult.rows()``) as a small text table: method,
-    lr, range of good lrs, and "<- used" on the method the run trains with; a method without a
-    suggestion says why."""
-    lines = [f"{'method':<10}{'lr':>10}   {'range of good lrs':<21}"]
+    lr, range of good lrs, with ``repeats`` > 1 the spread of the repeats' suggestions (max/min)
+    and its verdict, and "<- used" on the method the run trains with; a method without a
+    suggestion says why. A last line names the lr where the analysed window was cut, if it was."""
+    extra = any(r.get("verdict") for r in rows)
+    lines = [f"{'method':<10}{'lr':>10}   {'range of good lrs':<21}" + (f"{'spread':>8}  verdict" if extra else "")]
     for r in rows:
         used = "   <- used" if r["used"] else ""
         if r["lr"] is None:
             lines.append(f"{r['method']:<10}{'-':>10}   none: {r['note'].split(': ', 1)[-1]}{used}")
-        else:
-            band = f"{r['low']:.2e} - {r['high']:.2e}"
-            lines.append(f"{r['method']:<10}{r['lr']:>10.2e}   {band:<21}{used}")
+            continue
+        band = f"{r['low']:.2e} - {r['high']:.2e}"
+        spread = ""
+        if extra:
+            ratio = "-" if r.get("spread") is None else f"{r['spread']:.2f}x"
+            spread = f"{ratio:>8}  {r.get('verdict') or '-':<8}"
+        lines.append(f"{r['method']:<10}{r['lr']:>10.2e}   {band:<21}{spread}{used}")
+    if extra:
+        lines.append(f"lr from the mean of {repeats} sweeps; spread: max/min of the single sweeps' suggestions "
+                     f"(stable: <= {STABLE_RANGE}x)")
+    if cut_lr is not None:
+        lines.append(f"window cut at lr {cut_lr:.2e}: a sustained rise of the loss; the suggestions read only the lrs below it")
     return "\n".join(lines)
 
 

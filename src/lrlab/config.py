@@ -146,6 +146,9 @@ class LRFinderConfig(_Section):
     loss: Literal["train", "val"] = "train"
     val_images: int = Field(1000, gt=0)
     val_every: int = Field(5, ge=1)
+    # sweeps over as many data orders, each from the same restored state: the lr comes from their
+    # mean curve, every method's spread (max/min) and verdict from the single ones; cost: x repeats
+    repeats: int = Field(1, ge=1)
 
     @model_validator(mode="after")
     def _range(self):

@@ -233,13 +233,13 @@ def range_test(setup: Setup, callbacks: Callbacks = Callbacks()) -> RangeTestRes
     def loss_fn(logits, y):
         return F.cross_entropy(logits, y, label_smoothing=config.train.label_smoothing)
 
-    callbacks.stage("range test", cfg.num_iter)
+    callbacks.stage("range test", cfg.num_iter * cfg.repeats)
     step = callbacks.on_step
     return sweep(setup.model, optimizer, loss_fn, train_loader(setup, batch_size),
                  start_lr=[cfg.start_lr * s for s in scales], end_lr=[cfg.end_lr * s for s in scales],
                  num_iter=cfg.num_iter, mode=cfg.mode, smooth=cfg.smooth, diverge_factor=cfg.diverge_factor,
                  skip_start=cfg.skip_start, skip_end=cfg.skip_end, accumulation_steps=cfg.accumulation_steps,
-                 val_batches=val_batches, val_every=cfg.val_every,
+                 val_batches=val_batches, val_every=cfg.val_every, repeats=cfg.repeats,
                  method=suggestion_method(cfg.method, optimizer), device=setup.compute.device,
                  autocast_dtype=setup.compute.dtype, channels_last=setup.compute.channels_last,
                  progress=(lambda i, lr, loss: step(i, loss)) if step else None)
@@ -577,7 +577,8 @@ def _plan_summary(plan: LRPlan, result: RangeTestResult | None) -> dict:
     """The summary's lr keys of a plan and its range test."""
     out = {"lr": plan.lr, "lr_plan": plan.rows()}
     if result is not None:
-        out.update(lr_suggestion=result.suggestion, lr_method=result.method, lr_suggestions=result.rows())
+        out.update(lr_suggestion=result.suggestion, lr_method=result.method, lr_suggestions=result.rows(),
+                   lr_repeats=max(len(result.repeats), 1), lr_window_cut=result.cut_lr)
     return out
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from lrlab.errors import LrlabError
-from lrlab.lr_finder import RangeTestResult
+from lrlab.lr_finder import STABLE_RANGE, RangeTestResult
 from lrlab.lr_plan import LRPlan
 from lrlab.engine import STAGE
 from lrlab.plots import stage_boundaries
@@ -264,17 +264,32 @@ def _range_test_block(run: RunFolder, stage: int | None) -> str:
         return "".join(parts + [_plan_table(run, stage)])
     parts = [fig or _missing(f"{run.file(fig_kind).name} is missing.")]
     if result is not None:
-        rows = [[r["method"] + (" (used)" if r["used"] else ""), _num(r["lr"]),
-                 f"{_num(r['low'])} to {_num(r['high'])}" if r["lr"] is not None else r["note"]]
-                for r in result.rows()]
-        loss = "validation" if result.loss == "val" else "training"
-        parts.append(_table(["suggestion method", "learning rate", "range of good lrs"], rows))
-        parts.append(f'<p class="note">Range tested: {_e(_num(result.start_lr))} to {_e(_num(result.end_lr))}, '
-                     f'{len(result.lrs)} points of the {loss} loss, stopped: {_e(result.stop_reason)} at lr '
-                     f'{_e(_num(result.stop_lr))}. The band of the method used is shaded in the figure; the '
-                     f'methods are described in lrlab.lr_finder.suggest.</p>')
+        parts += _suggestion_parts(result)
     parts.append(_plan_table(run, stage))
     return "".join(parts)
+
+
+def _suggestion_parts(result: RangeTestResult) -> list[str]:
+    """The suggestion table (with the repeats' spread and verdict when there are repeats) and
+    a note on the sweep: range, points, stop, spike cut, repeats."""
+    k = len(result.repeats)
+    rows = [[r["method"] + (" (used)" if r["used"] else ""), _num(r["lr"]),
+             f"{_num(r['low'])} to {_num(r['high'])}" if r["lr"] is not None else r["note"]]
+            + ([f"{r['spread']:.2f}x" if r["spread"] is not None else "-", r["verdict"] or "-"] if k else [])
+            for r in result.rows()]
+    head = ["suggestion method", "learning rate", "range of good lrs"]
+    loss = "validation" if result.loss == "val" else "training"
+    note = (f'Range tested: {_e(_num(result.start_lr))} to {_e(_num(result.end_lr))}, {len(result.lrs)} points '
+            f'of the {loss} loss, stopped: {_e(result.stop_reason)} at lr {_e(_num(result.stop_lr))}. ')
+    if result.cut_lr is not None:
+        note += (f'The loss rose for a sustained stretch from lr {_e(_num(result.cut_lr))}; the suggestions read '
+                 f'only the lrs below it (dotted line). ')
+    if k:
+        note += (f'The sweep was repeated {k} times over different data orders (thin curves); the lrs come from '
+                 f'their mean curve, and the spread is max/min of the {k} single-sweep suggestions (tick marks), '
+                 f'"stable" when it is at most {STABLE_RANGE}x. ')
+    note += 'The band of the method used is shaded in the figure; the methods are described in lrlab.lr_finder.suggest.'
+    return [_table(head + (["spread over repeats", "verdict"] if k else []), rows), f'<p class="note">{note}</p>']
 
 
 def _plan_table(run: RunFolder, stage: int | None) -> str:

@@ -12,8 +12,10 @@ from torch import nn
 
 from lrlab.errors import LrlabError
 from lrlab.lr_finder.batches import cycle, default_batch_fn
+from lrlab.lr_finder.repeats import mean_of_repeats
 from lrlab.lr_finder.result import RangeTestResult
-from lrlab.lr_finder.suggest import METHODS, MIN_POINTS, centered_smooth, suggest_all
+from lrlab.lr_finder.suggest import METHODS, MIN_POINTS
+from lrlab.lr_finder.window import analyse
 from lrlab.lr_finder.sweep import MODES, group_schedules, set_group_lrs
 from lrlab.lr_finder.state import TrainingState
 
@@ -86,7 +88,7 @@ class LRRangeTest:
             end_lr: float | Sequence[float] = 10.0, num_iter: int = 100, mode: str = "exp",
             smooth: float = 0.98, diverge_factor: float = 5.0, skip_start: int = 10, skip_end: int = 5,
             accumulation_steps: int = 1, val_batches: Sequence[Any] | None = None, val_every: int = 1,
-            method: str = "steepest", progress: Progress | None = None) -> RangeTestResult:
+            method: str = "steepest", repeats: int = 1, progress: Progress | None = None) -> RangeTestResult:
         """Sweep the learning rate over ``num_iter`` optimizer steps, record the loss, suggest lrs.
 
         Step i (0-based) sets every parameter group's lr to its i-th value (see
@@ -119,7 +121,17 @@ class LRRangeTest:
         Suggestions: every method of :data:`lrlab.lr_finder.METHODS`, computed after the sweep
         from the finite recorded points only, on the zero-lag curve ``centered``
         (:func:`lrlab.lr_finder.suggest.centered_smooth` of the raw losses), not on the lagging
-        EMA; ``smooth`` does not change them.
+        EMA; ``smooth`` does not change them. The analysed window ends at the first sustained
+        rise after the descent (:func:`lrlab.lr_finder.window.spike_cut`, recorded as
+        ``cut_index``/``cut_lr``), so a spike that falls again cannot move them.
+
+        Repeats (confidence): with ``repeats=k > 1`` the sweep runs k times, each from the same
+        restored state (bit for bit) and from a fresh ``iter(loader)``: a loader that reshuffles
+        on every iteration (``DataLoader(shuffle=True)``, lrlab's ``BatchLoader``) gives every
+        repeat a new data order and new augmentation draws; a list gives the same batches. The
+        lr used comes from the mean curve (:func:`lrlab.lr_finder.repeats.mean_of_repeats`); the
+        result keeps the k single sweeps in ``repeats`` and their spread in ``spread``. Cost: k
+        times one sweep.
 
         Args:
             loader: re-iterable of batches that ``batch_fn`` understands; inputs (N, C, H, W)
@@ -139,8 +151,10 @@ class LRRangeTest:
             method: the suggestion method (a key of ``METHODS``) the result names as "the"
                 suggestion (``result.suggestion``, the plot's shaded band); every method's
                 suggestion is computed either way.
+            repeats: number of sweeps k (>= 1); 1 is the plain range test.
             progress: called as ``progress(step, lr, training loss)`` after each step's
-                forward passes (the loss may be nan on the last call); the library prints nothing.
+                forward passes (the loss may be nan on the last call; with repeats the step
+                counts on: r * num_iter + i); the library prints nothing.
 
         Returns:
             a :class:`RangeTestResult`; a method that cannot suggest (too few points, no
@@ -148,18 +162,42 @@ class LRRangeTest:
 
         Raises:
             LrlabError: invalid arguments, use outside the ``with`` block, an empty or
-                non-restartable loader, or a batch ``batch_fn`` does not understand. Errors
+                non-restartable loader, repeats below 1, or a batch ``batch_fn`` does not understand. Errors
                 raised by the model, loss or loader propagate unchanged. The state is restored
                 in every case.
         """
         if self._state is None:
             raise LrlabError("LRRangeTest.run must be called inside its with-block: "
                              "with LRRangeTest(model, optimizer) as finder: finder.run(...)")
+        if not (isinstance(repeats, int) and not isinstance(repeats, bool) and repeats >= 1):
+            raise LrlabError(f"repeats ({repeats!r}) must be an integer of at least 1")
         val = val_batches is not None
         skip_pts = _validate(num_iter, mode, smooth, diverge_factor, skip_start, skip_end, accumulation_steps,
                              val_batches, val_every, method)
         schedules = group_schedules(start_lr, end_lr, len(self.optimizer.param_groups), num_iter, mode)
-        record = _Recorder(smooth ** val_every if val else smooth, diverge_factor, skip_pts[0])
+        singles = []
+        for r in range(repeats):
+            record = _Recorder(smooth ** val_every if val else smooth, diverge_factor, skip_pts[0])
+            shift = None if progress is None else (lambda i, lr, v, r=r: progress(r * num_iter + i, lr, v))
+            self._sweep(loader, loss_fn, schedules, record, accumulation_steps, val_batches, val_every, shift)
+            found, errors, cut = analyse(record.lrs, record.losses, *skip_pts)
+            first = schedules[0][0], schedules[-1][0]
+            singles.append(RangeTestResult(
+                lrs=record.lrs, losses=record.losses, smoothed=record.smoothed, mode=mode, start_lr=float(first[0]),
+                end_lr=float(first[1]), num_iter=int(num_iter), stop_reason=record.stop_reason,
+                stop_index=record.stop_index,
+                stop_lr=float(schedules[record.stop_index][0] if record.stop_index is not None else first[1]),
+                suggestions=found, suggestion_errors=errors, method=method, loss="val" if val else "train",
+                val_every=int(val_every) if val else 1, skip_start=skip_pts[0], skip_end=skip_pts[1],
+                accumulation_steps=int(accumulation_steps), cut_index=cut,
+                cut_lr=None if cut is None else float(record.lrs[cut])))
+        return singles[0] if repeats == 1 else mean_of_repeats(singles)
+
+    def _sweep(self, loader: Iterable, loss_fn: LossFn, schedules: list[list[float]], record: _Recorder,
+               accumulation_steps: int, val_batches: Sequence[Any] | None, val_every: int,
+               progress: Progress | None) -> None:
+        """One sweep over ``schedules`` into ``record`` from a fresh ``iter(loader)``; the
+        training state is restored afterwards (also on error)."""
         scaler = torch.amp.GradScaler(self.device.type) if self.autocast_dtype == torch.float16 else None
         try:
             self.model.train()
@@ -173,16 +211,6 @@ class LRRangeTest:
                     break
         finally:
             self._state.restore()
-        first = schedules[0][0], schedules[-1][0]
-        found, errors = suggest_all(record.lrs, centered_smooth(record.losses), *skip_pts)
-        return RangeTestResult(
-            lrs=record.lrs, losses=record.losses, smoothed=record.smoothed, mode=mode, start_lr=float(first[0]),
-            end_lr=float(first[1]), num_iter=int(num_iter), stop_reason=record.stop_reason,
-            stop_index=record.stop_index,
-            stop_lr=float(schedules[record.stop_index][0] if record.stop_index is not None else first[1]),
-            suggestions=found, suggestion_errors=errors, method=method, loss="val" if val else "train",
-            val_every=int(val_every) if val else 1, skip_start=skip_pts[0], skip_end=skip_pts[1],
-            accumulation_steps=int(accumulation_steps))
 
     # ------------------------------------------------------------------ one optimizer step
 
@@ -347,7 +375,7 @@ def range_test(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Loss
 
     ``method`` and ``run_kwargs`` are :meth:`LRRangeTest.run`'s (start_lr, end_lr, num_iter,
     mode, smooth, diverge_factor, skip_start, skip_end, accumulation_steps, val_batches,
-    val_every, progress); the other arguments are :class:`LRRangeTest`'s. Everything is
+    val_every, repeats, progress); the other arguments are :class:`LRRangeTest`'s. Everything is
     restored on return.
 
     Raises:

@@ -32,6 +32,9 @@ def range_test_figure(
     ax=None,
     log_x: bool = True,
     ylabel: str = "training loss",
+    repeats: Sequence[tuple[Sequence[float], Sequence[float]]] = (),
+    scatter: Mapping[str, Sequence[float]] | None = None,
+    cut_lr: float | None = None,
 ) -> Figure:
     """The LR range test (Smith 2015, arXiv:1506.01186): loss against learning rate.
 
@@ -49,6 +52,10 @@ def range_test_figure(
         ax: the Axes to draw into; None makes a new 7 x 4.5 inch figure.
         log_x: logarithmic learning-rate axis (when every finite lr is positive).
         ylabel: the y-axis label.
+        repeats: (lrs, zero-lag loss) of each repeated sweep, drawn as thin grey curves.
+        scatter: method name -> each repeat's suggested lr, drawn as short tick marks in the
+            method's colour at the bottom of the axes (the spread of the suggestion).
+        cut_lr: where the analysed window was cut (a sustained rise), a dotted vertical line.
 
     Returns:
         the matplotlib Figure (open; the caller shows, saves or closes it).
@@ -65,7 +72,11 @@ def range_test_figure(
         fig, ax = plt.subplots(figsize=(7, 4.5))
     else:
         fig = ax.figure
+    for k, (r_lrs, r_loss) in enumerate(repeats):
+        ax.plot(_finite(r_lrs), _finite(r_loss), color="0.45", linewidth=0.7, alpha=0.7,
+                label=f"{len(repeats)} repeats" if k == 0 else None)
     _draw_curves(ax, lrs_a, raw, smooth, log_x=log_x, ylabel=ylabel)
+    _draw_spread(ax, dict(scatter or {}), cut_lr)
     shade = list(bands) if bands is not None else ([chosen] if chosen else [])
     _draw_suggestions(ax, lrs_a, smooth, dict(suggestions or {}), chosen=chosen, shade=shade)
     ax.legend(loc="lower left", fontsize=8)
@@ -108,6 +119,17 @@ def _draw_suggestions(ax, lrs: np.ndarray, smooth: np.ndarray, suggestions: dict
             ax.plot([lr], [y], "o", color=color, markersize=8 if used else 5, zorder=3,
                     label=f"{name}: {lr:.1e}" + (" (used)" if used else ""),
                     markeredgecolor="black" if used else color)
+
+
+def _draw_spread(ax, scatter: dict[str, Sequence[float]], cut_lr: float | None) -> None:
+    """Tick marks at each repeat's suggestion (bottom 6% of the axes), and the spike cut."""
+    for k, (name, lrs) in enumerate(scatter.items()):
+        color = RANGE_TEST_COLORS.get(name, f"C{(k + 3) % 10}")
+        for lr in lrs:
+            if lr is not None and math.isfinite(lr):
+                ax.axvline(lr, ymin=0.0, ymax=0.06, color=color, linewidth=1.5)
+    if cut_lr is not None and math.isfinite(cut_lr):
+        ax.axvline(cut_lr, color="black", linestyle=":", linewidth=1.2, label=f"window cut: {cut_lr:.1e}")
 
 
 def _finite(values: Sequence[float] | np.ndarray) -> np.ndarray:

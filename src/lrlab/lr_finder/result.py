@@ -13,6 +13,7 @@ from typing import Any
 from lrlab.errors import LrlabError
 from lrlab.io import atomic_write_text
 from lrlab.lr_finder.plot import range_test_figure
+from lrlab.lr_finder.spread import Spread, suggestion_spread
 from lrlab.lr_finder.suggest import METHODS, Suggestion, centered_smooth
 
 STOP_REASONS = ("completed", "diverged", "non-finite loss")
@@ -52,9 +53,17 @@ class RangeTestResult:
         val_every: optimizer steps between validation points (1 for the training loss).
         skip_start, skip_end: recorded points left out by the suggestions at each end.
         accumulation_steps: micro-batches per optimizer step.
+        cut_index, cut_lr: where :func:`lrlab.lr_finder.window.spike_cut` ended the analysed
+            window (the first point of a sustained rise after the descent; the suggestions only
+            read the points before it), None when it did not.
+        repeats: with ``repeats=k > 1``, the k single sweeps (each a result without repeats);
+            then ``lrs``/``losses``/``smoothed`` are the mean over the points all k recorded,
+            the suggestions are read from it, and :attr:`spread` says how far the k single
+            suggestions scatter. Empty for a single sweep.
 
     JSON: :meth:`to_dict` writes any non-finite float as ``null`` and adds the convenience keys
-    ``centered``, ``suggestion`` and ``max_lr``; :meth:`load_json` reads a ``null`` in the lists back as nan.
+    ``centered``, ``suggestion``, ``max_lr`` and ``spread``; :meth:`load_json` reads a ``null`` in
+    the lists back as nan; files without ``cut_index`` or ``repeats`` (older runs) load with none.
     """
 
     lrs: list[float]
@@ -75,6 +84,9 @@ class RangeTestResult:
     skip_start: int = 10
     skip_end: int = 5
     accumulation_steps: int = 1
+    cut_index: int | None = None
+    cut_lr: float | None = None
+    repeats: list[RangeTestResult] = field(default_factory=list)
 
     # ------------------------------------------------------------------ the chosen suggestion
 
@@ -118,6 +130,12 @@ class RangeTestResult:
         s = self.suggestions.get("max_lr")
         return None if s is None else s.lr
 
+    @property
+    def spread(self) -> dict[str, Spread]:
+        """Per method, the :class:`lrlab.lr_finder.spread.Spread` of the repeats' single-sweep
+        suggestions (geometric range, geometric std, verdict); empty without repeats."""
+        return suggestion_spread([r.suggestions for r in self.repeats])
+
     # ------------------------------------------------------------------ JSON
 
     def to_dict(self) -> dict[str, Any]:
@@ -127,16 +145,19 @@ class RangeTestResult:
             v = getattr(self, f.name)
             if f.name in ("lrs", "losses", "smoothed"):
                 v = [_json_float(x) for x in v]
-            elif f.name in ("start_lr", "end_lr", "stop_lr"):
+            elif f.name in ("start_lr", "end_lr", "stop_lr", "cut_lr"):
                 v = _json_float(v)
             elif f.name == "suggestions":
                 v = {k: s.to_dict() for k, s in v.items()}
             elif f.name == "suggestion_errors":
                 v = dict(v)
+            elif f.name == "repeats":
+                v = [r.to_dict() for r in v]
             out[f.name] = v
         out["centered"] = [_json_float(x) for x in self.centered]
         out["suggestion"] = _json_float(self.suggestion)
         out["max_lr"] = _json_float(self.max_lr)
+        out["spread"] = {k: s.to_dict() for k, s in self.spread.items()}
         return out
 
     def save_json(self, path: str | os.PathLike) -> Path:
@@ -164,6 +185,8 @@ class RangeTestResult:
             for key in ("lrs", "losses", "smoothed"):
                 kwargs[key] = [math.nan if v is None else float(v) for v in kwargs[key]]
             kwargs["suggestions"] = {k: Suggestion.from_dict(v) for k, v in kwargs["suggestions"].items()}
+            kwargs["repeats"] = [cls.from_dict(r, f"{source} (repeat {i})")
+                                 for i, r in enumerate(kwargs.get("repeats") or [])]
         except (TypeError, ValueError, KeyError, AttributeError) as exc:
             raise LrlabError(f"{source} has a malformed curve or suggestion ({exc})") from None
         return cls(**kwargs)
@@ -183,14 +206,18 @@ class RangeTestResult:
 
     def rows(self) -> list[dict]:
         """The suggestion table: one row per method of :data:`METHODS` with method, lr, low,
-        high (None when the method gave none), used (True for ``self.method``) and note (why a
-        method gave none). The CLI prints it, the report shows it, run summaries keep it."""
-        rows = []
+        high (None when the method gave none), used (True for ``self.method``), note (why a
+        method gave none) and, with repeats, spread (geometric range max/min of the repeats'
+        suggestions), gsd (geometric std) and verdict ("stable"/"unstable"; None without
+        repeats). The CLI prints it, the report shows it, run summaries keep it."""
+        rows, spread = [], self.spread
         for name in METHODS:
-            s = self.suggestions.get(name)
+            s, sp = self.suggestions.get(name), spread.get(name)
             rows.append({"method": name, "lr": s.lr if s else None, "low": s.low if s else None,
                          "high": s.high if s else None, "used": name == self.method,
-                         "note": "" if s else self.suggestion_errors.get(name, "")})
+                         "note": "" if s else self.suggestion_errors.get(name, ""),
+                         "spread": sp.geo_range if sp else None, "gsd": sp.geo_std if sp else None,
+                         "verdict": sp.verdict if sp else None})
         return rows
 
     # ------------------------------------------------------------------ plot
@@ -199,7 +226,8 @@ class RangeTestResult:
         """Loss against learning rate (log x-axis): the raw losses (faint) and the zero-lag
         :attr:`centered` curve the suggestions read (solid; not the EMA ``smoothed``), a marker
         at every suggestion (the chosen ``method``'s larger, with a dashed line), the band of
-        good lrs shaded for ``methods``, and the y label "validation loss" or "training loss"
+        good lrs shaded for ``methods``, with repeats each single sweep's zero-lag curve (thin)
+        and tick marks at every repeat's suggestion, the spike cut as a dotted line, and the y label "validation loss" or "training loss"
         after ``loss``. Drawn by :func:`lrlab.lr_finder.plot.range_test_figure` (matplotlib is
         imported then, not before).
 
@@ -211,10 +239,13 @@ class RangeTestResult:
             the matplotlib Figure (not saved, not closed).
         """
         bands = list(methods) if methods is not None else [self.method]
+        scatter = {k: [v for v in sp.lrs if v is not None] for k, sp in self.spread.items()}
         return range_test_figure(self.lrs, self.losses, self.centered,
                                  {k: (s.lr, s.low, s.high) for k, s in self.suggestions.items()},
                                  chosen=self.method, bands=bands, ax=ax,
-                                 ylabel="validation loss" if self.loss == "val" else "training loss")
+                                 ylabel="validation loss" if self.loss == "val" else "training loss",
+                                 repeats=[(r.lrs, r.centered) for r in self.repeats], scatter=scatter,
+                                 cut_lr=self.cut_lr)
 
 
 def _json_float(v: float | None) -> float | None:
