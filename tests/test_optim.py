@@ -43,7 +43,9 @@ def test_names_map_to_the_torch_optimizers():
     kinds = {name: type(build_optimizer(TrainConfig(optimizer=name), model, 0.1)).__name__
              for name in OPTIMIZERS if name != "muon"}  # muon: tests/test_muon.py
     assert kinds == {"sgd": "SGD", "nesterov": "SGD", "adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSprop",
-                     "adagrad": "Adagrad", "adadelta": "Adadelta"}
+                     "adagrad": "Adagrad", "adadelta": "Adadelta", "schedulefree_sgd": "SGDScheduleFree",
+                     "schedulefree_adamw": "AdamWScheduleFree", "prodigy": "Prodigy", "dadapt_sgd": "DAdaptSGD",
+                     "dadapt_adam": "DAdaptAdam", "dog": "DoG"}
     plain = build_optimizer(TrainConfig(optimizer="sgd", momentum=0.0, nesterov=True), model, 0.1)
     assert plain.defaults["momentum"] == 0 and not plain.defaults["nesterov"]  # momentum 0 = plain SGD
     nest = build_optimizer(TrainConfig(optimizer="nesterov", momentum=0.8, nesterov=False), model, 0.1)

@@ -304,6 +304,13 @@ def _one_lr(name: str, groups: list[dict]) -> list[dict]:
     return groups
 
 
+def _in_train_mode(optimizer):
+    """A schedule-free optimizer ready to step: the package builds it in eval mode and refuses
+    ``step()`` until ``train()`` (a no-op on the weights before the first step, where x = y = z)."""
+    optimizer.train()
+    return optimizer
+
+
 @OPTIMIZERS.register("schedulefree_sgd")
 def _schedulefree_sgd(groups, lr, cfg):
     from schedulefree import SGDScheduleFree
@@ -311,7 +318,7 @@ def _schedulefree_sgd(groups, lr, cfg):
     if cfg.momentum <= 0:
         raise LrlabError("train.optimizer schedulefree_sgd needs train.momentum in (0, 1) (its interpolation "
                          "weight beta, default 0.9), got 0")
-    return SGDScheduleFree(groups, lr=lr, momentum=cfg.momentum)
+    return _in_train_mode(SGDScheduleFree(groups, lr=lr, momentum=cfg.momentum))
 
 
 _schedulefree_sgd.lr_free = LrFree(1.0, ("constant",), "schedulefree.SGDScheduleFree")
@@ -321,7 +328,7 @@ _schedulefree_sgd.lr_free = LrFree(1.0, ("constant",), "schedulefree.SGDSchedule
 def _schedulefree_adamw(groups, lr, cfg):
     from schedulefree import AdamWScheduleFree
 
-    return AdamWScheduleFree(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    return _in_train_mode(AdamWScheduleFree(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps))
 
 
 _schedulefree_adamw.lr_free = LrFree(0.0025, ("constant",), "schedulefree.AdamWScheduleFree")
