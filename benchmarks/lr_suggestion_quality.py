@@ -117,6 +117,11 @@ def photo_tree(root: Path, per_class: int, test_per_class: int) -> Path:
     return root
 
 
+def repeats(args) -> int:
+    """k of the confidence part: REPEATS (2 with --smoke)."""
+    return 2 if args.smoke else REPEATS
+
+
 def lr_key(lr: float) -> str:
     """Learning rates equal to 9 significant digits are one training."""
     return f"lr={float(lr):.9g}"
@@ -205,7 +210,7 @@ class Bencher:
                 for opt in LRFREE:
                     self.train(setup, name, seed, f"optimizer={opt}", (f"train.optimizer={opt}",))
             if "confidence" in parts and seed == 0:
-                self.range_test(setup, name, seed, 1 if self.args.smoke else REPEATS)
+                self.range_test(setup, name, seed, repeats(self.args))
 
 
 # ---------------------------------------------------------------------------- tables
@@ -240,7 +245,7 @@ def setup_table(name: str, cache: dict, seeds: int, b: Bencher) -> list[str]:
         rec = t.get(f"{name}|seed={seed}|{label}")
         return None if rec is None else rec["final_val_acc"]
 
-    lines = [f"\n### {name} ({SETUPS[name].role}, {SETUPS[name].epochs} epochs, {seeds} seeds)\n",
+    lines = [f"\n### {name} ({SETUPS[name].role}, {b.config(name, 0).train.epochs} epochs, {seeds} seeds)\n",
              "| row | lr (per seed) | top-1 mean ± std | ratio to grid best |", "|---|---|---|---|"]
     grid = b.grid(name, 0)
     grid_means = [mean_std([acc(s, lr_key(lr)) for s in range(seeds)])[0] for lr in grid]
@@ -270,6 +275,36 @@ def setup_table(name: str, cache: dict, seeds: int, b: Bencher) -> list[str]:
     return lines
 
 
+def confidence_row(name: str, cache: dict, seeds: int, b: Bencher) -> str | None:
+    """Markdown row: the default method's k single-sweep lrs, their geometric range and verdict,
+    how many land in the grid's band, and whether the k-sweep (mean-curve) suggestion does."""
+    rt = cache["range_tests"].get(f"{name}|seed=0|repeats={repeats(b.args)}")
+    grid = b.grid(name, 0)
+    means = [mean_std([(cache["trainings"].get(f"{name}|seed={s}|{lr_key(lr)}") or {}).get("final_val_acc")
+                       for s in range(seeds)])[0] for lr in grid]
+    if rt is None or any(m is None for m in means):
+        return None
+    result, factor = RangeTestResult.from_dict(rt), b.config(name, 0).lr_finder.lr_factor
+    low, high = grid_band(grid, means)
+    spread = result.spread[result.method]
+    singles = [None if lr is None else lr * factor for lr in spread.lrs]
+    inside = sum(lr is not None and low <= lr <= high for lr in singles)
+    pooled = result.suggestion * factor if result.suggestion is not None else None
+    pooled_in = "yes" if pooled is not None and low <= pooled <= high else "no"
+    return (f"| {name} | {result.method} | {', '.join('-' if v is None else f'{v:.3g}' for v in singles)} | "
+            f"{spread.geo_range:.2f}x, {spread.verdict} | {low:.3g}-{high:.3g} | {inside}/{len(singles)} | "
+            f"{'-' if pooled is None else f'{pooled:.3g}'} ({pooled_in}) |")
+
+
+def confidence_table(setups: list[str], cache: dict, seeds: int, b: Bencher) -> list[str]:
+    rows = [r for r in (confidence_row(n, cache, seeds, b) for n in setups) if r is not None]
+    head = [f"\n### Confidence: the default rule over k = {repeats(b.args)} sweeps (seed 0), the grid's "
+            f"{GRID_BAND:.0%} band\n",
+            "| setup | rule | single-sweep lrs | spread | grid band | singles in band | k-sweep lr (in band) |",
+            "|---|---|---|---|---|---|---|"]
+    return head + rows if rows else []
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(CIFAR), help="CIFAR-10 ImageFolder tree")
@@ -297,6 +332,7 @@ def main() -> int:
         bench.run(name, parts)
     seeds = 1 if args.smoke else args.seeds
     print("\n".join(line for name in setups for line in setup_table(name, cache, seeds, bench)))
+    print("\n".join(confidence_table(setups, cache, seeds, bench)))
     return 0
 
 
