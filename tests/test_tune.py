@@ -297,6 +297,8 @@ def test_slots_and_what_a_worker_does_next():
     (["tune.space={train.weight_decay: {low: 0, high: 0.1}}"], "tune.space needs exactly one lr axis"),
     (["tune.space={train.max_lr: {}, train.schedule: [onecycle, sometimes]}"],
      "tune.space.train.schedule value 'sometimes': "),
+    (["train.optimizer=prodigy", "tune.space={train.max_lr: {}, train.weight_decay: {low: 0, high: 0.1}}"],
+     "tune.space.train.max_lr needs low and high with the LR-free train.optimizer prodigy"),
     (["data.val_split=test"], "lrlab tune ranks trials by the validation split, and data.val_split=test would"),
 ])
 def test_bad_input_is_one_line_before_any_work(root, small_tree, cache_dir, tmp_path, capsys, args, message):

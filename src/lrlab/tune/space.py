@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from lrlab.compare import check_key
 from lrlab.config import Config, TuneParam, load_config
 from lrlab.errors import LrlabError
+from lrlab.optim import lr_free
 
 LR_KEYS = ("train.lr", "train.max_lr")
 """The keys of the lr axis; a trial sets both to its lr."""
@@ -137,7 +138,7 @@ def search_space(config: Config, recipe: str | Path | None, overrides: list[str]
     Raises:
         LrlabError: an empty space, an unknown key (the valid ones listed), no lr axis or two, no
             other axis for stage 2, an empty range (reported by the config), or a value the config
-            rejects.
+            rejects, an lr axis without a range for an LR-free optimizer (no range test seeds it).
     """
     space = config.tune.space
     if not space:
@@ -149,6 +150,10 @@ def search_space(config: Config, recipe: str | Path | None, overrides: list[str]
         raise LrlabError(f"tune.space needs exactly one lr axis, {' or '.join(LR_KEYS)}, which stage 1 "
                          f"searches; found {found}")
     result = Space(lrs[0], tuple(a for a in axes if a.key not in LR_KEYS))
+    if result.lr.param.low is None and lr_free(config.train.optimizer) is not None:
+        raise LrlabError(f"tune.space.{result.lr.key} needs low and high with the LR-free train.optimizer "
+                         f"{config.train.optimizer}: there is no LR range test to seed its range (e.g. "
+                         f"{{low: 0.1, high: 10, log: true}} around the package's default)")
     if not result.others and config.tune.trials > config.tune.lr_trials:
         raise LrlabError(f"tune.space has no axis but the lr for stage 2's {config.tune.trials - config.tune.lr_trials} "
                          f"trials; add one (e.g. train.weight_decay) or set tune.lr_trials = tune.trials")
