@@ -196,7 +196,17 @@ class Bencher:
         return out
 
     def run(self, name: str, parts: list[str]) -> None:
-        """The asked parts of setup ``name`` for every seed."""
+        """The asked parts of setup ``name`` for every seed.
+
+        Raises:
+            SystemExit: the cache holds this setup measured with other settings."""
+        b = SETUPS[name]
+        fingerprint = {"recipe": b.recipe.name, "epochs": b.epochs, "overrides": [*b.overrides, *self.args.overrides],
+                       "smoke": self.args.smoke}
+        held = self.cache.setdefault("setups", {}).setdefault(name, fingerprint)
+        if held != fingerprint:
+            raise SystemExit(f"error: {self.args.out} holds {name} measured with {held}, not {fingerprint}; "
+                             f"use another --out")
         for seed in range(1 if self.args.smoke else self.args.seeds):
             setup = self.setup(name, seed)
             if "grid" in parts:
