@@ -54,7 +54,7 @@ class EvalWeights:
         return type(self) is not EvalWeights
 
     def use_train(self) -> None:
-        """Put the trained state back (exactly) and the optimizer into training mode."""
+        """Put the trained state back (exactly); subclasses also switch the optimizer's mode."""
         if self.trained is not None:
             self.model.load_state_dict(self.trained)
             self.trained = None
