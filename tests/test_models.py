@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from conftest import load_images
 from lrlab.errors import LrlabError
 from lrlab.models import build, model_names
 
@@ -61,3 +62,36 @@ def test_dropout_options_and_resnet_norm_choice():
         build("resnet18", 10, norm="instance")
     with pytest.raises(LrlabError, match=r"model.kwargs channel_dropout=1.0 is not valid; use a probability in \[0, 1\)"):
         build("fastnet", 10, channel_dropout=1.0)
+
+
+def test_fastnet_airbench_stem_and_blocks(cifar_dir):
+    """Issue 13: the 2x2 whitening stem whitens real image patches; frozen BN scales; Dirac init."""
+    x, _, _ = load_images(cifar_dir, "train", 30)
+    x = (x - x.mean((0, 2, 3), keepdim=True)) / x.std((0, 2, 3), keepdim=True)
+    model = build("fastnet", 10, width=0.25, whiten_kernel=2, bn_scale=False, dirac=True)
+    conv = model.stem[0]
+    assert conv.kernel_size == (2, 2) and conv.padding == (0, 0) and conv.out_channels == 24
+    assert len(model.stem) == 2 and isinstance(model.stem[1], torch.nn.GELU)  # no BatchNorm in this stem
+    model.init_from_data(x)
+    assert not conv.weight.requires_grad and conv.bias.requires_grad
+    with torch.no_grad():
+        out = torch.nn.functional.conv2d(x, conv.weight[:12])  # the 12 eigen-filters (the rest: negations)
+    assert torch.equal(conv.weight[12:], -conv.weight[:12])
+    cov = torch.cov(out.permute(1, 0, 2, 3).reshape(12, -1))
+    off = cov - torch.diag(cov.diag())
+    patches = torch.nn.functional.unfold(x, 2).transpose(1, 2).reshape(-1, 12)
+    eig = torch.linalg.eigvalsh(torch.cov(patches.T))
+    assert off.abs().max() < 0.01  # decorrelated; variance 1, shrunk by eps = 5e-4 where faint:
+    assert torch.allclose(cov.diag(), eig / (eig + 5e-4), atol=0.01)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(bns) == 6 and all(not m.weight.requires_grad and m.bias.requires_grad for m in bns)
+    for block in (model.block1, model.block2, model.block3):
+        for c in (block.conv1, block.conv2):
+            w = c.weight[: c.in_channels]
+            assert torch.equal(w, torch.nn.init.dirac_(torch.empty_like(w)))
+    assert model(x[:4]).shape == (4, 10)
+    with torch.no_grad():
+        feats = model.block3(model.block2(model.block1(model.stem(x[:2]))))
+    assert feats.shape[-2:] == (3, 3)  # 31 -> 15 -> 7 -> 3, as airbench94
+    with pytest.raises(LrlabError, match="model.kwargs.whiten_kernel must be an integer from 2 to 5"):
+        build("fastnet", 10, whiten_kernel=1)

@@ -194,3 +194,32 @@ def test_bad_muon_input_is_one_line(small_tree, cache_dir, tmp_path, capsys):
     assert err.startswith("error: train.optimizer muon") and "\n" not in err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
     assert isinstance(build_optimizer(TrainConfig(optimizer="muon"), fastnet(), 0.1), MuonWithAux)
+
+
+def test_renorm_and_bias_lr_ratio(batches):
+    """airbench94_muon's settings: each Muon weight rescaled to norm sqrt(out) before its step (so
+    after one step its norm is that of sqrt(out) plus an orthogonal step), biases and norm weights
+    at bias_lr_ratio x the lr; the state dict still round-trips."""
+    model, lr = fastnet(), 0.2
+    cfg = TrainConfig(optimizer="muon", momentum=0.9, weight_decay=0.0, bias_lr_ratio=0.1,
+                      muon={"renorm": True, "lr_ratio": 0.1})
+    opt = build_optimizer(cfg, model, lr)
+    params = dict(model.named_parameters())
+    ids = {id(p): n for n, p in params.items()}
+    for g in opt.param_groups:
+        names = {ids[id(p)] for p in g["params"]}
+        one_d = {params[n].ndim for n in names} == {1}
+        assert g["lr"] == pytest.approx(lr * (0.1 if g["use_muon"] else 1.0) * (0.1 if one_d else 1.0)), names
+    with torch.no_grad():
+        for n in FILTERS:
+            params[n].mul_(3.0)  # far from norm sqrt(out)
+    train_step(model, opt, batches[0])
+    for n in FILTERS:
+        w = params[n].detach()
+        out = len(w)
+        expected = (out + min(out, w[0].numel()) * (lr * 0.1) ** 2) ** 0.5  # orthogonal-ish step on top
+        assert w.norm().item() == pytest.approx(expected, rel=0.05), n
+    state = copy.deepcopy(opt.state_dict())
+    again = build_optimizer(cfg, model, lr)
+    again.load_state_dict(state)
+    assert again.renorm and [g["lr"] for g in again.param_groups] == [g["lr"] for g in opt.param_groups]

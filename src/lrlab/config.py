@@ -176,6 +176,7 @@ class MuonConfig(_Section):
     aux_optimizer: MuonAuxName = "sgd"  # sgd: Nesterov SGD with train.momentum; adamw: train.betas, train.eps
     momentum: float = Field(0.95, ge=0, lt=1)  # Muon's Nesterov momentum (Jordan's default 0.95)
     ns_steps: int = Field(5, ge=1)  # Newton-Schulz iterations per step (airbench94_muon uses 3)
+    renorm: bool = False  # rescale each Muon weight to norm sqrt(out channels) before each step (airbench94_muon)
 
 
 class _TrainBase(_Section):
@@ -200,6 +201,7 @@ class _TrainBase(_Section):
     eps: float = Field(1e-8, gt=0)  # adam/adamw/rmsprop/adagrad/adadelta denominator term
     weight_decay: float = Field(5e-4, ge=0)
     decay_norm_and_bias: bool = False  # false: no weight decay on biases and norm weights
+    bias_lr_ratio: float = Field(1.0, gt=0)  # lr of biases and norm weights / their layer group's lr
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     schedule: ScheduleName = "plateau"  # its options: train.<schedule>, see lrlab.schedules
     warmup_epochs: float = Field(0.0, ge=0)  # linear lr warm-up in front of any schedule

@@ -171,11 +171,15 @@ class MuonWithAux(torch.optim.Optimizer):
         groups: parameter groups (dicts with "params", "lr", "use_muon", any other options).
         make_muon: builds the Muon part from its groups (a list of the group dicts).
         make_aux: builds the auxiliary part from its groups.
+        renorm: before each Muon step, rescale every Muon weight (out, ...) to Frobenius norm
+            sqrt(out), so that its scale stays fixed and the orthogonalised update sets its
+            direction alone (airbench94_muon, Jordan 2024).
     """
 
     def __init__(self, groups: list[dict], make_muon: Callable[[list[dict]], torch.optim.Optimizer],
-                 make_aux: Callable[[list[dict]], torch.optim.Optimizer]):
+                 make_aux: Callable[[list[dict]], torch.optim.Optimizer], renorm: bool = False):
         super().__init__(groups, {})
+        self.renorm = renorm
         muon = [g for g in self.param_groups if g["use_muon"]]
         aux = [g for g in self.param_groups if not g["use_muon"]]
         self.muon = make_muon(muon) if muon else None  # None: nothing for Muon (e.g. a frozen backbone)
@@ -196,6 +200,11 @@ class MuonWithAux(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.renorm and self.muon is not None:
+            for group in self.muon.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.mul_(p.shape[0] ** 0.5 / p.norm().clamp_min(1e-12))
         for part in (self.muon, self.aux):
             if part is not None:
                 part.step()
@@ -254,7 +263,7 @@ def _muon(groups, lr, cfg):
                          "(Nesterov SGD, e.g. 0.9), got 0; or set train.muon.aux_optimizer=adamw")
     return MuonWithAux(groups, lambda gs: Muon(gs, lr=lr, momentum=m.momentum, nesterov=True, ns_steps=m.ns_steps,
                                                adjust_lr_fn="original", conv_mode="flatten"),
-                       lambda gs: aux(gs, lr, cfg))
+                       lambda gs: aux(gs, lr, cfg), renorm=m.renorm)
 
 
 _muon.regroup = muon_groups
@@ -415,17 +424,21 @@ def _layer_group_of(names: list[str], layer_groups: Sequence[Sequence[str]]) -> 
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool = False,
-                 layer_groups: Sequence[Sequence[str]] = (), lr_scales: Sequence[float] = (1.0,)) -> list[dict]:
+                 layer_groups: Sequence[Sequence[str]] = (), lr_scales: Sequence[float] = (1.0,),
+                 bias_lr_ratio: float = 1.0) -> list[dict]:
     """Parameter groups of ``model``'s trainable parameters.
 
     Per layer group (top group first, so that group 0 of the optimizer is the plan's reference):
     conv/linear weights with ``weight_decay``, biases and norm weights (ndim < 2) with 0 unless
-    ``decay_norm_and_bias``; each group has ``lr_scale`` (``lr_scales[layer group]``) and
-    ``layer_group`` (its index, 0 = bottom). Empty groups are left out.
+    ``decay_norm_and_bias`` (then in one group with the weights, unless ``bias_lr_ratio`` != 1);
+    each group has ``lr_scale`` (``lr_scales[layer group]``, x ``bias_lr_ratio`` for biases and
+    norm weights) and ``layer_group`` (its index, 0 = bottom). Empty groups are left out.
 
     Args:
         layer_groups: module-name prefixes per layer group, bottom to top; empty: one group.
         lr_scales: lr of each layer group / the plan's lr (``LRPlan.scales``), same length.
+        bias_lr_ratio: lr of biases and norm weights / their layer group's lr (airbench94 trains
+            them at ~1/13 of the head's lr).
 
     Raises:
         LrlabError: a layer-group name that matches no parameter.
@@ -435,10 +448,11 @@ def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: boo
     groups = []
     for g in reversed(range(max(1, len(layer_groups)))):
         params = [p for (_, p), o in zip(named, owner) if o == g]
-        split = [(params, weight_decay)] if decay_norm_and_bias else [
-            ([p for p in params if p.ndim > 1], weight_decay), ([p for p in params if p.ndim <= 1], 0.0)]
-        groups += [{"params": ps, "weight_decay": wd, "lr_scale": lr_scales[g], "layer_group": g}
-                   for ps, wd in split if ps]
+        split = [(params, weight_decay, 1.0)] if decay_norm_and_bias and bias_lr_ratio == 1 else [
+            ([p for p in params if p.ndim > 1], weight_decay, 1.0),
+            ([p for p in params if p.ndim <= 1], weight_decay if decay_norm_and_bias else 0.0, bias_lr_ratio)]
+        groups += [{"params": ps, "weight_decay": wd, "lr_scale": lr_scales[g] * ratio, "layer_group": g}
+                   for ps, wd, ratio in split if ps]
     return groups
 
 
@@ -461,7 +475,7 @@ def build_optimizer(train_cfg, model: nn.Module, lr: float, lr_scales: Sequence[
     """
     build = OPTIMIZERS.get(train_cfg.optimizer)
     groups = param_groups(model, train_cfg.weight_decay, train_cfg.decay_norm_and_bias,
-                          train_cfg.layer_groups, lr_scales)
+                          train_cfg.layer_groups, lr_scales, train_cfg.bias_lr_ratio)
     regroup = getattr(build, "regroup", None)
     if regroup is not None:
         groups = regroup(model, groups, train_cfg)
