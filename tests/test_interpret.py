@@ -31,6 +31,7 @@ from lrlab.interpret import (
     predict,
     select_misclassified,
 )
+from lrlab.tta import TTA
 
 from conftest import CLASSES, MEAN, STD, load_images
 
@@ -169,7 +170,7 @@ def test_per_class_summary(data):
 
 def test_predict_with_flip_tta(data):
     model, x, y = data["model"], data["x"][:40], data["y"][:40]
-    pred = predict(model, batches(x, y, 16), CPU, tta=True)
+    pred = predict(model, batches(x, y, 16), CPU, tta=TTA())
     model.eval()
     with torch.no_grad():
         expected = (model(x).softmax(1) + model(torch.flip(x, dims=[3])).softmax(1)) / 2

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrlab.tta import tta_probs
+from lrlab.config import TrainConfig
+from lrlab.tta import TTA, tta_probs
 
 
 def _model() -> nn.Module:
@@ -43,3 +44,23 @@ def test_shift_tta_weights_six_views():
     assert not torch.allclose(got, tta_probs(model, x))  # the shifted views matter
     with pytest.raises(ValueError, match="shift"):
         tta_probs(model, x, shift=8)
+
+
+@torch.no_grad()
+def test_selective_tta_gives_the_views_to_the_least_confident_images_only():
+    """Selective TTA (hiverge/cifar10-speedrun): the ceil(fraction x B) images whose plain top-1
+    probability is lowest get every view, the others keep the plain softmax."""
+    model, x = _model(), torch.randn(10, 3, 8, 8)
+    plain, full = F.softmax(model(x), 1), tta_probs(model, x, shift=1)
+    unsure = plain.max(1).values.argsort()[:3]  # ceil(0.25 x 10) = 3
+    got = tta_probs(model, x.contiguous(memory_format=torch.channels_last), shift=1, fraction=0.25)
+    sure = torch.ones(10, dtype=torch.bool)
+    sure[unsure] = False
+    torch.testing.assert_close(got[unsure], full[unsure])
+    torch.testing.assert_close(got[sure], plain[sure])
+    assert not torch.allclose(got[unsure], plain[unsure])
+    torch.testing.assert_close(TTA(1, 0.25).probs(model, x), got)
+    assert TTA.of(TrainConfig(tta=True, tta_shift=1, tta_fraction=0.25)) == TTA(1, 0.25)
+    assert TTA.of(TrainConfig(tta=False, tta_fraction=0.25)) is None
+    with pytest.raises(ValueError, match="fraction"):
+        tta_probs(model, x, fraction=0)

@@ -223,6 +223,8 @@ class _TrainBase(_Section):
     # the per-epoch validation is plain, so that every epoch is judged alike
     tta: bool = False  # reported evaluation on image + its mirror image (flip test-time augmentation)
     tta_shift: int = Field(0, ge=0, le=8)  # with tta: also both views translated by +-this many pixels
+    # with tta: the share of each batch (least confident first) that gets the views; the rest keep the plain one
+    tta_fraction: float = Field(1.0, gt=0, le=1)
     # checkpoints/last.pt after every epoch and, when > 0, also every this many optimizer steps
     checkpoint_every: int = Field(0, ge=0)
     # early stopping: end training when the val accuracy has not improved for this many epochs; 0: off

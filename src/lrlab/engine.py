@@ -25,7 +25,7 @@ from torch import nn
 from lrlab import interrupts
 from lrlab.compute import Compute
 from lrlab.eval_weights import eval_weights
-from lrlab.tta import tta_probs
+from lrlab.tta import TTA
 
 COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "train_seconds",
            "batch_size", "steps", "skipped_steps"]
@@ -78,8 +78,8 @@ class History:
                 step += 1
         return rows
 
-def evaluate(model: nn.Module, loader: Iterable, compute: Compute, tta: bool = False,
-             tta_shift: int = 0, sync: Callable[..., tuple] | None = None) -> tuple[float, float]:
+def evaluate(model: nn.Module, loader: Iterable, compute: Compute, tta: TTA | None = None,
+             sync: Callable[..., tuple] | None = None) -> tuple[float, float]:
     """(mean cross-entropy per image, top-1 accuracy in [0, 1]) over ``loader``.
 
     ``sync`` (data-parallel, :func:`lrlab.distributed.all_reduce_sums`): each rank's loader
@@ -87,10 +87,11 @@ def evaluate(model: nn.Module, loader: Iterable, compute: Compute, tta: bool = F
     metrics of the whole split.
 
     With ``tta`` the prediction is the mean of the softmax over the test-time augmentation
-    views of :func:`lrlab.tta.tta_probs` (the image and its mirror image; with ``tta_shift``
-    also both translated). Runs through :meth:`Compute.forward_batches` (eval mode, restored).
+    views of :func:`lrlab.tta.tta_probs` (the image and its mirror image, with ``tta.shift``
+    also both translated, for ``tta.fraction`` of the images). Runs through
+    :meth:`Compute.forward_batches` (eval mode, restored).
     """
-    forward = (lambda m, x: tta_probs(m, x, tta_shift).clamp_min(1e-12).log()) if tta else None
+    forward = (lambda m, x: tta.probs(m, x).clamp_min(1e-12).log()) if tta is not None else None
     total_loss, correct, seen = 0.0, 0, 0
     for logits, y in compute.forward_batches(model, loader, forward):
         total_loss += F.cross_entropy(logits, y, reduction="sum").item()

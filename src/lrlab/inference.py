@@ -26,6 +26,7 @@ from lrlab.errors import LrlabError
 from lrlab.interpret import predict
 from lrlab.models import build
 from lrlab.run_folder import RunFolder
+from lrlab.tta import TTA
 
 
 @dataclass(frozen=True)
@@ -198,7 +199,7 @@ def predict_images(trained: Trained, files: list[Path], chunk: int = 256) -> tor
         split = Split(images, torch.zeros(len(images), dtype=torch.int64))
         loader = BatchLoader(split, chunk, mean=prep.mean, std=prep.std, shuffle=False, device=trained.compute.device,
                              channels_last=trained.compute.channels_last, image_size=trained.config.data.image_size)
-        out.append(predict(trained.model, loader, trained.compute, tta=t.tta, tta_shift=t.tta_shift).probs)
+        out.append(predict(trained.model, loader, trained.compute, tta=TTA.of(t)).probs)
     return torch.cat(out)
 
 

@@ -44,6 +44,7 @@ from lrlab.report import write_report
 from lrlab.run_folder import RunFolder
 from lrlab.scalars import TensorBoardScalars
 from lrlab.schedules import Clock, batch_sizes, build_schedule, check_batch_sizes
+from lrlab.tta import TTA
 
 
 @dataclass
@@ -351,13 +352,12 @@ def predict_test(setup: Setup) -> Predictions:
     test split, else the validation split), with the recipe's TTA, as the summary's reported
     test accuracies are measured. Reported only: no decision reads it."""
     t = setup.config.train
-    return predict(setup.model, eval_loader(setup, setup.data.report_split), setup.compute,
-                   tta=t.tta, tta_shift=t.tta_shift)
+    return predict(setup.model, eval_loader(setup, setup.data.report_split), setup.compute, tta=TTA.of(t))
 
 
 def test_accuracy(setup: Setup) -> float:
     """Top-1 accuracy in [0, 1] of the model as it is on the whole test split, with the recipe's
-    TTA (``train.tta``, ``train.tta_shift``). Reported only: no decision reads it.
+    TTA (``train.tta``, ``train.tta_shift``, ``train.tta_fraction``). Reported only: no decision reads it.
 
     Raises:
         LrlabError: the data has no test split.
@@ -365,7 +365,7 @@ def test_accuracy(setup: Setup) -> float:
     if setup.data.test is None:
         raise LrlabError("the data has no test split to evaluate")
     t = setup.config.train
-    return evaluate(setup.model, eval_loader(setup, setup.data.test), setup.compute, t.tta, t.tta_shift)[1]
+    return evaluate(setup.model, eval_loader(setup, setup.data.test), setup.compute, TTA.of(t))[1]
 
 
 @dataclass
@@ -717,7 +717,7 @@ def source_predictions(source: RunFolder, config: Config, data: Dataset) -> Pred
     except LrlabError:
         return None
     same = (earlier.data == config.data and earlier.model == config.model and earlier.compute == config.compute
-            and earlier.train.tta == config.train.tta and earlier.train.tta_shift == config.train.tta_shift)
+            and TTA.of(earlier.train) == TTA.of(config.train))
     if not same or len(pred) != len(data.report_split) or pred.num_classes != len(data.classes):
         return None
     return pred if torch.equal(pred.targets, data.report_split.labels.to(torch.int64)) else None

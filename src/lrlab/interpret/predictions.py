@@ -25,7 +25,7 @@ from lrlab.compute import Compute
 from lrlab.errors import LrlabError
 from lrlab.io import atomic_path
 from lrlab.registry import Registry
-from lrlab.tta import tta_probs
+from lrlab.tta import TTA
 
 __all__ = [
     "SELECT_BY",
@@ -128,8 +128,7 @@ def predict(
     loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
     compute: Compute,
     *,
-    tta: bool = False,
-    tta_shift: int = 0,
+    tta: TTA | None = None,
 ) -> Predictions:
     """Softmax probabilities of ``model`` on every batch of ``loader``, in loader order.
 
@@ -141,11 +140,10 @@ def predict(
         compute: device, autocast dtype (e.g. torch.bfloat16; None for float32) and memory
             layout of the forward passes (:meth:`lrlab.compute.Compute.forward_batches`).
             Probabilities are always computed and returned in float32.
-        tta: test-time augmentation: the probabilities are the mean of the softmax over the
-            image and its horizontal mirror image (with ``tta_shift`` s > 0 also both translated
-            by +-s pixels; :func:`lrlab.tta.tta_probs`), as ``lrlab.engine.evaluate`` does, so
-            the accuracy matches the final one recorded during training with ``train.tta``.
-        tta_shift: translation in pixels of the extra TTA views (0: flip only).
+        tta: test-time augmentation (None: none): the probabilities are the mean of the softmax
+            over the image and its horizontal mirror image (with ``tta.shift`` s > 0 also both
+            translated by +-s pixels; :func:`lrlab.tta.tta_probs`), as ``lrlab.engine.evaluate``
+            does, so the accuracy matches the final one recorded during training with ``train.tta``.
 
     Returns:
         Predictions with probs (N, K) float32 and targets (N,) int64, both on the CPU.
@@ -154,7 +152,7 @@ def predict(
         ValueError: when the loader yields no batches.
     """
     probs, targets = [], []
-    for p, y in compute.forward_batches(model, loader, _probabilities(tta, tta_shift)):
+    for p, y in compute.forward_batches(model, loader, _probabilities(tta)):
         probs.append(p.cpu())
         targets.append(y.to("cpu", torch.int64))
     if not probs:
@@ -162,10 +160,10 @@ def predict(
     return Predictions(probs=torch.cat(probs), targets=torch.cat(targets))
 
 
-def _probabilities(tta: bool, tta_shift: int) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
+def _probabilities(tta: TTA | None) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
     """``forward(model, x) -> (B, K)`` float32 class probabilities, with or without TTA."""
-    if tta:
-        return lambda model, x: tta_probs(model, x, tta_shift)
+    if tta is not None:
+        return tta.probs
     return lambda model, x: torch.softmax(model(x).float(), dim=1)
 
 
