@@ -1,6 +1,7 @@
 """Training-step throughput of a model on synthetic batches, with and without keeping freed memory.
 
-    python benchmarks/step_throughput.py [--model fastnet] [--width 0.5] [--batch 512] [--steps 16]
+    python benchmarks/step_throughput.py [--model fastnet] [--width 0.5] [--kwargs '{"whiten_kernel": 2}']
+        [--batch 512] [--steps 16] [--precision auto|bf16|fp32]
 
 Runs forward + backward + SGD step under the device's autocast (bf16 + channels_last on a bf16
 CPU) and prints images/s twice, each in a fresh process: with glibc's default allocator
@@ -10,6 +11,7 @@ behaviour and with ``lrlab.compute.retain_freed_memory()`` (what lrlab's trainin
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
@@ -40,14 +42,15 @@ def seconds_per_step(model, compute, size: int, batch: int, steps: int, warmup: 
     return (time.perf_counter() - start) / steps
 
 
-def measure(model_name: str, width: float, batch: int, steps: int, retain: bool, precision: str = "auto") -> float:
+def measure(model_name: str, width: float, batch: int, steps: int, retain: bool, precision: str = "auto",
+            extra: dict | None = None) -> float:
     from lrlab.compute import Compute, retain_freed_memory
     from lrlab.models import build
 
     if retain:
         retain_freed_memory()
     compute = Compute.choose(precision=precision)
-    kwargs = {"width": width} if model_name == "fastnet" else {}
+    kwargs = {**({"width": width} if model_name == "fastnet" else {}), **(extra or {})}
     model = build(model_name, 10, **kwargs).to(compute.device)  # not compute.prepare: it retains memory
     if compute.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -60,20 +63,23 @@ def main() -> None:
     parser.add_argument("--width", type=float, default=0.5)
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--kwargs", default="{}", help="more model kwargs, a JSON object")
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                         help="compute.precision (auto: bf16 autocast where the CPU has native bf16)")
     parser.add_argument("--child", choices=["default", "retain"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(measure(args.model, args.width, args.batch, args.steps, args.child == "retain", args.precision))
+        print(measure(args.model, args.width, args.batch, args.steps, args.child == "retain", args.precision,
+                      json.loads(args.kwargs)))
         return
     for mode in ("default", "retain"):
         out = subprocess.run([sys.executable, __file__, "--model", args.model, "--width", str(args.width),
                               "--batch", str(args.batch), "--steps", str(args.steps), "--child", mode,
-                              "--precision", args.precision],
+                              "--precision", args.precision, "--kwargs", args.kwargs],
                              check=True, capture_output=True, text=True).stdout
         label = "glibc default" if mode == "default" else "retain_freed_memory()"
-        print(f"{args.model} x{args.width} batch {args.batch}, {args.precision}, {label}: {float(out):,.0f} images/s")
+        print(f"{args.model} x{args.width} {args.kwargs} batch {args.batch}, {args.precision}, {label}: "
+              f"{float(out):,.0f} images/s")
 
 
 if __name__ == "__main__":
