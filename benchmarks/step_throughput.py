@@ -1,7 +1,7 @@
 """Training-step throughput of a model on synthetic batches, with and without keeping freed memory.
 
     python benchmarks/step_throughput.py [--model fastnet] [--width 0.5] [--kwargs '{"whiten_kernel": 2}']
-        [--batch 512] [--steps 16] [--precision auto|bf16|fp32]
+        [--batch 512] [--steps 16] [--precision auto|bf16|fp32] [--compile]
 
 Runs forward + backward + SGD step under the device's autocast (bf16 + channels_last on a bf16
 CPU) and prints images/s twice, each in a fresh process: with glibc's default allocator
@@ -43,7 +43,7 @@ def seconds_per_step(model, compute, size: int, batch: int, steps: int, warmup: 
 
 
 def measure(model_name: str, width: float, batch: int, steps: int, retain: bool, precision: str = "auto",
-            extra: dict | None = None) -> float:
+            extra: dict | None = None, compile_model: bool = False) -> float:
     from lrlab.compute import Compute, retain_freed_memory
     from lrlab.models import build
 
@@ -54,6 +54,8 @@ def measure(model_name: str, width: float, batch: int, steps: int, retain: bool,
     model = build(model_name, 10, **kwargs).to(compute.device)  # not compute.prepare: it retains memory
     if compute.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if compile_model:
+        model.compile()  # torch.compile (inductor); compiled during the warm-up steps
     return batch / seconds_per_step(model, compute, 32, batch, steps, warmup=max(2, steps // 2))
 
 
@@ -64,21 +66,24 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--kwargs", default="{}", help="more model kwargs, a JSON object")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (not timed: warm-up)")
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                         help="compute.precision (auto: bf16 autocast where the CPU has native bf16)")
     parser.add_argument("--child", choices=["default", "retain"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(measure(args.model, args.width, args.batch, args.steps, args.child == "retain", args.precision,
-                      json.loads(args.kwargs)))
+                      json.loads(args.kwargs), args.compile))
         return
     for mode in ("default", "retain"):
         out = subprocess.run([sys.executable, __file__, "--model", args.model, "--width", str(args.width),
                               "--batch", str(args.batch), "--steps", str(args.steps), "--child", mode,
-                              "--precision", args.precision, "--kwargs", args.kwargs],
+                              "--precision", args.precision, "--kwargs", args.kwargs,
+                              *(["--compile"] if args.compile else [])],
                              check=True, capture_output=True, text=True).stdout
         label = "glibc default" if mode == "default" else "retain_freed_memory()"
-        print(f"{args.model} x{args.width} {args.kwargs} batch {args.batch}, {args.precision}, {label}: "
+        print(f"{args.model} x{args.width} {args.kwargs} batch {args.batch}, {args.precision}"
+              f"{', compiled' if args.compile else ''}, {label}: "
               f"{float(out):,.0f} images/s")
 
 
