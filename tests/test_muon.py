@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from timm.optim import Muon
 from torch import nn
 
-from conftest import load_images
+from conftest import REPO, load_images
 from lrlab.cli import main
 from lrlab.config import TrainConfig, load_config
 from lrlab.errors import LrlabError
@@ -223,3 +223,25 @@ def test_renorm_and_bias_lr_ratio(batches):
     again = build_optimizer(cfg, model, lr)
     again.load_state_dict(state)
     assert again.renorm and [g["lr"] for g in again.param_groups] == [g["lr"] for g in opt.param_groups]
+
+
+def test_airbench_recipe_runs_and_learns(small_tree, cache_dir, tmp_path):
+    """recipes/cifar10-muon.yaml (airbench94_muon's recipe) shortened to 450 real images: Muon with
+    renormalised weights, biases at bias_lr_ratio, the 2x2 whitening stem, selective TTA at the end."""
+    args = ["run", str(REPO / "recipes" / "cifar10-muon.yaml"), "--data", str(small_tree), "--out",
+            str(tmp_path / "runs"), "--quiet", f"data.cache_dir={cache_dir}", "train.epochs=8", "train.batch_size=75",
+            "model.kwargs={width: 0.25, whiten_kernel: 2, bn_scale: false, dirac: true, head_scale: 0.0078125}",
+            "train.tta_fraction=0.5", "explain.num_images=2"]
+    assert main(args) == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    history = json.loads((run / "history.json").read_text())
+    assert history[-1]["train_loss"] < history[0]["train_loss"] - 0.1 and history[-1]["val_acc"] > 0.2
+    plan = json.loads((run / "lr_plan.json").read_text())
+    assert plan["lr"] == 1340 and plan["muon_lr_ratio"] == pytest.approx(1.79e-4)
+    model = build("fastnet", 10, width=0.25, whiten_kernel=2, bn_scale=False, dirac=True)
+    model.load_state_dict(torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"])
+    for n in FILTERS:  # renormalised before every step: norm sqrt(out) plus one last small step
+        w = model.get_parameter(n).detach()
+        assert w.norm().item() == pytest.approx(len(w) ** 0.5, rel=0.02), n
+    assert all(m.weight.eq(1).all() for m in model.modules() if isinstance(m, nn.BatchNorm2d))  # scale frozen
+    assert json.loads((run / "summary.json").read_text())["final_test_acc"] > 0.2
