@@ -2,6 +2,7 @@
 
     python benchmarks/lr_suggestion_quality.py --data ../shared/data/cifar10 --out results/lrq.json
         [--setups fastnet-sgd,...] [--seeds 3] [--parts grid,suggestions,lrfree,confidence] [--smoke]
+        [--merge OTHER.json ...]
 
 Setups (``role``: "choice" setups were seen when lrlab's defaults were chosen; "check" setups were
 held back and only measured):
@@ -38,6 +39,8 @@ recorded, never used). Ratio = mean top-1 at the suggestion / best mean top-1 of
 ``--out`` is a cache as well as the result: every training and range test is saved as soon as it
 ends, and a later call with the same file skips what it holds (same setup, seed and lr or
 optimizer), so the benchmark can run in pieces across sessions; ``--parts`` chooses what to run.
+Two processes with one thread each and their own ``--out`` (different setups) make ~9% more
+trainings per hour on 2 cores than one; ``--merge`` then adds their caches to ``--out``.
 ``--smoke`` shrinks everything (1,000 images, 1 epoch, a 3-point grid, 30-step range tests, 1 seed) to
 check the script; its numbers mean nothing.
 """
@@ -326,6 +329,8 @@ def main() -> int:
     parser.add_argument("--grid", type=int, default=7, help="points of the log grid")
     parser.add_argument("--out", type=Path, required=True, help="JSON cache and result, rewritten after each step")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes to check the script")
+    parser.add_argument("--merge", type=Path, nargs="*", default=[],
+                        help="other caches (e.g. of a parallel process) whose entries join --out's")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="extra config overrides")
     args = parser.parse_intermixed_args()
     setups = [s for s in args.setups.split(",") if s]
@@ -334,6 +339,10 @@ def main() -> int:
         raise SystemExit(f"error: --setups from {', '.join(SETUPS)}; --parts from {', '.join(PARTS)}")
     args.work = args.out.with_suffix(".d")
     cache = json.loads(args.out.read_text()) if args.out.exists() else {"range_tests": {}, "trainings": {}}
+    for other in args.merge:
+        for part, entries in json.loads(other.read_text()).items():
+            for k, v in entries.items():
+                cache.setdefault(part, {}).setdefault(k, v)
     start = time.perf_counter()
 
     def log(text: str) -> None:
