@@ -18,7 +18,9 @@ held back and only measured):
                             CIFAR-10 upscaled to 96 px, 100 per class (20% validation), 3 epochs
 
 Everything else comes from recipes/cifar10-quick.yaml (transfer-lite0.yaml for finetune-lite0):
-one-cycle with the candidate lr as its peak, label smoothing, augmentation, no TTA. Training is
+one-cycle with the candidate lr as its peak, label smoothing, augmentation, no TTA, and
+``compute.precision: auto`` (float32 on the 2-core Xeon VMs), except fastnet-sgd, measured under
+bf16 autocast before lrlab chose float32 on CPUs whose bf16 is the slower. Training is
 ``lrlab.pipeline.train`` (what ``lrlab train`` runs) with the plan ``LRPlan.make`` gives for
 ``train.max_lr`` = the candidate, so layer-group ratios and Muon's ratio apply as in a run.
 
@@ -85,7 +87,7 @@ class Bench:
 
 SETUPS = {
     "fastnet-sgd": Bench("choice", 5, (*FASTNET, "train.optimizer=sgd", "train.momentum=0.9", "train.nesterov=true",
-                                       "train.batch_size=256")),
+                                       "train.batch_size=256", "compute.precision=bf16")),
     "fastnet-adam": Bench("choice", 5, (*FASTNET, "train.optimizer=adam", "train.batch_size=256")),
     "resnet18-sgd": Bench("choice", 2, ("model.name=resnet18", "model.kwargs={width: 32}", "data.train_subset=10000",
                                         "data.test_subset=2000",

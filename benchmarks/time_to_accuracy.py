@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from lrlab import pipeline
+from lrlab.compute import matmul_gflops as matmul_peak
 from lrlab.config import load_config
 
 TARGETS = (0.85, 0.88, 0.90, 0.92, 0.93)
@@ -34,18 +35,6 @@ REFERENCE_PEAK = 700.0  # GFLOP/s: the bf16 matmul peak the normalised times ref
 def seconds_text(seconds: float, peak: float) -> str:
     """``seconds`` on this machine and as at :data:`REFERENCE_PEAK` (x peak / 700), e.g. '120.0s (@700: 28.1s)'."""
     return f"{seconds:.1f}s (@700: {seconds * peak / REFERENCE_PEAK:.1f}s)"
-
-
-def matmul_peak(dtype: torch.dtype, n: int = 4096, reps: int = 5) -> float:
-    """Best GFLOP/s of an n x n x n matrix product in ``dtype`` on the CPU."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
 
 
 def train_flops_per_image(model, compute, size: int = 32, batch: int = 64) -> float:

@@ -1,4 +1,4 @@
-"""Precision chosen per device: bf16 autocast + channels_last on bf16 CPUs, float32 elsewhere."""
+"""Precision chosen per device: bf16 autocast on CPUs where bf16 is the faster, float32 elsewhere; channels_last on CPUs."""
 
 import pytest
 import torch
@@ -9,15 +9,32 @@ from lrlab.errors import LrlabError
 from lrlab.compute import Compute
 
 
-@pytest.mark.parametrize("bf16_cpu, expected", [(True, torch.bfloat16), (False, None)])
-def test_autocast_follows_cpu_support(monkeypatch, bf16_cpu, expected):
+@pytest.mark.parametrize("bf16_cpu, bf16_gflops, expected", [(True, 600.0, torch.bfloat16), (True, 150.0, None),
+                                                             (False, 600.0, None)])
+def test_auto_precision_is_bf16_only_where_its_matmul_is_faster(monkeypatch, bf16_cpu, bf16_gflops, expected):
+    timed = []
+
+    def gflops(dtype, n, reps):
+        timed.append(dtype)
+        return bf16_gflops if dtype == torch.bfloat16 else 280.0
+
     monkeypatch.setattr(dev, "cpu_supports_bf16", lambda: bf16_cpu)
-    cpu = torch.device("cpu")
-    assert dev.autocast_dtype(cpu, "auto") is expected
-    assert dev.autocast_dtype(cpu, "fp32") is None and dev.autocast_dtype(cpu, "bf16") is torch.bfloat16
-    c = load_config(None, ["compute.device=cpu"]).compute
-    compute = Compute.choose(c.device, c.precision)
-    assert compute.dtype is expected and compute.channels_last == (expected is not None)
+    monkeypatch.setattr(dev, "matmul_gflops", gflops)
+    dev.cpu_bf16_is_faster.cache_clear()
+    try:
+        cpu = torch.device("cpu")
+        assert dev.autocast_dtype(cpu, "auto") is expected
+        assert dev.autocast_dtype(cpu, "fp32") is None and dev.autocast_dtype(cpu, "bf16") is torch.bfloat16
+        c = load_config(None, ["compute.device=cpu"]).compute
+        compute = Compute.choose(c.device, c.precision)
+        assert compute.dtype is expected and compute.channels_last  # channels_last on every CPU
+        assert timed == ([torch.bfloat16, torch.float32] if bf16_cpu else [])  # once, and only with the bf16 flags
+    finally:
+        dev.cpu_bf16_is_faster.cache_clear()  # the next caller measures the real CPU
+
+
+def test_matmul_gflops_measures_a_real_product():
+    assert 0.1 < dev.matmul_gflops(torch.float32, 256, 2) < 1e5
 
 
 def test_autocast_context_runs_convolutions_in_bf16():

@@ -46,7 +46,7 @@ class ComputeConfig(_Section):
     """Where and how to compute (lrlab.compute.Compute.choose)."""
 
     device: str = "auto"  # auto (CUDA if available, else CPU), cpu, cuda, cuda:1, mps
-    # auto: bf16 autocast + channels_last on bf16-capable CPUs and on CUDA, else float32
+    # auto: bf16 autocast on CUDA and on CPUs whose bf16 matmul beats float32 (measured), else float32
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
 
 
