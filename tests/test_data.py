@@ -244,6 +244,40 @@ def test_batch_augment_smaller_crops_are_windows_of_the_padded_image(small):
     assert len(offsets) > 20
 
 
+def test_batch_augment_reflect_padding_is_torch_reflect_pad(small):
+    img = small.train.images[7].permute(2, 0, 1).contiguous()  # uint8 (3, 32, 32)
+    x = img.expand(64, 3, 32, 32)
+    out = batch_augment(x, crop_padding=2, flip=True, cutout=0, pad_mode="reflect",
+                        generator=torch.Generator().manual_seed(0))
+    padded = torch.nn.functional.pad(img[None].float(), (2, 2, 2, 2), mode="reflect")[0].to(torch.uint8)
+    seen = set()
+    for o in out:
+        match = [(dy, dx, f) for dy in range(5) for dx in range(5) for f in (False, True)
+                 if torch.equal(o, torch.flip(padded[:, dy:dy + 32, dx:dx + 32], [2]) if f
+                                else padded[:, dy:dy + 32, dx:dx + 32])]
+        assert match, "output is not a (flipped) window of the reflect-padded image"
+        seen.add(match[0])
+    assert len(seen) > 20
+    with pytest.raises(ValueError, match="reflected padding of 32 pixels"):
+        batch_augment(x, crop_padding=32, flip=False, cutout=0, pad_mode="reflect")
+    with pytest.raises(ValueError, match="pad_mode must be one of constant, reflect"):
+        batch_augment(x, crop_padding=2, flip=False, cutout=0, pad_mode="wrap")
+
+
+def test_loader_reflect_padding_on_both_paths_and_errors(small):
+    for augment in ("tensor", "albumentations"):
+        loader = BatchLoader(small.train, 50, mean=small.mean, std=small.std, shuffle=False, augment=augment,
+                             crop_padding=4, pad_mode="reflect", flip=False, seed=0)
+        x, _ = next(iter(loader))
+        black = ((torch.tensor(0.0) - torch.tensor(small.mean)) / torch.tensor(small.std)).view(1, 3, 1)
+        border = x[:, :, 0, :].reshape(len(x), 3, -1)
+        # reflected borders copy image pixels; a constant (black) border row would appear in most images
+        assert (border - black).abs().amax(dim=(1, 2)).gt(1e-4).all()
+    with pytest.raises(LrlabError, match="crop_padding 32 with pad_mode reflect"):
+        BatchLoader(small.train, 50, mean=small.mean, std=small.std, shuffle=True, augment="tensor",
+                    crop_padding=32, pad_mode="reflect")
+
+
 def test_batch_augment_is_seeded():
     x = torch.randn(16, 3, 32, 32)
     a = batch_augment(x, 4, True, 16, torch.Generator().manual_seed(3))

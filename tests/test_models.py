@@ -95,3 +95,13 @@ def test_fastnet_airbench_stem_and_blocks(cifar_dir):
     assert feats.shape[-2:] == (3, 3)  # 31 -> 15 -> 7 -> 3, as airbench94
     with pytest.raises(LrlabError, match="model.kwargs.whiten_kernel must be an integer from 2 to 5"):
         build("fastnet", 10, whiten_kernel=1)
+    # airbench94's BatchNorm momentum and unit-std head; their bad values are one line each
+    model = build("fastnet", 10, width=0.25, bn_momentum=0.4, head_std=1.0)
+    assert {m.momentum for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) and m is not model.stem[1]} == {0.4}
+    assert model.fc.weight.std().item() == pytest.approx(1.0, rel=1e-5)
+    default = build("fastnet", 10, width=0.25)
+    assert default.fc.weight.std().item() < 0.1 and default.block1.bn1.momentum == 0.1
+    with pytest.raises(LrlabError, match=r"model.kwargs.bn_momentum must be in \(0, 1\]"):
+        build("fastnet", 10, bn_momentum=0)
+    with pytest.raises(LrlabError, match="model.kwargs.head_std must be a positive number"):
+        build("fastnet", 10, head_std=-1.0)

@@ -81,6 +81,42 @@ def test_muon_orthogonalises_every_hidden_filter_and_sgd_steps_the_rest(batches)
         assert torch.allclose(after[n].detach(), before[n] - lr * 1.9 * grads[n], rtol=1e-5, atol=1e-7), n
 
 
+def _jordan_newton_schulz(g: torch.Tensor, steps: int) -> torch.Tensor:
+    """Jordan's quintic Newton-Schulz iteration (kellerjordan.github.io/posts/muon), bfloat16, as
+    airbench94_muon runs it three times: X <- aX + (bA + cA^2)X with A = XX^T, X0 = G / |G|_F."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.bfloat16()
+    x = x / (x.norm() + 1e-7)
+    tall = x.shape[0] > x.shape[1]
+    x = x.T if tall else x
+    for _ in range(steps):
+        m = x @ x.T
+        x = a * x + (b * m + c * m @ m) @ x
+    return (x.T if tall else x).float()
+
+
+@pytest.mark.parametrize("coefficients", ["original", "quintic"])
+def test_newton_schulz_coefficients(batches, coefficients):
+    """train.muon.ns_coefficients=original is airbench94_muon's update (3 steps of Jordan's triple);
+    timm's default quintic preset is another (flatter) one."""
+    model, lr = fastnet(), 0.2
+    cfg = TrainConfig(optimizer="muon", momentum=0.9, weight_decay=0.0,
+                      muon={"ns_steps": 3, "momentum": 0.0, "ns_coefficients": coefficients})
+    opt = build_optimizer(cfg, model, lr)
+    before = {n: model.get_parameter(n).detach().clone() for n in FILTERS}
+    opt.zero_grad()
+    F.cross_entropy(model(batches[0][0]), batches[0][1]).backward()
+    grads = {n: model.get_parameter(n).grad.clone() for n in FILTERS}
+    opt.step()
+    for n in FILTERS:
+        step = (before[n] - model.get_parameter(n).detach()) / (lr * 0.1)
+        ref = _jordan_newton_schulz(grads[n].reshape(len(grads[n]), -1), 3).reshape(step.shape)
+        close = torch.allclose(step, ref, atol=0.02)
+        assert close if coefficients == "original" else not close, n
+    with pytest.raises(ValueError, match="ns_coefficients"):
+        TrainConfig(optimizer="muon", muon={"ns_coefficients": "cubic"})
+
+
 def test_one_schedule_drives_every_group_at_the_fixed_ratio():
     model = fastnet()
     opt = build_optimizer(TrainConfig(optimizer="muon", muon={"lr_ratio": 0.25}), model, 0.1)
@@ -245,3 +281,33 @@ def test_airbench_recipe_runs_and_learns(small_tree, cache_dir, tmp_path):
         assert w.norm().item() == pytest.approx(len(w) ** 0.5, rel=0.02), n
     assert all(m.weight.eq(1).all() for m in model.modules() if isinstance(m, nn.BatchNorm2d))  # scale frozen
     assert json.loads((run / "summary.json").read_text())["final_test_acc"] > 0.2
+
+
+def test_freeze_after_trains_the_whitening_bias_for_its_epochs_only(small_tree, cache_dir):
+    """train.freeze_after={stem: 1}: the 2x2 whitening stem's bias moves in epoch 1 and never after,
+    while the blocks keep training; the stem's output then needs no gradient (airbench94's short-lived
+    whitening bias). A name that is not a module is one line."""
+    from lrlab import pipeline
+
+    config = load_config(REPO / "recipes" / "cifar10-muon.yaml", [
+        f"data.path={small_tree}", f"data.cache_dir={cache_dir}", "train.epochs=3", "train.batch_size=100",
+        "model.kwargs={width: 0.25, whiten_kernel: 2, bn_scale: false, dirac: true, head_scale: 0.0078125}",
+        "train.freeze_after={stem: 1}", "train.tta=false"])
+    setup = pipeline.prepare(config, range_test=False, train=True, explain=False)
+    model = setup.model
+    seen = [(model.stem[0].bias.detach().clone(), model.block2.conv1.weight.detach().clone())]
+    pipeline.train(setup, pipeline.make_plan(setup, None),
+                   pipeline.Callbacks(on_epoch=lambda r: seen.append(
+                       (model.stem[0].bias.detach().clone(), model.block2.conv1.weight.detach().clone()))))
+    biases, convs = zip(*seen)
+    assert not torch.equal(biases[0], biases[1])  # trained in epoch 1
+    assert torch.equal(biases[1], biases[2]) and torch.equal(biases[2], biases[3])  # frozen after it
+    assert all(not torch.equal(a, b) for a, b in zip(convs, convs[1:]))  # the blocks train on
+    assert not any(p.requires_grad for p in model.stem.parameters())
+    with torch.autocast("cpu", enabled=False):
+        assert not model.stem(torch.randn(2, 3, 32, 32)).requires_grad
+    bad = config.model_copy(update={"train": config.train.model_copy(update={"freeze_after": {"stemm": 1}})})
+    setup = pipeline.prepare(bad, range_test=False, train=True, explain=False)
+    with pytest.raises(LrlabError, match="train.freeze_after names 'stemm', which is not a module of the model; "
+                                         "top-level modules: stem, block1"):
+        pipeline.train(setup, pipeline.make_plan(setup, None))

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import Field, PositiveInt, ValidationError, create_model, field_validator, model_validator
 
 from lrlab.data import AUGMENT_MODES, CROP_SCALE, PHOTO_MODES
 from lrlab.engine import NONFINITE_POLICIES
@@ -65,6 +65,7 @@ class DataConfig(_Section):
     val_subset: int | None = Field(None, gt=0)  # class-balanced subset of the val split, for speed
     augment: AugmentMode = "tensor"
     crop_padding: int = Field(4, ge=0)  # pad-and-random-crop (translation) in pixels
+    pad_mode: Literal["constant", "reflect"] = "constant"  # that padding: black, or the image mirrored
     flip: bool | Literal["alternate"] = True  # random horizontal flip; alternate: every other epoch
     cutout: int = Field(16, ge=0)  # side of the one square Cutout hole in pixels; 0: off
     rotate: float = Field(0.0, ge=0, le=180)  # random rotation limit in degrees (albumentations only)
@@ -176,6 +177,10 @@ class MuonConfig(_Section):
     aux_optimizer: MuonAuxName = "sgd"  # sgd: Nesterov SGD with train.momentum; adamw: train.betas, train.eps
     momentum: float = Field(0.95, ge=0, lt=1)  # Muon's Nesterov momentum (Jordan's default 0.95)
     ns_steps: int = Field(5, ge=1)  # Newton-Schulz iterations per step (airbench94_muon uses 3)
+    # the Newton-Schulz coefficients (a, b, c) per iteration, timm's presets: quintic (timm's default,
+    # five tuned steps, modded-nanogpt), original (Jordan's (3.4445, -4.7750, 2.0315) at every step,
+    # as airbench94_muon uses), polar_express (Amsel et al. 2025, arXiv:2505.16932)
+    ns_coefficients: Literal["quintic", "original", "polar_express"] = "quintic"
     renorm: bool = False  # rescale each Muon weight to norm sqrt(out channels) before each step (airbench94_muon)
 
 
@@ -202,6 +207,9 @@ class _TrainBase(_Section):
     weight_decay: float = Field(5e-4, ge=0)
     decay_norm_and_bias: bool = False  # false: no weight decay on biases and norm weights
     bias_lr_ratio: float = Field(1.0, gt=0)  # lr of biases and norm weights / their layer group's lr
+    # module name -> epochs: that module's parameters train for the first N epochs only, then stay
+    # frozen (no gradient, no update; airbench94 trains its whitening stem's bias for 3 of 8 epochs)
+    freeze_after: dict[str, PositiveInt] = Field(default_factory=dict)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     schedule: ScheduleName = "plateau"  # its options: train.<schedule>, see lrlab.schedules
     warmup_epochs: float = Field(0.0, ge=0)  # linear lr warm-up in front of any schedule

@@ -24,6 +24,7 @@ from torch import nn
 
 from lrlab import interrupts
 from lrlab.compute import Compute
+from lrlab.errors import LrlabError
 from lrlab.eval_weights import eval_weights
 from lrlab.tta import TTA
 
@@ -345,7 +346,8 @@ def fit(model: nn.Module, train_loader, val_loader, optimizer, schedule, epochs:
         checkpoint: Callable[[dict, bool], None] | None = None, checkpoint_every: int = 0,
         early_stop_patience: int = 0, resume: dict | None = None, earlier: History | None = None,
         stage: int | None = None, on_step: Callable[[int, float], None] | None = None,
-        on_epoch: Callable[[dict], None] | None = None, sync: Callable[..., tuple] | None = None) -> History:
+        on_epoch: Callable[[dict], None] | None = None, sync: Callable[..., tuple] | None = None,
+        freeze_after: dict[str, int] | None = None) -> History:
     """Train for ``epochs`` epochs, evaluating on the validation batches ``val_loader`` after each
     (see :class:`Trainer` for the step, ``on_nonfinite`` and the state a checkpoint holds). Every
     decision reads the validation split; the test split is not seen here.
@@ -367,6 +369,12 @@ def fit(model: nn.Module, train_loader, val_loader, optimizer, schedule, epochs:
     ``DistributedDataParallel`` wrapper and the loaders each rank's part (see :class:`Trainer`;
     the validation metrics are summed over the ranks, :func:`evaluate`).
 
+    ``freeze_after`` maps module names of ``model`` to epochs N: before every epoch after the
+    N-th, the module's parameters get ``requires_grad=False``, so they stay as they are (no
+    gradient, no optimizer update, no weight decay), and when nothing below them trains either,
+    autograd skips the input gradient of the layer above (airbench94's short-lived whitening
+    bias, Jordan 2024). A function of the epoch alone, so a resumed run freezes alike.
+
     Stages (:mod:`lrlab.transfer`): ``earlier`` is the history of the stages before this one
     (without ``resume``): its epochs and steps count, so ``epochs`` is the total of the run so
     far, epochs and steps are numbered across stages, checkpoints/best.pt is the best of the
@@ -375,7 +383,10 @@ def fit(model: nn.Module, train_loader, val_loader, optimizer, schedule, epochs:
     Raises:
         Interrupted: a SIGINT/SIGTERM arrived while training (:mod:`lrlab.interrupts`); the step
             under way was finished and ``checkpoint`` called first.
+        LrlabError: a ``freeze_after`` name that is not a module of ``model``.
     """
+    net = model.module if sync is not None else model
+    frozen_later = {name: _submodule(net, name) for name in (freeze_after or {})}
     trainer = Trainer(model, optimizer, schedule, compute, label_smoothing=label_smoothing,
                       on_nonfinite=on_nonfinite, grad_noise=grad_noise, sync=sync)
     if resume is not None:
@@ -393,6 +404,9 @@ def fit(model: nn.Module, train_loader, val_loader, optimizer, schedule, epochs:
                                 "patience": early_stop_patience}
                 break
             epoch = trainer.epoch + 1
+            for name, module in frozen_later.items():
+                if trainer.epoch >= freeze_after[name]:
+                    module.requires_grad_(False)
             if batch_sizes is not None:
                 train_loader.batch_size = batch_sizes[epoch - 1]
             _train_epoch(trainer, train_loader, checkpoint, checkpoint_every, on_step)
@@ -400,6 +414,16 @@ def fit(model: nn.Module, train_loader, val_loader, optimizer, schedule, epochs:
                 break
             _end_epoch(trainer, epoch, val_loader, train_loader, checkpoint, on_epoch)
     return trainer.history
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module:
+    """``model.get_submodule(name)``, or an LrlabError naming the top-level modules."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        valid = ", ".join(n for n, _ in model.named_children())
+        raise LrlabError(f"train.freeze_after names {name!r}, which is not a module of the model; "
+                         f"top-level modules: {valid}") from None
 
 
 def _end_epoch(trainer: Trainer, epoch: int, val_loader, train_loader, checkpoint, on_epoch) -> None:

@@ -45,7 +45,9 @@ filters (out, in, kh, kw) are orthogonalised as the (out, in x kh x kw) matrix.
 The Muon update is timm's ``timm.optim.Muon`` (timm 1.0.31, R. Wightman, after Jordan's
 github.com/KellerJordan/Muon), which flattens conv filters itself; ``torch.optim.Muon`` takes 2-D
 parameters only. Settings: Nesterov momentum ``train.muon.momentum`` (0.95, Jordan's default),
-``train.muon.ns_steps`` Newton-Schulz steps with timm's default coefficients, the update scaled
+``train.muon.ns_steps`` Newton-Schulz steps with ``train.muon.ns_coefficients`` (timm's presets:
+``quintic``, timm's default, tuned for five steps; ``original``, Jordan's one triple, which
+airbench94_muon iterates three times; ``polar_express``), the update scaled
 by Jordan's sqrt(max(1, out / (in x kh x kw))) (timm's ``adjust_lr_fn="original"``, so its lr
 lives on Muon's usual scale, ~0.02-0.05, not AdamW's), and decoupled weight decay: each step
 multiplies a hidden weight by 1 - lr_muon x ``train.weight_decay``. The auxiliary optimizer is
@@ -262,7 +264,8 @@ def _muon(groups, lr, cfg):
         raise LrlabError("train.optimizer muon with train.muon.aux_optimizer sgd needs train.momentum > 0 "
                          "(Nesterov SGD, e.g. 0.9), got 0; or set train.muon.aux_optimizer=adamw")
     return MuonWithAux(groups, lambda gs: Muon(gs, lr=lr, momentum=m.momentum, nesterov=True, ns_steps=m.ns_steps,
-                                               adjust_lr_fn="original", conv_mode="flatten"),
+                                               ns_coefficients=m.ns_coefficients, adjust_lr_fn="original",
+                                               conv_mode="flatten"),
                        lambda gs: aux(gs, lr, cfg), renorm=m.renorm)
 
 

@@ -114,7 +114,8 @@ def train_loader(setup: Setup, batch_size: int, shard: tuple[int, int] = (0, 1))
     (rank, world): this rank's part of each, see :class:`BatchLoader`)."""
     d, data, compute = setup.config.data, setup.data, setup.compute
     return BatchLoader(data.train, batch_size, mean=data.mean, std=data.std, shuffle=True,
-                       augment=d.augment, crop_padding=d.crop_padding, flip=d.flip, cutout=d.cutout,
+                       augment=d.augment, crop_padding=d.crop_padding, pad_mode=d.pad_mode, flip=d.flip,
+                       cutout=d.cutout,
                        rotate=d.rotate, device=compute.device, channels_last=compute.channels_last,
                        drop_last=True, seed=setup.config.seed, crop_sizes=d.crop_sizes,
                        image_size=d.image_size, crop_scale=d.crop_scale, trivial_augment=d.trivial_augment,
@@ -300,8 +301,12 @@ def train(setup: Setup, plan: LRPlan, callbacks: Callbacks = Callbacks(), run: R
 
     Raises:
         Interrupted: SIGINT/SIGTERM while training, after a checkpoint (see :func:`lrlab.engine.fit`).
+        LrlabError: ``train.freeze_after`` under torchrun, or naming no module of the model.
     """
     config, cfg = setup.config, setup.config.train
+    if cfg.freeze_after and distributed.is_distributed():
+        raise LrlabError("train.freeze_after does not work under torchrun (DistributedDataParallel expects every "
+                         "parameter that trained at the start to keep getting gradients); run in one process")
     seed_everything(config.seed)
     sizes = batch_sizes(cfg)
     loader = train_loader(setup, sizes[0], distributed.shard())
@@ -336,7 +341,8 @@ def train(setup: Setup, plan: LRPlan, callbacks: Callbacks = Callbacks(), run: R
                       early_stop_patience=cfg.early_stop_patience, resume=resume, earlier=earlier, stage=stage,
                       checkpoint=(lambda state, best: run.save_checkpoint({**state, **extra}, best)) if run else None,
                       on_step=callbacks.on_step, on_epoch=on_epoch,
-                      sync=distributed.all_reduce_sums if distributed.is_distributed() else None)
+                      sync=distributed.all_reduce_sums if distributed.is_distributed() else None,
+                      freeze_after=cfg.freeze_after)
     finally:
         if scalars is not None:
             scalars.close()

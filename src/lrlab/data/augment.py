@@ -30,10 +30,14 @@ import torch
 if TYPE_CHECKING:  # albumentations is imported lazily: it is slow to import
     import albumentations
 
+PAD_MODES = ("constant", "reflect")
+"""How the random crop's padding is filled (``data.pad_mode``): "constant" (black pixels) or
+"reflect" (the image mirrored at its border, without repeating the edge pixel)."""
+
 
 def build_albumentations(crop_padding: int = 4, flip: bool = True, cutout: int = 16,
                          rotate: float = 0.0, mean: tuple = (0.5, 0.5, 0.5), *,
-                         image_size: tuple[int, int] = (32, 32),
+                         image_size: tuple[int, int] = (32, 32), pad_mode: str = "constant",
                          seed: int | None = None) -> albumentations.Compose:
     """The per-image augmentation pipeline as an ``albumentations.Compose``.
 
@@ -42,8 +46,9 @@ def build_albumentations(crop_padding: int = 4, flip: bool = True, cutout: int =
 
     1. ``Rotate(limit=rotate)`` by an angle uniform in [-rotate, rotate] degrees, bilinear,
        border reflected (BORDER_REFLECT_101); only when rotate > 0.
-    2. ``PadIfNeeded`` to (H + 2p, W + 2p) with constant 0 (black) then ``RandomCrop`` back to
-       (H, W): an integer shift uniform in [-p, p] per axis; only when crop_padding p > 0.
+    2. ``PadIfNeeded`` to (H + 2p, W + 2p), with constant 0 (black) or reflected
+       (``pad_mode``, BORDER_REFLECT_101), then ``RandomCrop`` back to (H, W): an integer shift
+       uniform in [-p, p] per axis; only when crop_padding p > 0.
     3. ``HorizontalFlip(p=0.5)`` when flip.
     4. Cutout as ``CoarseDropout`` with exactly one c x c hole (c = cutout) filled with the
        dataset mean colour ``round(255 * mean)``, always applied; only when cutout > 0.
@@ -59,16 +64,18 @@ def build_albumentations(crop_padding: int = 4, flip: bool = True, cutout: int =
         rotate: maximum rotation in degrees (0 = no rotation).
         mean: per-channel (R, G, B) dataset mean in [0, 1] units, used as the Cutout fill.
         image_size: (H, W) of the images, needed for the pad-and-crop sizes.
+        pad_mode: one of :data:`PAD_MODES`, how the crop's padding is filled.
         seed: seed of the Compose's own random state (None = nondeterministic).
 
     Returns:
         An ``albumentations.Compose`` (an empty one when every step is switched off).
 
     Raises:
-        ValueError: negative padding, cutout or rotation, or cutout larger than the image.
+        ValueError: negative padding, cutout or rotation, cutout larger than the image, or a
+            reflected padding as wide as the image.
     """
     h, w = int(image_size[0]), int(image_size[1])
-    _check_args(crop_padding, cutout, h, w)
+    _check_args(crop_padding, cutout, h, w, pad_mode)
     if rotate < 0:
         raise ValueError(f"rotate must be >= 0 degrees, got {rotate}")
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -80,7 +87,8 @@ def build_albumentations(crop_padding: int = 4, flip: bool = True, cutout: int =
         steps.append(A.Rotate(limit=float(rotate), border_mode=cv2.BORDER_REFLECT_101, p=1.0))
     if crop_padding > 0:
         steps.append(A.PadIfNeeded(min_height=h + 2 * crop_padding, min_width=w + 2 * crop_padding,
-                                   border_mode=cv2.BORDER_CONSTANT, fill=0, p=1.0))
+                                   border_mode=cv2.BORDER_CONSTANT if pad_mode == "constant"
+                                   else cv2.BORDER_REFLECT_101, fill=0, p=1.0))
         steps.append(A.RandomCrop(height=h, width=w, p=1.0))
     if flip:
         steps.append(A.HorizontalFlip(p=0.5))
@@ -95,7 +103,7 @@ def batch_augment(x: torch.Tensor, crop_padding: int, flip: bool | torch.Tensor,
                   generator: torch.Generator | None = None, *,
                   pad_fill: float | Sequence[float] | torch.Tensor = 0.0,
                   cutout_fill: float | Sequence[float] | torch.Tensor = 0.0,
-                  size: int | None = None) -> torch.Tensor:
+                  size: int | None = None, pad_mode: str = "constant") -> torch.Tensor:
     """Random crop from padding, horizontal flip and Cutout on a whole batch at once.
 
     Every image gets its own random crop offset, flip coin and Cutout position, drawn in a
@@ -104,7 +112,8 @@ def batch_augment(x: torch.Tensor, crop_padding: int, flip: bool | torch.Tensor,
     * crop: the output is ``padded[:, :, dy:dy+S, dx:dx+S]`` of the image padded by p on every
       side, with dy, dx uniform in {0..H-S+2p} and {0..W-S+2p} per image (S = ``size``; for
       S = H = W an exact integer shift by (dy - p, dx - p)), ``pad_fill`` coming in at the
-      border (no interpolation);
+      border (no interpolation), or with ``pad_mode="reflect"`` the image mirrored at its edge
+      without repeating the edge pixel (``F.pad(mode="reflect")``, as airbench94 pads);
     * flip: a random half of the images (Bernoulli(1/2) each) is exactly ``torch.flip(., [3])``
       of its crop; crop and flip are done together as one gather;
     * Cutout: a c x c square, placed uniformly *fully inside* the image (top-left corner
@@ -129,13 +138,15 @@ def batch_augment(x: torch.Tensor, crop_padding: int, flip: bool | torch.Tensor,
         size: side S of square output crops (progressive resizing trains early epochs on
             smaller crops, whose FLOPs scale with S^2); None: the full H x W. The crops keep
             the pixel scale (no resampling), so objects look as large as at test time.
+        pad_mode: one of :data:`PAD_MODES`: "constant" (``pad_fill``) or "reflect".
 
     Returns:
         A new (N, C, S, S) tensor ((N, C, H, W) without ``size``) of x's dtype and device,
         contiguous (NCHW memory format). With all steps off and no ``size``, x itself.
 
     Raises:
-        ValueError: x is not 4-D, negative padding or cutout, or cutout larger than the image.
+        ValueError: x is not 4-D, negative padding or cutout, cutout larger than the image, or a
+            reflected padding as wide as the image.
     """
     if x.dim() != 4:
         raise ValueError(f"batch_augment expects an (N, C, H, W) batch, got shape {tuple(x.shape)}")
@@ -144,7 +155,7 @@ def batch_augment(x: torch.Tensor, crop_padding: int, flip: bool | torch.Tensor,
     oh, ow = (h, w) if size is None else (int(size), int(size))
     if not 0 < oh <= h or not 0 < ow <= w:
         raise ValueError(f"crop size {size} must be between 1 and {min(h, w)} pixels")
-    _check_args(p, k, oh, ow)
+    _check_args(p, k, oh, ow, pad_mode)
     flips = flip if isinstance(flip, torch.Tensor) else None
     if flips is not None and flips.shape != (n,):
         raise ValueError(f"flip tensor has shape {tuple(flips.shape)}; expected ({n},), one per image")
@@ -181,8 +192,12 @@ def batch_augment(x: torch.Tensor, crop_padding: int, flip: bool | torch.Tensor,
         # crop offset (dy, dx) in {0..H-S+2p} x {0..W-S+2p} of the padded image
         rows = rows + (randint(h - oh + 2 * p + 1) - p)[:, None]
         cols = cols + (randint(w - ow + 2 * p + 1) - p)[:, None]
-        rows = torch.where((rows >= 0) & (rows < h), rows, h)  # off the image: fill row
-        cols = torch.where((cols >= 0) & (cols < w), cols, w)  # off the image: fill column
+        if pad_mode == "reflect":  # off the image: its mirror image (-1 -> 1, h -> h - 2)
+            rows = torch.where(rows < 0, -rows, torch.where(rows >= h, 2 * (h - 1) - rows, rows))
+            cols = torch.where(cols < 0, -cols, torch.where(cols >= w, 2 * (w - 1) - cols, cols))
+        else:
+            rows = torch.where((rows >= 0) & (rows < h), rows, h)  # off the image: fill row
+            cols = torch.where((cols >= 0) & (cols < w), cols, w)  # off the image: fill column
     index = (rows[:, :, None] * ws + cols[:, None, :]).view(n, oh * ow)      # (N, S*S)
     if k > 0:
         top, left = randint(oh - k + 1), randint(ow - k + 1)
@@ -202,7 +217,11 @@ def _per_channel(value, x: torch.Tensor) -> torch.Tensor:
     return t.reshape(1, -1, 1).to(x.dtype)
 
 
-def _check_args(crop_padding: int, cutout: int, h: int, w: int) -> None:
+def _check_args(crop_padding: int, cutout: int, h: int, w: int, pad_mode: str = "constant") -> None:
+    if pad_mode not in PAD_MODES:
+        raise ValueError(f"pad_mode must be one of {', '.join(PAD_MODES)}, got {pad_mode!r}")
+    if pad_mode == "reflect" and crop_padding >= min(h, w):
+        raise ValueError(f"reflected padding of {crop_padding} pixels needs images larger than that, got {h}x{w}")
     if crop_padding < 0:
         raise ValueError(f"crop_padding must be >= 0 pixels, got {crop_padding}")
     if cutout < 0 or cutout > min(h, w):

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from lrlab.data.augment import batch_augment, build_albumentations
+from lrlab.data.augment import PAD_MODES, batch_augment, build_albumentations
 from lrlab.data.containers import Split
 from lrlab.data.photo_augment import CROP_SCALE, center_crop, random_resized_crop, trivial_augment
 from lrlab.errors import LrlabError
@@ -54,7 +54,7 @@ def _affine(mean, std, device) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, shift
 
 
-def _check_options(shape: Sequence[int], *, augment: str, flip: bool | str, crop_padding: int,
+def _check_options(shape: Sequence[int], *, augment: str, flip: bool | str, crop_padding: int, pad_mode: str,
                    cutout: int, rotate: float, crop_sizes: Sequence[int], mean: Sequence[float],
                    std: Sequence[float]) -> list[int]:
     """Validate BatchLoader's options for a split of images of ``shape`` (N, H, W, C).
@@ -87,6 +87,11 @@ def _check_options(shape: Sequence[int], *, augment: str, flip: bool | str, crop
         raise LrlabError(f"augmentation crop_padding={crop_padding}, cutout={cutout}, "
                          f"rotate={rotate} is not valid; use crop_padding >= 0, "
                          f"0 <= cutout <= {min(h, w)} and rotate >= 0")
+    if pad_mode not in PAD_MODES:
+        raise LrlabError(f"pad_mode {pad_mode!r} is not valid; use one of {', '.join(PAD_MODES)}")
+    if pad_mode == "reflect" and crop_padding >= min([h, w, *crop_sizes]):
+        raise LrlabError(f"crop_padding {crop_padding} with pad_mode reflect needs images (and crops) larger than "
+                         f"{crop_padding} pixels; use a smaller crop_padding or pad_mode constant")
     return crop_sizes
 
 
@@ -156,6 +161,8 @@ class BatchLoader:
         shuffle: new random order every epoch (else the split's order).
         augment: one of :data:`AUGMENT_MODES`: "none", "tensor" or "albumentations".
         crop_padding: padding p in pixels of the random crop (0 = none).
+        pad_mode: how that padding is filled, one of :data:`~lrlab.data.augment.PAD_MODES`:
+            "constant" (black) or "reflect" (the image mirrored at its border).
         flip: True: random horizontal flip with probability 1/2; "alternate": alternating
             flips (Jordan 2024, arXiv:2404.00498, section 3.6), each image flipped at random
             in epoch 0 and then flipped in every other epoch, so consecutive epochs always
@@ -195,7 +202,7 @@ class BatchLoader:
     def __init__(self, split: Split, batch_size: int, *, mean: Sequence[float],
                  std: Sequence[float], shuffle: bool, augment: str = "none",
                  crop_padding: int = 4, flip: bool | str = True, cutout: int = 0, rotate: float = 0.0,
-                 device: torch.device | str = torch.device("cpu"), channels_last: bool = False,
+                 pad_mode: str = "constant", device: torch.device | str = torch.device("cpu"), channels_last: bool = False,
                  drop_last: bool = False, seed: int = 0, crop_sizes: Sequence[int] = (),
                  image_size: int | None = None, crop_scale: Sequence[float] = CROP_SCALE,
                  trivial_augment: bool = False, shard: tuple[int, int] = (0, 1)):
@@ -204,7 +211,7 @@ class BatchLoader:
         n, h, w, c = split.images.shape
         shape = (n, h, w, c) if image_size is None else (n, image_size, image_size, c)
         crop_sizes = _check_options(shape, augment=augment, flip=flip,
-                                    crop_padding=crop_padding, cutout=cutout, rotate=rotate,
+                                    crop_padding=crop_padding, pad_mode=pad_mode, cutout=cutout, rotate=rotate,
                                     crop_sizes=crop_sizes, mean=mean, std=std)
         self.image_size = image_size
         self.crop_scale = tuple(float(v) for v in crop_scale)
@@ -215,6 +222,7 @@ class BatchLoader:
         self.drop_last = bool(drop_last)
         self.channels_last = bool(channels_last)
         self.crop_padding, self.cutout, self.rotate = int(crop_padding), int(cutout), float(rotate)
+        self.pad_mode = pad_mode
         self.flip = flip if flip == "alternate" else bool(flip)
         self.seed = int(seed)
         self.crop_sizes = crop_sizes
@@ -234,7 +242,7 @@ class BatchLoader:
             self._images_np = split.images.cpu().numpy()  # per-image numpy work stays on CPU
             self._images = None
             self._compose = build_albumentations(self.crop_padding, self.flip, self.cutout,
-                                                 self.rotate, self.mean, image_size=(h, w))
+                                                 self.rotate, self.mean, image_size=(h, w), pad_mode=pad_mode)
         elif image_size is not None:
             self._images = split.images  # stays where it is (memory-mapped); batches move
         else:
@@ -314,7 +322,7 @@ class BatchLoader:
                     flip = self._first_flip.index_select(0, idx) ^ bool(epoch % 2)
                 size = self.crop_sizes[min(epoch, len(self.crop_sizes) - 1)] if self.crop_sizes else None
                 x = batch_augment(x, self.crop_padding, flip, self.cutout, gen, size=size,
-                                  pad_fill=0, cutout_fill=self._cutout_fill)
+                                  pad_fill=0, cutout_fill=self._cutout_fill, pad_mode=self.pad_mode)
             if (part := self._cut(x, idx)) is not None:
                 yield self._finish(part[0]), self._labels.index_select(0, part[1])
 

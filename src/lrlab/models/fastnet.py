@@ -27,13 +27,13 @@ from lrlab.models.registry import check_dropout, register
 class Block(nn.Module):
     """conv3x3 -> max-pool 2 -> BN -> act -> conv3x3 -> BN -> act; halves H and W."""
 
-    def __init__(self, c_in: int, c_out: int, bn_scale: bool = True, dirac: bool = False):
+    def __init__(self, c_in: int, c_out: int, bn_scale: bool = True, dirac: bool = False, bn_momentum: float = 0.1):
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
         self.pool = nn.MaxPool2d(2)
-        self.bn1 = nn.BatchNorm2d(c_out)
+        self.bn1 = nn.BatchNorm2d(c_out, momentum=bn_momentum)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
+        self.bn2 = nn.BatchNorm2d(c_out, momentum=bn_momentum)
         self.act = nn.GELU()
         for bn in (self.bn1, self.bn2):
             bn.weight.requires_grad_(bn_scale)
@@ -66,13 +66,18 @@ class FastNet(nn.Module):
             airbench94).
         dirac: identity (Dirac) initialisation of the first ``in_channels`` filters of each
             block conv, so that each block starts close to passing its input through (airbench94).
+        bn_momentum: torch's BatchNorm momentum of the blocks (the weight of each batch in the
+            running statistics; 0.1 is torch's default, airbench94 uses 0.4 for its ~25 steps per epoch).
+        head_std: None keeps torch's init of the classifier (std ~ 1 / sqrt(3 x in_features));
+            a number rescales it to that standard deviation (airbench94: 1, with head_scale 1/256).
     """
 
     default_cam_layer = "block2"
 
     def __init__(self, num_classes: int, widths: tuple[int, int, int, int] = (32, 64, 256, 256),
                  head_scale: float = 1 / 8, dropout: float = 0.0, channel_dropout: float = 0.0,
-                 whiten_kernel: int | None = None, bn_scale: bool = True, dirac: bool = False):
+                 whiten_kernel: int | None = None, bn_scale: bool = True, dirac: bool = False,
+                 bn_momentum: float = 0.1, head_std: float | None = None):
         super().__init__()
         c0, c1, c2, c3 = widths
         if whiten_kernel is None:
@@ -80,11 +85,14 @@ class FastNet(nn.Module):
         else:
             c0 = 2 * 3 * whiten_kernel ** 2
             self.stem = nn.Sequential(nn.Conv2d(3, c0, whiten_kernel, bias=True), nn.GELU())
-        self.block1 = Block(c0, c1, bn_scale, dirac)
-        self.block2 = Block(c1, c2, bn_scale, dirac)
-        self.block3 = Block(c2, c3, bn_scale, dirac)
+        self.block1 = Block(c0, c1, bn_scale, dirac, bn_momentum)
+        self.block2 = Block(c1, c2, bn_scale, dirac, bn_momentum)
+        self.block3 = Block(c2, c3, bn_scale, dirac, bn_momentum)
         self.pool = nn.AdaptiveMaxPool2d(1)
         self.fc = nn.Linear(c3, num_classes, bias=False)
+        if head_std is not None:
+            with torch.no_grad():
+                self.fc.weight.mul_(head_std / self.fc.weight.std())
         self.head_scale = head_scale
         self.dropout = nn.Dropout(dropout) if dropout else None  # modules only when on: same state
         self.channel_dropout = nn.Dropout2d(channel_dropout) if channel_dropout else None
@@ -126,16 +134,23 @@ class FastNet(nn.Module):
 @register
 def fastnet(num_classes: int, width: float = 1.0, head_scale: float = 1 / 8, dropout: float = 0.0,
             channel_dropout: float = 0.0, whiten_kernel: int | None = None, bn_scale: bool = True,
-            dirac: bool = False) -> FastNet:
+            dirac: bool = False, bn_momentum: float = 0.1, head_std: float | None = None) -> FastNet:
     """FastNet with channel widths (32, 64, 256, 256) x ``width``; optional dropout before the
     classifier and channel dropout (Dropout2d) after each block; airbench94's stem and block
-    settings (``whiten_kernel=2, bn_scale=False, dirac=True``), see :class:`FastNet`.
+    settings (``whiten_kernel=2, bn_scale=False, dirac=True, bn_momentum=0.4, head_std=1``), see :class:`FastNet`.
 
     Raises:
-        LrlabError: a dropout outside [0, 1), or ``whiten_kernel`` not an integer 2..5."""
+        LrlabError: a dropout outside [0, 1), ``whiten_kernel`` not an integer 2..5, ``bn_momentum``
+            outside (0, 1] or ``head_std`` not positive."""
     check_dropout(dropout=dropout, channel_dropout=channel_dropout)
     if whiten_kernel is not None and (isinstance(whiten_kernel, bool) or whiten_kernel not in range(2, 6)):
         raise LrlabError(f"model.kwargs.whiten_kernel must be an integer from 2 to 5 (or null for the 3x3 conv + BN "
                          f"stem), got {whiten_kernel!r}")
+    if not 0 < bn_momentum <= 1:
+        raise LrlabError(f"model.kwargs.bn_momentum must be in (0, 1] (torch's BatchNorm momentum, default 0.1), "
+                         f"got {bn_momentum!r}")
+    if head_std is not None and not head_std > 0:
+        raise LrlabError(f"model.kwargs.head_std must be a positive number (or null for torch's init), got {head_std!r}")
     widths = tuple(max(8, round(c * width)) for c in (32, 64, 256, 256))
-    return FastNet(num_classes, widths, head_scale, dropout, channel_dropout, whiten_kernel, bn_scale, dirac)
+    return FastNet(num_classes, widths, head_scale, dropout, channel_dropout, whiten_kernel, bn_scale, dirac,
+                   bn_momentum, head_std)
