@@ -6,7 +6,8 @@ Trains through the same stages as ``lrlab run`` (lrlab.pipeline: prepare, range_
 train), so every training option of the recipe applies. Prints, per epoch: wall seconds since
 start (data load and range test included), validation top-1 (plain images; the split of the
 recipe's data.val_split), training images/s, achieved GFLOP/s (FLOPs of one training step counted by
-torch.utils.flop_counter, forward + backward) and its share of this CPU's measured bfloat16
+torch.utils.flop_counter, forward + backward; counted again after an epoch at which train.freeze_after
+freezes a module) and its share of this CPU's measured bfloat16
 matrix-product peak (a 4096x4096 bf16 matmul). At the end: seconds to reach 85/88/90/92/93%,
 peak RSS, and the share of step time spent fetching and augmenting batches (the data path,
 timed on one separate pass over the training loader). Every time is also given as on a machine of
@@ -96,6 +97,13 @@ def main() -> None:
                 reached[t] = now
         print(f"epoch {r['epoch']:>3}  {seconds_text(now, peak_bf16)}  val {100 * r['val_acc']:.2f}%  {rate:7.0f} img/s  "
               f"{gflops:6.1f} GFLOP/s = {100 * gflops / peak_bf16:.0f}% of bf16 peak", flush=True)
+        if r["epoch"] in config.train.freeze_after.values():  # frozen before the next epoch: fewer FLOPs per image
+            for name, epochs in config.train.freeze_after.items():
+                if r["epoch"] >= epochs:
+                    setup.model.get_submodule(name).requires_grad_(False)  # as engine.fit is about to
+            for s in flops:
+                flops[s] = train_flops_per_image(setup.model, setup.compute, s)
+            print("GFLOP per training image from now on: " + ", ".join(f"{f / 1e9:.3f} at {s}x{s}" for s, f in flops.items()))
 
     history = pipeline.train(setup, plan, pipeline.Callbacks(on_epoch=on_epoch), run)
     total = time.perf_counter() - start

@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from timm.optim import Muon
 from torch import nn
 
@@ -266,14 +267,17 @@ def test_airbench_recipe_runs_and_learns(small_tree, cache_dir, tmp_path):
     renormalised weights, biases at bias_lr_ratio, the 2x2 whitening stem, selective TTA at the end."""
     args = ["run", str(REPO / "recipes" / "cifar10-muon.yaml"), "--data", str(small_tree), "--out",
             str(tmp_path / "runs"), "--quiet", f"data.cache_dir={cache_dir}", "train.epochs=8", "train.batch_size=75",
-            "model.kwargs={width: 0.25, whiten_kernel: 2, bn_scale: false, dirac: true, head_scale: 0.0078125}",
-            "train.tta_fraction=0.5", "explain.num_images=2"]
+            "model.kwargs={width: 0.25, whiten_kernel: 2, bn_scale: false, dirac: true, head_scale: 0.0078125, "
+            "bn_momentum: 0.4, head_std: 1.0}", "train.tta_fraction=0.5", "explain.num_images=2"]
     assert main(args) == 0
     (run,) = (tmp_path / "runs").iterdir()
     history = json.loads((run / "history.json").read_text())
     assert history[-1]["train_loss"] < history[0]["train_loss"] - 0.1 and history[-1]["val_acc"] > 0.2
     plan = json.loads((run / "lr_plan.json").read_text())
     assert plan["lr"] == 1340 and plan["muon_lr_ratio"] == pytest.approx(1.79e-4)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["data"]["pad_mode"] == "reflect" and config["train"]["muon"]["ns_coefficients"] == "original"
+    assert config["train"]["freeze_after"] == {"stem": 3}
     model = build("fastnet", 10, width=0.25, whiten_kernel=2, bn_scale=False, dirac=True)
     model.load_state_dict(torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"])
     for n in FILTERS:  # renormalised before every step: norm sqrt(out) plus one last small step
