@@ -311,7 +311,6 @@ def test_freeze_after_trains_the_whitening_bias_for_its_epochs_only(small_tree, 
     with torch.autocast("cpu", enabled=False):
         assert not model.stem(torch.randn(2, 3, 32, 32)).requires_grad
     bad = config.model_copy(update={"train": config.train.model_copy(update={"freeze_after": {"stemm": 1}})})
-    setup = pipeline.prepare(bad, range_test=False, train=True, explain=False)
     with pytest.raises(LrlabError, match="train.freeze_after names 'stemm', which is not a module of the model; "
                                          "top-level modules: stem, block1"):
-        pipeline.train(setup, pipeline.make_plan(setup, None))
+        pipeline.prepare(bad, range_test=False, train=True, explain=False)  # before any file is written

@@ -18,13 +18,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, PositiveInt, ValidationError, create_model, field_validator, model_validator
 
-from lrlab.data import AUGMENT_MODES, CROP_SCALE, PHOTO_MODES
+from lrlab.data import AUGMENT_MODES, CROP_SCALE, PAD_MODES, PHOTO_MODES
 from lrlab.engine import NONFINITE_POLICIES
 from lrlab.errors import LrlabError
 from lrlab.interpret import CAM_METHODS, DEFAULT_CAM_METHOD, SELECT_BY
 from lrlab.lr_finder import METHODS, MODES
 from lrlab.lr_plan import LR_SCALE_RULES
-from lrlab.optim import MUON_AUX, OPTIMIZERS
+from lrlab.optim import MUON_AUX, NS_COEFFICIENTS, OPTIMIZERS
 from lrlab.registry import Section as _Section
 from lrlab.registry import choice
 from lrlab.schedules import SCHEDULES, Milestones
@@ -32,10 +32,12 @@ from lrlab.tune.pruners import PRUNERS
 
 # Allowed values, from the modules that own the names (see lrlab.registry).
 AugmentMode = choice(AUGMENT_MODES, "data.augment")
+PadMode = choice(PAD_MODES, "data.pad_mode")
 SweepMode = choice(MODES, "lr_finder.mode")
 SuggestionMethod = choice(("auto", *METHODS), "lr_finder.method")
 OptimizerName = OPTIMIZERS.field()
 MuonAuxName = MUON_AUX.field()
+NsCoefficients = choice(NS_COEFFICIENTS, "train.muon.ns_coefficients")
 ScheduleName = SCHEDULES.field()
 MistakeOrder = SELECT_BY.field()
 CamMethodName = CAM_METHODS.field()
@@ -65,7 +67,7 @@ class DataConfig(_Section):
     val_subset: int | None = Field(None, gt=0)  # class-balanced subset of the val split, for speed
     augment: AugmentMode = "tensor"
     crop_padding: int = Field(4, ge=0)  # pad-and-random-crop (translation) in pixels
-    pad_mode: Literal["constant", "reflect"] = "constant"  # that padding: black, or the image mirrored
+    pad_mode: PadMode = "constant"  # that padding: black, or the image mirrored (reflect)
     flip: bool | Literal["alternate"] = True  # random horizontal flip; alternate: every other epoch
     cutout: int = Field(16, ge=0)  # side of the one square Cutout hole in pixels; 0: off
     rotate: float = Field(0.0, ge=0, le=180)  # random rotation limit in degrees (albumentations only)
@@ -177,10 +179,7 @@ class MuonConfig(_Section):
     aux_optimizer: MuonAuxName = "sgd"  # sgd: Nesterov SGD with train.momentum; adamw: train.betas, train.eps
     momentum: float = Field(0.95, ge=0, lt=1)  # Muon's Nesterov momentum (Jordan's default 0.95)
     ns_steps: int = Field(5, ge=1)  # Newton-Schulz iterations per step (airbench94_muon uses 3)
-    # the Newton-Schulz coefficients (a, b, c) per iteration, timm's presets: quintic (timm's default,
-    # five tuned steps, modded-nanogpt), original (Jordan's (3.4445, -4.7750, 2.0315) at every step,
-    # as airbench94_muon uses), polar_express (Amsel et al. 2025, arXiv:2505.16932)
-    ns_coefficients: Literal["quintic", "original", "polar_express"] = "quintic"
+    ns_coefficients: NsCoefficients = "quintic"  # the Newton-Schulz (a, b, c) per step (lrlab.optim.NS_COEFFICIENTS)
     renorm: bool = False  # rescale each Muon weight to norm sqrt(out channels) before each step (airbench94_muon)
 
 

@@ -386,7 +386,7 @@ def fit(model: nn.Module, train_loader, val_loader, optimizer, schedule, epochs:
         LrlabError: a ``freeze_after`` name that is not a module of ``model``.
     """
     net = model.module if sync is not None else model
-    frozen_later = {name: _submodule(net, name) for name in (freeze_after or {})}
+    frozen_later = modules_to_freeze(net, freeze_after or {})
     trainer = Trainer(model, optimizer, schedule, compute, label_smoothing=label_smoothing,
                       on_nonfinite=on_nonfinite, grad_noise=grad_noise, sync=sync)
     if resume is not None:
@@ -416,14 +416,22 @@ def fit(model: nn.Module, train_loader, val_loader, optimizer, schedule, epochs:
     return trainer.history
 
 
-def _submodule(model: nn.Module, name: str) -> nn.Module:
-    """``model.get_submodule(name)``, or an LrlabError naming the top-level modules."""
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        valid = ", ".join(n for n, _ in model.named_children())
-        raise LrlabError(f"train.freeze_after names {name!r}, which is not a module of the model; "
-                         f"top-level modules: {valid}") from None
+def modules_to_freeze(model: nn.Module, freeze_after: dict[str, int]) -> dict[str, nn.Module]:
+    """The modules of ``model`` that ``freeze_after`` (``train.freeze_after``: module name -> epochs)
+    names, by name (see :func:`fit`).
+
+    Raises:
+        LrlabError: a name that is not a module of ``model`` (the error lists the top-level ones).
+    """
+    modules = {}
+    for name in freeze_after:
+        try:
+            modules[name] = model.get_submodule(name)
+        except AttributeError:
+            valid = ", ".join(n for n, _ in model.named_children())
+            raise LrlabError(f"train.freeze_after names {name!r}, which is not a module of the model; "
+                             f"top-level modules: {valid}") from None
+    return modules
 
 
 def _end_epoch(trainer: Trainer, epoch: int, val_loader, train_loader, checkpoint, on_epoch) -> None:

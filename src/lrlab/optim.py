@@ -45,9 +45,8 @@ filters (out, in, kh, kw) are orthogonalised as the (out, in x kh x kw) matrix.
 The Muon update is timm's ``timm.optim.Muon`` (timm 1.0.31, R. Wightman, after Jordan's
 github.com/KellerJordan/Muon), which flattens conv filters itself; ``torch.optim.Muon`` takes 2-D
 parameters only. Settings: Nesterov momentum ``train.muon.momentum`` (0.95, Jordan's default),
-``train.muon.ns_steps`` Newton-Schulz steps with ``train.muon.ns_coefficients`` (timm's presets:
-``quintic``, timm's default, tuned for five steps; ``original``, Jordan's one triple, which
-airbench94_muon iterates three times; ``polar_express``), the update scaled
+``train.muon.ns_steps`` Newton-Schulz steps with the coefficients ``train.muon.ns_coefficients``
+(:data:`NS_COEFFICIENTS`), the update scaled
 by Jordan's sqrt(max(1, out / (in x kh x kw))) (timm's ``adjust_lr_fn="original"``, so its lr
 lives on Muon's usual scale, ~0.02-0.05, not AdamW's), and decoupled weight decay: each step
 multiplies a hidden weight by 1 - lr_muon x ``train.weight_decay``. The auxiliary optimizer is
@@ -144,6 +143,12 @@ def _adagrad(groups, lr, cfg):
 def _adadelta(groups, lr, cfg):
     return torch.optim.Adadelta(groups, lr=lr, rho=0.9, eps=cfg.eps)
 
+
+NS_COEFFICIENTS = ("quintic", "original", "polar_express")
+"""``train.muon.ns_coefficients``: timm's presets of the Newton-Schulz coefficients (a, b, c) per step.
+quintic (timm's default; five tuned steps, from modded-nanogpt), original (Jordan's (3.4445, -4.7750,
+2.0315) at every step, as airbench94_muon iterates it 3 times), polar_express (Amsel et al. 2025,
+"The Polar Express", arXiv:2505.16932)."""
 
 MUON_AUX: Registry[Callable[[list[dict], float, object], torch.optim.Optimizer]] = Registry(
     "auxiliary optimizer", "train.muon.aux_optimizer")

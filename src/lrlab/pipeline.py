@@ -29,7 +29,7 @@ from lrlab.compute import Compute
 from lrlab.config import Config
 from lrlab.data import BatchLoader, Dataset, Split, load_dataset
 from lrlab import distributed, transfer
-from lrlab.engine import History, evaluate, fit, seed_everything
+from lrlab.engine import History, evaluate, fit, modules_to_freeze, seed_everything
 from lrlab.errors import Diverged, LrlabError, RunStopped, WriteError
 from lrlab.inference import Preprocessing
 from lrlab.io import check_writable, remove_temporaries
@@ -179,7 +179,7 @@ def prepare(config: Config, *, range_test: bool, train: bool, explain: bool,
     """Load data and model and check everything that can reject the recipe, before any work is
     written: the model and its weights, augmentation options, optimizer and layer groups, the lr
     sources (LRPlan.check), the batch-size schedule (under torchrun: split evenly over the
-    ranks, :func:`lrlab.distributed.check_batch_sizes`), the CAM layer. Under torchrun rank 0
+    ranks, :func:`lrlab.distributed.check_batch_sizes`), ``train.freeze_after``, the CAM layer. Under torchrun rank 0
     loads the data first (filling the cache), then the other ranks.
 
     Pretrained weights bring their input normalisation (``model_spec(model).mean/std``, e.g.
@@ -206,6 +206,10 @@ def prepare(config: Config, *, range_test: bool, train: bool, explain: bool,
     if train:
         LRPlan.check(config, range_test and config.lr_finder.enabled)
         check_batch_sizes(config.train, len(data.train))
+        modules_to_freeze(setup.model, config.train.freeze_after)
+        if config.train.freeze_after and distributed.is_distributed():
+            raise LrlabError("train.freeze_after does not work under torchrun (DistributedDataParallel expects every "
+                             "parameter that trained at the start to keep getting gradients); run in one process")
         if config.transfer.active:
             for stage in transfer.stages(config, setup.model):
                 LRPlan.check(stage.config, range_test and config.lr_finder.enabled)
@@ -301,12 +305,8 @@ def train(setup: Setup, plan: LRPlan, callbacks: Callbacks = Callbacks(), run: R
 
     Raises:
         Interrupted: SIGINT/SIGTERM while training, after a checkpoint (see :func:`lrlab.engine.fit`).
-        LrlabError: ``train.freeze_after`` under torchrun, or naming no module of the model.
     """
     config, cfg = setup.config, setup.config.train
-    if cfg.freeze_after and distributed.is_distributed():
-        raise LrlabError("train.freeze_after does not work under torchrun (DistributedDataParallel expects every "
-                         "parameter that trained at the start to keep getting gradients); run in one process")
     seed_everything(config.seed)
     sizes = batch_sizes(cfg)
     loader = train_loader(setup, sizes[0], distributed.shard())

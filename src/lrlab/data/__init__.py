@@ -20,15 +20,16 @@ One owner per concept:
 * :mod:`~lrlab.data.photo_augment`: RandomResizedCrop, centre crop and TrivialAugmentWide of
   photos at an image size (torchvision.transforms.v2 on uint8 tensors);
 * :mod:`~lrlab.data.loader`: :class:`BatchLoader`, :func:`normalize`, and the names of the
-  loader's modes, :data:`AUGMENT_MODES`, :data:`PHOTO_MODES` and :data:`FLIP_MODES`.
+  loader's modes, :data:`AUGMENT_MODES`, :data:`PHOTO_MODES` and :data:`FLIP_MODES`
+  (and :data:`PAD_MODES`, the random crop's padding, from :mod:`~lrlab.data.augment`).
 """
 
-from lrlab.data.augment import batch_augment, build_albumentations
+from lrlab.data.augment import PAD_MODES, batch_augment, build_albumentations
 from lrlab.data.containers import Dataset, Split
 from lrlab.data.decode import stored_side
 from lrlab.data.loader import AUGMENT_MODES, FLIP_MODES, PHOTO_MODES, BatchLoader, normalize
 from lrlab.data.photo_augment import CROP_SCALE
 from lrlab.data.sources import load_dataset
 
-__all__ = ["AUGMENT_MODES", "CROP_SCALE", "FLIP_MODES", "PHOTO_MODES", "BatchLoader", "Dataset", "Split",
+__all__ = ["AUGMENT_MODES", "CROP_SCALE", "FLIP_MODES", "PAD_MODES", "PHOTO_MODES", "BatchLoader", "Dataset", "Split",
            "batch_augment", "build_albumentations", "load_dataset", "normalize", "stored_side"]

@@ -202,7 +202,8 @@ class BatchLoader:
     def __init__(self, split: Split, batch_size: int, *, mean: Sequence[float],
                  std: Sequence[float], shuffle: bool, augment: str = "none",
                  crop_padding: int = 4, flip: bool | str = True, cutout: int = 0, rotate: float = 0.0,
-                 pad_mode: str = "constant", device: torch.device | str = torch.device("cpu"), channels_last: bool = False,
+                 pad_mode: str = "constant", device: torch.device | str = torch.device("cpu"),
+                 channels_last: bool = False,
                  drop_last: bool = False, seed: int = 0, crop_sizes: Sequence[int] = (),
                  image_size: int | None = None, crop_scale: Sequence[float] = CROP_SCALE,
                  trivial_augment: bool = False, shard: tuple[int, int] = (0, 1)):

@@ -27,7 +27,8 @@ from lrlab.models.registry import check_dropout, register
 class Block(nn.Module):
     """conv3x3 -> max-pool 2 -> BN -> act -> conv3x3 -> BN -> act; halves H and W."""
 
-    def __init__(self, c_in: int, c_out: int, bn_scale: bool = True, dirac: bool = False, bn_momentum: float = 0.1):
+    def __init__(self, c_in: int, c_out: int, bn_scale: bool = True, dirac: bool = False,
+                 bn_momentum: float = 0.1):
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
         self.pool = nn.MaxPool2d(2)
