@@ -28,6 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from lrlab import pipeline
 from lrlab.compute import matmul_gflops as matmul_peak
 from lrlab.config import load_config
+from lrlab.engine import freeze_due
 
 TARGETS = (0.85, 0.88, 0.90, 0.92, 0.93)
 REFERENCE_PEAK = 700.0  # GFLOP/s: the bf16 matmul peak the normalised times refer to
@@ -98,9 +99,7 @@ def main() -> None:
         print(f"epoch {r['epoch']:>3}  {seconds_text(now, peak_bf16)}  val {100 * r['val_acc']:.2f}%  {rate:7.0f} img/s  "
               f"{gflops:6.1f} GFLOP/s = {100 * gflops / peak_bf16:.0f}% of bf16 peak", flush=True)
         if r["epoch"] in config.train.freeze_after.values():  # frozen before the next epoch: fewer FLOPs per image
-            for name, epochs in config.train.freeze_after.items():
-                if r["epoch"] >= epochs:
-                    setup.model.get_submodule(name).requires_grad_(False)  # as engine.fit is about to
+            freeze_due(setup.model, config.train.freeze_after, r["epoch"])  # as engine.fit is about to
             for s in flops:
                 flops[s] = train_flops_per_image(setup.model, setup.compute, s)
             print("GFLOP per training image from now on: " + ", ".join(f"{f / 1e9:.3f} at {s}x{s}" for s, f in flops.items()))

@@ -385,8 +385,6 @@ def fit(model: nn.Module, train_loader, val_loader, optimizer, schedule, epochs:
             under way was finished and ``checkpoint`` called first.
         LrlabError: a ``freeze_after`` name that is not a module of ``model``.
     """
-    net = model.module if sync is not None else model
-    frozen_later = modules_to_freeze(net, freeze_after or {})
     trainer = Trainer(model, optimizer, schedule, compute, label_smoothing=label_smoothing,
                       on_nonfinite=on_nonfinite, grad_noise=grad_noise, sync=sync)
     if resume is not None:
@@ -404,9 +402,7 @@ def fit(model: nn.Module, train_loader, val_loader, optimizer, schedule, epochs:
                                 "patience": early_stop_patience}
                 break
             epoch = trainer.epoch + 1
-            for name, module in frozen_later.items():
-                if trainer.epoch >= freeze_after[name]:
-                    module.requires_grad_(False)
+            freeze_due(model.module if sync is not None else model, freeze_after or {}, trainer.epoch)
             if batch_sizes is not None:
                 train_loader.batch_size = batch_sizes[epoch - 1]
             _train_epoch(trainer, train_loader, checkpoint, checkpoint_every, on_step)
@@ -432,6 +428,14 @@ def modules_to_freeze(model: nn.Module, freeze_after: dict[str, int]) -> dict[st
             raise LrlabError(f"train.freeze_after names {name!r}, which is not a module of the model; "
                              f"top-level modules: {valid}") from None
     return modules
+
+
+def freeze_due(model: nn.Module, freeze_after: dict[str, int], epochs_done: int) -> None:
+    """Freeze (``requires_grad=False``) every module of ``freeze_after`` whose N epochs are done
+    (``epochs_done >= N``); see :func:`fit`. Raises as :func:`modules_to_freeze`."""
+    for name, module in modules_to_freeze(model, freeze_after).items():
+        if epochs_done >= freeze_after[name]:
+            module.requires_grad_(False)
 
 
 def _end_epoch(trainer: Trainer, epoch: int, val_loader, train_loader, checkpoint, on_epoch) -> None:
