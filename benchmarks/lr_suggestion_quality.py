@@ -1,8 +1,13 @@
 """How good is each range-test suggestion, how sure is it, and do LR-free optimizers need one at all?
 
-    python benchmarks/lr_suggestion_quality.py --data ../shared/data/cifar10 --out results/lrq.json
+    python benchmarks/lr_suggestion_quality.py --data ../shared/data/cifar10
+        --out benchmarks/results/lr_suggestion_quality.json
         [--setups fastnet-sgd,...] [--seeds 3] [--parts grid,suggestions,lrfree,confidence] [--smoke]
         [--merge OTHER.json ...]
+
+benchmarks/results/lr_suggestion_quality.json holds the figures measured so far (committed: the
+whole benchmark takes ~9 hours of a 2-core machine, more than one session); ``--parts ''`` only
+prints its tables.
 
 Setups (``role``: "choice" setups were seen when lrlab's defaults were chosen; "check" setups were
 held back and only measured):
@@ -18,9 +23,9 @@ held back and only measured):
                             CIFAR-10 upscaled to 96 px, 100 per class (20% validation), 3 epochs
 
 Everything else comes from recipes/cifar10-quick.yaml (transfer-lite0.yaml for finetune-lite0):
-one-cycle with the candidate lr as its peak, label smoothing, augmentation, no TTA, and
-``compute.precision: auto`` (float32 on the 2-core Xeon VMs), except fastnet-sgd, measured under
-bf16 autocast before lrlab chose float32 on CPUs whose bf16 is the slower. Training is
+one-cycle with the candidate lr as its peak, label smoothing, augmentation, no TTA, and bf16
+autocast for every setup (not ``compute.precision: auto``, which picks by the machine: a cache
+resumed on another machine must not change precision halfway). Training is
 ``lrlab.pipeline.train`` (what ``lrlab train`` runs) with the plan ``LRPlan.make`` gives for
 ``train.max_lr`` = the candidate, so layer-group ratios and Muon's ratio apply as in a run.
 
@@ -87,7 +92,7 @@ class Bench:
 
 SETUPS = {
     "fastnet-sgd": Bench("choice", 5, (*FASTNET, "train.optimizer=sgd", "train.momentum=0.9", "train.nesterov=true",
-                                       "train.batch_size=256", "compute.precision=bf16")),
+                                       "train.batch_size=256")),
     "fastnet-adam": Bench("choice", 5, (*FASTNET, "train.optimizer=adam", "train.batch_size=256")),
     "resnet18-sgd": Bench("choice", 2, ("model.name=resnet18", "model.kwargs={width: 32}", "data.train_subset=10000",
                                         "data.test_subset=2000",
@@ -101,7 +106,7 @@ SETUPS = {
                      recipe=LITE0, photos=True),
 }
 COMMON = ("train.schedule=onecycle", "train.max_lr=null", "lr_finder.enabled=true", "train.tta=false",
-          "train.batch_size_milestones=[]")
+          "train.batch_size_milestones=[]", "compute.precision=bf16")
 SMOKE = ("data.train_subset=1000", "data.test_subset=300", "lr_finder.num_iter=30", "lr_finder.skip_start=5",
          "lr_finder.skip_end=3")
 LRFREE = ("schedulefree_sgd", "schedulefree_adamw", "prodigy", "dadapt_adam", "dog")
@@ -166,7 +171,8 @@ class Bencher:
             if repeats > 1:
                 lr_finder = config.lr_finder.model_copy(update={"repeats": repeats})
                 config = config.model_copy(update={"lr_finder": lr_finder})
-            self.cache["range_tests"][k] = pipeline.range_test(replace(setup, config=config)).to_dict()
+            result = pipeline.range_test(replace(setup, config=config)).to_dict()
+            self.cache["range_tests"][k] = {**result, "seconds": time.perf_counter() - t0}
             self.save()
             self.log(f"{name} seed {seed}: range test x{repeats} in {time.perf_counter() - t0:.0f}s")
         return RangeTestResult.from_dict(self.cache["range_tests"][k])
@@ -214,6 +220,8 @@ class Bencher:
         if held != fingerprint:
             raise SystemExit(f"error: {self.args.out} holds {name} measured with {held}, not {fingerprint}; "
                              f"use another --out")
+        if not parts:
+            return
         for seed in range(1 if self.args.smoke else self.args.seeds):
             setup = self.setup(name, seed)
             if "grid" in parts:
@@ -294,7 +302,8 @@ def setup_table(name: str, cache: dict, seeds: int, b: Bencher) -> list[str]:
 
 def confidence_row(name: str, cache: dict, seeds: int, b: Bencher) -> str | None:
     """Markdown row: the default method's k single-sweep lrs, their geometric range and verdict,
-    how many land in the grid's band, and whether the k-sweep (mean-curve) suggestion does."""
+    how many land in the grid's band, whether the k-sweep (mean-curve) suggestion does, and the
+    seconds of one sweep and of k (what k costs)."""
     rt = cache["range_tests"].get(f"{name}|seed=0|repeats={repeats(b.args)}")
     grid = b.grid(name, 0)
     means = [mean_std([(cache["trainings"].get(f"{name}|seed={s}|{lr_key(lr)}") or {}).get("final_val_acc")
@@ -308,17 +317,20 @@ def confidence_row(name: str, cache: dict, seeds: int, b: Bencher) -> str | None
     inside = sum(lr is not None and low <= lr <= high for lr in singles)
     pooled = result.suggestion * factor if result.suggestion is not None else None
     pooled_in = "yes" if pooled is not None and low <= pooled <= high else "no"
+    one = cache["range_tests"].get(f"{name}|seed=0|repeats=1", {}).get("seconds")
+    cost = " / ".join("-" if v is None else f"{v:.0f}" for v in (one, rt.get("seconds")))
     return (f"| {name} | {result.method} | {', '.join('-' if v is None else f'{v:.3g}' for v in singles)} | "
             f"{spread.geo_range:.2f}x, {spread.verdict} | {low:.3g}-{high:.3g} | {inside}/{len(singles)} | "
-            f"{'-' if pooled is None else f'{pooled:.3g}'} ({pooled_in}) |")
+            f"{'-' if pooled is None else f'{pooled:.3g}'} ({pooled_in}) | {cost} |")
 
 
 def confidence_table(setups: list[str], cache: dict, seeds: int, b: Bencher) -> list[str]:
     rows = [r for r in (confidence_row(n, cache, seeds, b) for n in setups) if r is not None]
     head = [f"\n### Confidence: the default rule over k = {repeats(b.args)} sweeps (seed 0), the grid's "
             f"{GRID_BAND:.0%} band\n",
-            "| setup | rule | single-sweep lrs | spread | grid band | singles in band | k-sweep lr (in band) |",
-            "|---|---|---|---|---|---|---|"]
+            "| setup | rule | single-sweep lrs | spread | grid band | singles in band | k-sweep lr (in band) "
+            "| seconds, 1 / k sweeps |",
+            "|---|---|---|---|---|---|---|---|"]
     return head + rows if rows else []
 
 
@@ -351,6 +363,8 @@ def main() -> int:
         print(f"[{time.perf_counter() - start:8.1f}s] {text}", flush=True)
 
     bench = Bencher(args, cache, lambda: write_json(args.out, cache), log)
+    if args.merge:
+        bench.save()
     for name in setups:
         bench.run(name, parts)
     seeds = 1 if args.smoke else args.seeds
