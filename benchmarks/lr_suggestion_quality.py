@@ -46,6 +46,8 @@ recorded, never used). Ratio = mean top-1 at the suggestion / best mean top-1 of
 ``--out`` is a cache as well as the result: every training and range test is saved as soon as it
 ends, and a later call with the same file skips what it holds (same setup, seed and lr or
 optimizer), so the benchmark can run in pieces across sessions; ``--parts`` chooses what to run.
+A training whose whole config equals a cached one (the LR-free rows of fastnet-sgd, fastnet-adam
+and fastnet-muon: the setups differ only in the optimizer those rows replace) is not run again.
 Two processes with one thread each and their own ``--out`` (different setups) make ~9% more
 trainings per hour on 2 cores than one; ``--merge`` then adds their caches to ``--out``.
 ``--smoke`` shrinks everything (1,000 images, 1 epoch, a 3-point grid, 30-step range tests, 1 seed) to
@@ -55,6 +57,7 @@ check the script; its numbers mean nothing.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import random
@@ -139,11 +142,35 @@ def lr_key(lr: float) -> str:
     return f"lr={float(lr):.9g}"
 
 
+def label_overrides(label: str) -> tuple[str, ...]:
+    """The config overrides of a training's cache label: "lr=X" (one-cycle peak X) or
+    "optimizer=NAME" (an LR-free optimizer at its default)."""
+    kind, value = label.split("=", 1)
+    return (f"train.max_lr={value}",) if kind == "lr" else (f"train.optimizer={value}",)
+
+
 class Bencher:
     """Runs the parts of one setup and keeps every number in the cache file."""
 
     def __init__(self, args, cache: dict, save, log):
         self.args, self.cache, self.save, self.log = args, cache, save, log
+
+    def training_config(self, name: str, seed: int, label: str):
+        """The whole config of one training, and its digest: two setups whose trainings resolve
+        to one config (the LR-free rows of fastnet-sgd, -adam and -muon) train once."""
+        config = self.config(name, seed, (*label_overrides(label), "lr_finder.enabled=false"))
+        return config, hashlib.sha1(config.model_dump_json().encode()).hexdigest()
+
+    def same_training(self, digest: str) -> tuple[str, dict] | None:
+        """A cached training with the config digest ``digest`` (digests of entries cached before
+        they were recorded are computed from their keys)."""
+        for k, rec in self.cache["trainings"].items():
+            if "config" not in rec:
+                name, seed, label = k.split("|", 2)
+                rec["config"] = self.training_config(name, int(seed.removeprefix("seed=")), label)[1]
+            if rec["config"] == digest:
+                return k, rec
+        return None
 
     def config(self, name: str, seed: int, extra: tuple[str, ...] = ()):
         b = SETUPS[name]
@@ -177,13 +204,19 @@ class Bencher:
             self.log(f"{name} seed {seed}: range test x{repeats} in {time.perf_counter() - t0:.0f}s")
         return RangeTestResult.from_dict(self.cache["range_tests"][k])
 
-    def train(self, setup: pipeline.Setup, name: str, seed: int, label: str, extra: tuple[str, ...]) -> dict:
-        """Train ``setup``'s model afresh with the config overrides ``extra`` (cached under ``label``)."""
+    def train(self, setup: pipeline.Setup, name: str, seed: int, label: str) -> dict:
+        """Train ``setup``'s model afresh with the overrides of ``label`` (cached under it)."""
         k = f"{name}|seed={seed}|{label}"
         if k in self.cache["trainings"]:
             return self.cache["trainings"][k]
+        config, digest = self.training_config(name, seed, label)
+        same = self.same_training(digest)
+        if same is not None:
+            self.cache["trainings"][k] = {**same[1], "same_as": same[0]}
+            self.save()
+            self.log(f"{name} seed {seed} {label}: the same training as {same[0]}")
+            return self.cache["trainings"][k]
         t0 = time.perf_counter()
-        config = self.config(name, seed, (*extra, "lr_finder.enabled=false"))
         run = replace(setup, config=config, model=pipeline.new_model(config, setup.data, setup.compute))
         try:
             history = pipeline.train(run, LRPlan.make(config))
@@ -192,7 +225,7 @@ class Bencher:
                    "final_test_acc": pipeline.test_accuracy(run) if history.stopped is None else None, "error": None}
         except LrlabError as e:
             rec = {"final_val_acc": None, "best_val_acc": None, "final_test_acc": None, "error": str(e)}
-        rec["seconds"] = time.perf_counter() - t0
+        rec["seconds"], rec["config"] = time.perf_counter() - t0, digest
         self.cache["trainings"][k] = rec
         self.save()
         shown = f"val top-1 {rec['final_val_acc']:.2%}" if rec["final_val_acc"] is not None else f"failed: {rec['error']}"
@@ -226,14 +259,14 @@ class Bencher:
             setup = self.setup(name, seed)
             if "grid" in parts:
                 for lr in self.grid(name, seed):
-                    self.train(setup, name, seed, lr_key(lr), (f"train.max_lr={lr}",))
+                    self.train(setup, name, seed, lr_key(lr))
             if "suggestions" in parts:
                 result = self.range_test(setup, name, seed)
                 for lr in sorted(set(self.suggestions(result, setup.config.lr_finder.lr_factor).values())):
-                    self.train(setup, name, seed, lr_key(lr), (f"train.max_lr={lr}",))
+                    self.train(setup, name, seed, lr_key(lr))
             if "lrfree" in parts:
                 for opt in LRFREE:
-                    self.train(setup, name, seed, f"optimizer={opt}", (f"train.optimizer={opt}",))
+                    self.train(setup, name, seed, f"optimizer={opt}")
             if "confidence" in parts and seed == 0:
                 self.range_test(setup, name, seed, repeats(self.args))
 
