@@ -142,6 +142,17 @@ def lr_key(lr: float) -> str:
     return f"lr={float(lr):.9g}"
 
 
+def cache_key(name: str, seed: int, label: str) -> str:
+    """The cache's key of one training or range test: "setup|seed=S|label"."""
+    return f"{name}|seed={seed}|{label}"
+
+
+def split_key(key: str) -> tuple[str, int, str]:
+    """Inverse of :func:`cache_key`."""
+    name, seed, label = key.split("|", 2)
+    return name, int(seed.removeprefix("seed=")), label
+
+
 def label_overrides(label: str) -> tuple[str, ...]:
     """The config overrides of a training's cache label: "lr=X" (one-cycle peak X) or
     "optimizer=NAME" (an LR-free optimizer at its default)."""
@@ -166,8 +177,7 @@ class Bencher:
         they were recorded are computed from their keys)."""
         for k, rec in self.cache["trainings"].items():
             if "config" not in rec:
-                name, seed, label = k.split("|", 2)
-                rec["config"] = self.training_config(name, int(seed.removeprefix("seed=")), label)[1]
+                rec["config"] = self.training_config(*split_key(k))[1]
             if rec["config"] == digest:
                 return k, rec
         return None
@@ -191,7 +201,7 @@ class Bencher:
 
     def range_test(self, setup: pipeline.Setup, name: str, seed: int, repeats: int = 1) -> RangeTestResult:
         """The range test of ``setup`` (cached): ``repeats`` sweeps over as many data orders."""
-        k = f"{name}|seed={seed}|repeats={repeats}"
+        k = cache_key(name, seed, f"repeats={repeats}")
         if k not in self.cache["range_tests"]:
             t0 = time.perf_counter()
             config = setup.config
@@ -199,14 +209,15 @@ class Bencher:
                 lr_finder = config.lr_finder.model_copy(update={"repeats": repeats})
                 config = config.model_copy(update={"lr_finder": lr_finder})
             result = pipeline.range_test(replace(setup, config=config)).to_dict()
-            self.cache["range_tests"][k] = {**result, "seconds": time.perf_counter() - t0}
+            seconds = time.perf_counter() - t0
+            self.cache["range_tests"][k] = {**result, "seconds": seconds}
             self.save()
-            self.log(f"{name} seed {seed}: range test x{repeats} in {time.perf_counter() - t0:.0f}s")
+            self.log(f"{name} seed {seed}: range test x{repeats} in {seconds:.0f}s")
         return RangeTestResult.from_dict(self.cache["range_tests"][k])
 
     def train(self, setup: pipeline.Setup, name: str, seed: int, label: str) -> dict:
         """Train ``setup``'s model afresh with the overrides of ``label`` (cached under it)."""
-        k = f"{name}|seed={seed}|{label}"
+        k = cache_key(name, seed, label)
         if k in self.cache["trainings"]:
             return self.cache["trainings"][k]
         config, digest = self.training_config(name, seed, label)
@@ -300,7 +311,7 @@ def setup_table(name: str, cache: dict, seeds: int, b: Bencher) -> list[str]:
     t = cache["trainings"]
 
     def acc(seed, label):
-        rec = t.get(f"{name}|seed={seed}|{label}")
+        rec = t.get(cache_key(name, seed, label))
         return None if rec is None else rec["final_val_acc"]
 
     lines = [f"\n### {name} ({SETUPS[name].role}, {b.config(name, 0).train.epochs} epochs, {seeds} seeds)\n",
@@ -310,7 +321,7 @@ def setup_table(name: str, cache: dict, seeds: int, b: Bencher) -> list[str]:
     best = max((m for m in grid_means if m is not None), default=None)
     rows: dict[str, tuple[list, list]] = {}
     for seed in range(seeds):
-        rt = cache["range_tests"].get(f"{name}|seed={seed}|repeats=1")
+        rt = cache["range_tests"].get(cache_key(name, seed, "repeats=1"))
         if rt is None:
             continue
         result = RangeTestResult.from_dict(rt)
@@ -337,9 +348,9 @@ def confidence_row(name: str, cache: dict, seeds: int, b: Bencher) -> str | None
     """Markdown row: the default method's k single-sweep lrs, their geometric range and verdict,
     how many land in the grid's band, whether the k-sweep (mean-curve) suggestion does, and the
     seconds of one sweep and of k (what k costs)."""
-    rt = cache["range_tests"].get(f"{name}|seed=0|repeats={repeats(b.args)}")
+    rt = cache["range_tests"].get(cache_key(name, 0, f"repeats={repeats(b.args)}"))
     grid = b.grid(name, 0)
-    means = [mean_std([(cache["trainings"].get(f"{name}|seed={s}|{lr_key(lr)}") or {}).get("final_val_acc")
+    means = [mean_std([(cache["trainings"].get(cache_key(name, s, lr_key(lr))) or {}).get("final_val_acc")
                        for s in range(seeds)])[0] for lr in grid]
     if rt is None or any(m is None for m in means):
         return None
@@ -350,7 +361,7 @@ def confidence_row(name: str, cache: dict, seeds: int, b: Bencher) -> str | None
     inside = sum(lr is not None and low <= lr <= high for lr in singles)
     pooled = result.suggestion * factor if result.suggestion is not None else None
     pooled_in = "yes" if pooled is not None and low <= pooled <= high else "no"
-    one = cache["range_tests"].get(f"{name}|seed=0|repeats=1", {}).get("seconds")
+    one = cache["range_tests"].get(cache_key(name, 0, "repeats=1"), {}).get("seconds")
     cost = " / ".join("-" if v is None else f"{v:.0f}" for v in (one, rt.get("seconds")))
     return (f"| {name} | {result.method} | {', '.join('-' if v is None else f'{v:.3g}' for v in singles)} | "
             f"{spread.geo_range:.2f}x, {spread.verdict} | {low:.3g}-{high:.3g} | {inside}/{len(singles)} | "
