@@ -340,7 +340,7 @@ def setup_table(name: str, cache: dict, seeds: int, b: Bencher) -> list[str]:
         ratio = "-" if mean is None or not best else f"{mean / best:.3f}"
         lines.append(f"| {opt} (LR-free) | package default | {cell(mean, std)} | {ratio} |")
     lines.append("| grid | " + ", ".join(f"{lr:.3g}: {cell(m, None) if m is None else f'{100 * m:.2f}%'}"
-                                         for lr, m in zip(grid, grid_means)) + f" | best {cell(best, 0.0)} | 1 |")
+                                         for lr, m in zip(grid, grid_means)) + f" | best {'-' if best is None else f'{100 * best:.2f}%'} | 1 |")
     return lines
 
 
