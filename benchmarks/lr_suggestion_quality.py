@@ -16,8 +16,11 @@ held back and only measured):
     fastnet-adam    choice  FastNet x0.5, Adam, batch 256, 10,000 images, 5 epochs
     resnet18-sgd    choice  ResNet18 at half width (32-256 channels), SGD 0.9, batch 128, 10,000 images,
                             2 epochs (test top-1 recorded on 2,000 test images)
-    fastnet-muon    check   FastNet x0.5, Muon + Nesterov SGD for the rest, batch 256, 10,000 images, 5 epochs
+    fastnet-muon    choice  FastNet x0.5, Muon + Nesterov SGD for the rest, batch 256, 10,000 images, 5 epochs
+                            (held back until it measured the first Muon rule, auto = steepest; the
+                            rule auto = max_lr for Muon + SGD was then chosen on it)
     fastnet-adamw   check   FastNet x0.5, AdamW weight decay 0.05, batch 256, 10,000 images, 5 epochs
+    resnet18-muon   check   resnet18-sgd with Muon + SGD (the check of the Muon rule)
     finetune-lite0  check   EfficientNet-Lite0 with ImageNet weights (recipes/transfer-lite0.yaml), every
                             layer fine-tuned with discriminative lrs (lr_ratio 10), a photo folder of
                             CIFAR-10 upscaled to 96 px, 100 per class (20% validation), 3 epochs
@@ -47,7 +50,8 @@ recorded, never used). Ratio = mean top-1 at the suggestion / best mean top-1 of
 ends, and a later call with the same file skips what it holds (same setup, seed and lr or
 optimizer), so the benchmark can run in pieces across sessions; ``--parts`` chooses what to run.
 A training whose whole config equals a cached one (the LR-free rows of fastnet-sgd, fastnet-adam
-and fastnet-muon: the setups differ only in the optimizer those rows replace) is not run again.
+and fastnet-muon, and of resnet18-sgd and resnet18-muon: the setups differ only in the optimizer
+those rows replace) is not run again.
 Two processes with one thread each and their own ``--out`` (different setups) make ~9% more
 trainings per hour on 2 cores than one; ``--merge`` then adds their caches to ``--out``.
 ``--smoke`` shrinks everything (1,000 images, 1 epoch, a 3-point grid, 30-step range tests, 1 seed) to
@@ -80,6 +84,7 @@ REPO = Path(__file__).resolve().parents[1]
 CIFAR = REPO.parent / "shared" / "data" / "cifar10"
 QUICK, LITE0 = REPO / "recipes" / "cifar10-quick.yaml", REPO / "recipes" / "transfer-lite0.yaml"
 FASTNET = ("model.name=fastnet", "model.kwargs={width: 0.5}", "data.train_subset=10000")
+RESNET18 = ("model.name=resnet18", "model.kwargs={width: 32}", "data.train_subset=10000", "data.test_subset=2000")
 
 
 @dataclass(frozen=True)
@@ -97,14 +102,14 @@ SETUPS = {
     "fastnet-sgd": Bench("choice", 5, (*FASTNET, "train.optimizer=sgd", "train.momentum=0.9", "train.nesterov=true",
                                        "train.batch_size=256")),
     "fastnet-adam": Bench("choice", 5, (*FASTNET, "train.optimizer=adam", "train.batch_size=256")),
-    "resnet18-sgd": Bench("choice", 2, ("model.name=resnet18", "model.kwargs={width: 32}", "data.train_subset=10000",
-                                        "data.test_subset=2000",
-                                        "train.optimizer=sgd", "train.momentum=0.9", "train.nesterov=false",
+    "resnet18-sgd": Bench("choice", 2, (*RESNET18, "train.optimizer=sgd", "train.momentum=0.9", "train.nesterov=false",
                                         "train.batch_size=128")),
-    "fastnet-muon": Bench("check", 5, (*FASTNET, "train.optimizer=muon", "train.momentum=0.9",
+    "fastnet-muon": Bench("choice", 5, (*FASTNET, "train.optimizer=muon", "train.momentum=0.9",
                                        "train.nesterov=true", "train.batch_size=256")),
     "fastnet-adamw": Bench("check", 5, (*FASTNET, "train.optimizer=adamw", "train.weight_decay=0.05",
                                         "train.batch_size=256")),
+    "resnet18-muon": Bench("check", 2, (*RESNET18, "train.optimizer=muon", "train.momentum=0.9",
+                                         "train.nesterov=false", "train.batch_size=128")),
     "finetune-lite0": Bench("check", 3, ("transfer.freeze_epochs=0", "data.image_size=96", "data.val_fraction=0.2"),
                      recipe=LITE0, photos=True),
 }
