@@ -310,21 +310,28 @@ def grid_band(lrs: list[float], means: list[float]) -> tuple[float, float]:
     return float(10 ** inside.min()), float(10 ** inside.max())
 
 
-def setup_table(name: str, cache: dict, seeds: int, b: Bencher) -> list[str]:
-    """Markdown lines: per method (and the default, steepest-ema, the LR-free optimizers) the
-    suggested lrs, mean ± std top-1 over the seeds and the ratio to the grid's best mean."""
+@dataclass(frozen=True)
+class Row:
+    """One row of a setup's table: the lr per seed (None: LR-free), mean and std of top-1, ratio."""
+
+    lrs: list | None
+    mean: float | None
+    std: float | None
+    ratio: float | None
+
+
+def setup_rows(name: str, cache: dict, seeds: int, b: Bencher) -> tuple[dict[str, Row], list[float | None]]:
+    """Per method (and the default, steepest-ema, the LR-free optimizers) the suggested lrs, mean
+    and std of top-1 over the seeds and the ratio to the grid's best mean; and the grid's means."""
     t = cache["trainings"]
 
     def acc(seed, label):
         rec = t.get(cache_key(name, seed, label))
         return None if rec is None else rec["final_val_acc"]
 
-    lines = [f"\n### {name} ({SETUPS[name].role}, {b.config(name, 0).train.epochs} epochs, {seeds} seeds)\n",
-             "| row | lr (per seed) | top-1 mean ± std | ratio to grid best |", "|---|---|---|---|"]
-    grid = b.grid(name, 0)
-    grid_means = [mean_std([acc(s, lr_key(lr)) for s in range(seeds)])[0] for lr in grid]
+    grid_means = [mean_std([acc(s, lr_key(lr)) for s in range(seeds)])[0] for lr in b.grid(name, 0)]
     best = max((m for m in grid_means if m is not None), default=None)
-    rows: dict[str, tuple[list, list]] = {}
+    picks: dict[str, tuple[list, list]] = {}
     for seed in range(seeds):
         rt = cache["range_tests"].get(cache_key(name, seed, "repeats=1"))
         if rt is None:
@@ -333,19 +340,54 @@ def setup_table(name: str, cache: dict, seeds: int, b: Bencher) -> list[str]:
         sugg = b.suggestions(result, b.config(name, seed).lr_finder.lr_factor)
         sugg[f"auto ({result.method})"] = sugg.get(result.method)
         for m, lr in sugg.items():
-            lrs, accs = rows.setdefault(m, ([], []))
+            lrs, accs = picks.setdefault(m, ([], []))
             lrs.append(lr)
             accs.append(None if lr is None else acc(seed, lr_key(lr)))
-    for m, (lrs, accs) in rows.items():
+    picks.update({f"{opt} (LR-free)": (None, [acc(s, f"optimizer={opt}") for s in range(seeds)]) for opt in LRFREE})
+    rows = {}
+    for m, (lrs, accs) in picks.items():
         mean, std = mean_std(accs)
-        ratio = "-" if mean is None or not best else f"{mean / best:.3f}"
-        lines.append(f"| {m} | {', '.join('-' if v is None else f'{v:.3g}' for v in lrs)} | {cell(mean, std)} | {ratio} |")
-    for opt in LRFREE:
-        mean, std = mean_std([acc(s, f"optimizer={opt}") for s in range(seeds)])
-        ratio = "-" if mean is None or not best else f"{mean / best:.3f}"
-        lines.append(f"| {opt} (LR-free) | package default | {cell(mean, std)} | {ratio} |")
-    lines.append("| grid | " + ", ".join(f"{lr:.3g}: {cell(m, None) if m is None else f'{100 * m:.2f}%'}"
-                                         for lr, m in zip(grid, grid_means)) + f" | best {'-' if best is None else f'{100 * best:.2f}%'} | 1 |")
+        rows[m] = Row(lrs, mean, std, None if mean is None or not best else mean / best)
+    return rows, grid_means
+
+
+def ratio_text(row: Row) -> str:
+    return "-" if row.ratio is None else f"{row.ratio:.3f}"
+
+
+def setup_table(name: str, cache: dict, seeds: int, b: Bencher) -> list[str]:
+    """Markdown lines: the rows of :func:`setup_rows` and the grid's mean top-1 per lr."""
+    rows, grid_means = setup_rows(name, cache, seeds, b)
+    lines = [f"\n### {name} ({SETUPS[name].role}, {b.config(name, 0).train.epochs} epochs, {seeds} seeds)\n",
+             "| row | lr (per seed) | top-1 mean ± std | ratio to grid best |", "|---|---|---|---|"]
+    for m, row in rows.items():
+        lrs = "package default" if row.lrs is None else ", ".join("-" if v is None else f"{v:.3g}" for v in row.lrs)
+        lines.append(f"| {m} | {lrs} | {cell(row.mean, row.std)} | {ratio_text(row)} |")
+    best = max((m for m in grid_means if m is not None), default=None)
+    lines.append("| grid | " + ", ".join(f"{lr:.3g}: {'-' if m is None else f'{100 * m:.2f}%'}"
+                                         for lr, m in zip(b.grid(name, 0), grid_means))
+                 + f" | best {'-' if best is None else f'{100 * best:.2f}%'} | 1 |")
+    return lines
+
+
+def summary_table(setups: list[str], cache: dict, seeds: int, b: Bencher) -> list[str]:
+    """Markdown lines: every row (the default as "auto") by setup, as ratio to the grid best and
+    mean ± std top-1."""
+    def short(m):  # "auto (max_lr)" -> "auto": one row for the default whatever it picked
+        return "auto" if m.startswith("auto (") else m
+
+    tables = {name: {short(m): r for m, r in setup_rows(name, cache, seeds, b)[0].items()} for name in setups}
+    names = list(dict.fromkeys(m for rows in tables.values() for m in rows))
+    lines = ["\n### Summary: ratio to the grid's best mean top-1 (mean ± std top-1 over the seeds)\n",
+             "| row | " + " | ".join(f"{n} ({SETUPS[n].role})" for n in setups) + " |",
+             "|---|" + "---|" * len(setups)]
+    for m in names:
+        cells = []
+        for name in setups:
+            row = tables[name].get(m)
+            cells.append("-" if row is None or row.mean is None else
+                         f"{ratio_text(row)} ({100 * row.mean:.1f} ± {100 * row.std:.1f})")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -418,6 +460,7 @@ def main() -> int:
         bench.run(name, parts)
     seeds = 1 if args.smoke else args.seeds
     print("\n".join(line for name in setups for line in setup_table(name, cache, seeds, bench)))
+    print("\n".join(summary_table(setups, cache, seeds, bench)))
     print("\n".join(confidence_table(setups, cache, seeds, bench)))
     return 0
 

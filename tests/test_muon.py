@@ -196,7 +196,7 @@ def test_lrlab_run_with_muon_trains_and_the_loss_falls(small_tree, cache_dir, tm
     losses = [r["train_loss"] for r in json.loads((run / "history.json").read_text())]
     assert len(losses) == 3 and losses[-1] < losses[0] - 0.05  # 450 images, 27 steps: from ln 10 = 2.30 down
     found, plan = json.loads((run / "lr_finder.json").read_text()), json.loads((run / "lr_plan.json").read_text())
-    assert found["method"] == "steepest" and plan["lr"] == found["suggestion"] and plan["muon_lr_ratio"] == 0.1
+    assert found["method"] == "max_lr" and plan["lr"] == found["suggestion"] and plan["muon_lr_ratio"] == 0.1
     rows = json.loads((run / "summary.json").read_text())["lr_plan"]
     assert [r["group"] for r in rows] == ["all", "all (Muon)"] and rows[1]["lr"] == pytest.approx(plan["lr"] * 0.1)
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)  # resumable: loads into a fresh one
