@@ -173,7 +173,7 @@ class Bencher:
 
     def training_config(self, name: str, seed: int, label: str):
         """The whole config of one training, and its digest: two setups whose trainings resolve
-        to one config (the LR-free rows of fastnet-sgd, -adam and -muon) train once."""
+        to one config (LR-free rows of setups that differ only in their optimizer) train once."""
         config = self.config(name, seed, (*label_overrides(label), "lr_finder.enabled=false"))
         return config, hashlib.sha1(config.model_dump_json().encode()).hexdigest()
 
@@ -310,6 +310,21 @@ def grid_band(lrs: list[float], means: list[float]) -> tuple[float, float]:
     return float(10 ** inside.min()), float(10 ** inside.max())
 
 
+def top1(cache: dict, name: str, seed: int, label: str) -> float | None:
+    """The final-epoch validation top-1 of one cached training (None: not trained yet)."""
+    rec = cache["trainings"].get(cache_key(name, seed, label))
+    return None if rec is None else rec["final_val_acc"]
+
+
+def grid_means(name: str, cache: dict, seeds: int, b: Bencher) -> list[float | None]:
+    """The mean top-1 over the seeds at each grid lr (None where a seed is missing)."""
+    return [mean_std([top1(cache, name, s, lr_key(lr)) for s in range(seeds)])[0] for lr in b.grid(name, 0)]
+
+
+def best_of(means: list[float | None]) -> float | None:
+    return max((m for m in means if m is not None), default=None)
+
+
 @dataclass(frozen=True)
 class Row:
     """One row of a setup's table: the lr per seed (None: LR-free), mean and std of top-1, ratio."""
@@ -320,17 +335,10 @@ class Row:
     ratio: float | None
 
 
-def setup_rows(name: str, cache: dict, seeds: int, b: Bencher) -> tuple[dict[str, Row], list[float | None]]:
+def setup_rows(name: str, cache: dict, seeds: int, b: Bencher, means: list[float | None]) -> dict[str, Row]:
     """Per method (and the default, steepest-ema, the LR-free optimizers) the suggested lrs, mean
-    and std of top-1 over the seeds and the ratio to the grid's best mean; and the grid's means."""
-    t = cache["trainings"]
-
-    def acc(seed, label):
-        rec = t.get(cache_key(name, seed, label))
-        return None if rec is None else rec["final_val_acc"]
-
-    grid_means = [mean_std([acc(s, lr_key(lr)) for s in range(seeds)])[0] for lr in b.grid(name, 0)]
-    best = max((m for m in grid_means if m is not None), default=None)
+    and std of top-1 over the seeds and the ratio to the best of the grid's ``means``."""
+    best = best_of(means)
     picks: dict[str, tuple[list, list]] = {}
     for seed in range(seeds):
         rt = cache["range_tests"].get(cache_key(name, seed, "repeats=1"))
@@ -342,67 +350,64 @@ def setup_rows(name: str, cache: dict, seeds: int, b: Bencher) -> tuple[dict[str
         for m, lr in sugg.items():
             lrs, accs = picks.setdefault(m, ([], []))
             lrs.append(lr)
-            accs.append(None if lr is None else acc(seed, lr_key(lr)))
-    picks.update({f"{opt} (LR-free)": (None, [acc(s, f"optimizer={opt}") for s in range(seeds)]) for opt in LRFREE})
+            accs.append(None if lr is None else top1(cache, name, seed, lr_key(lr)))
+    picks.update({f"{opt} (LR-free)": (None, [top1(cache, name, s, f"optimizer={opt}") for s in range(seeds)])
+                  for opt in LRFREE})
     rows = {}
     for m, (lrs, accs) in picks.items():
         mean, std = mean_std(accs)
         rows[m] = Row(lrs, mean, std, None if mean is None or not best else mean / best)
-    return rows, grid_means
+    return rows
 
 
 def ratio_text(row: Row) -> str:
     return "-" if row.ratio is None else f"{row.ratio:.3f}"
 
 
-def setup_table(name: str, cache: dict, seeds: int, b: Bencher) -> list[str]:
-    """Markdown lines: the rows of :func:`setup_rows` and the grid's mean top-1 per lr."""
-    rows, grid_means = setup_rows(name, cache, seeds, b)
+def setup_table(name: str, rows: dict[str, Row], means: list[float | None], seeds: int, b: Bencher) -> list[str]:
+    """Markdown lines: the setup's ``rows`` (:func:`setup_rows`) and the grid's mean top-1 per lr."""
     lines = [f"\n### {name} ({SETUPS[name].role}, {b.config(name, 0).train.epochs} epochs, {seeds} seeds)\n",
              "| row | lr (per seed) | top-1 mean ± std | ratio to grid best |", "|---|---|---|---|"]
     for m, row in rows.items():
         lrs = "package default" if row.lrs is None else ", ".join("-" if v is None else f"{v:.3g}" for v in row.lrs)
         lines.append(f"| {m} | {lrs} | {cell(row.mean, row.std)} | {ratio_text(row)} |")
-    best = max((m for m in grid_means if m is not None), default=None)
+    best = best_of(means)
     lines.append("| grid | " + ", ".join(f"{lr:.3g}: {'-' if m is None else f'{100 * m:.2f}%'}"
-                                         for lr, m in zip(b.grid(name, 0), grid_means))
+                                         for lr, m in zip(b.grid(name, 0), means))
                  + f" | best {'-' if best is None else f'{100 * best:.2f}%'} | 1 |")
     return lines
 
 
-def summary_table(setups: list[str], cache: dict, seeds: int, b: Bencher) -> list[str]:
+def summary_table(rows_by_setup: dict[str, dict[str, Row]]) -> list[str]:
     """Markdown lines: every row (the default as "auto") by setup, as ratio to the grid best and
     mean ± std top-1."""
     def short(m):  # "auto (max_lr)" -> "auto": one row for the default whatever it picked
         return "auto" if m.startswith("auto (") else m
 
-    tables = {name: {short(m): r for m, r in setup_rows(name, cache, seeds, b)[0].items()} for name in setups}
+    tables = {name: {short(m): r for m, r in rows.items()} for name, rows in rows_by_setup.items()}
     names = list(dict.fromkeys(m for rows in tables.values() for m in rows))
     lines = ["\n### Summary: ratio to the grid's best mean top-1 (mean ± std top-1 over the seeds)\n",
-             "| row | " + " | ".join(f"{n} ({SETUPS[n].role})" for n in setups) + " |",
-             "|---|" + "---|" * len(setups)]
+             "| row | " + " | ".join(f"{n} ({SETUPS[n].role})" for n in tables) + " |",
+             "|---|" + "---|" * len(tables)]
     for m in names:
         cells = []
-        for name in setups:
-            row = tables[name].get(m)
+        for rows in tables.values():
+            row = rows.get(m)
             cells.append("-" if row is None or row.mean is None else
                          f"{ratio_text(row)} ({100 * row.mean:.1f} ± {100 * row.std:.1f})")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return lines
 
 
-def confidence_row(name: str, cache: dict, seeds: int, b: Bencher) -> str | None:
+def confidence_row(name: str, cache: dict, means: list[float | None], b: Bencher) -> str | None:
     """Markdown row: the default method's k single-sweep lrs, their geometric range and verdict,
-    how many land in the grid's band, whether the k-sweep (mean-curve) suggestion does, and the
-    seconds of one sweep and of k (what k costs)."""
+    how many land in the grid's band (from the grid's ``means``), whether the k-sweep (mean-curve)
+    suggestion does, and the seconds of one sweep and of k (what k costs)."""
     rt = cache["range_tests"].get(cache_key(name, 0, f"repeats={repeats(b.args)}"))
-    grid = b.grid(name, 0)
-    means = [mean_std([(cache["trainings"].get(cache_key(name, s, lr_key(lr))) or {}).get("final_val_acc")
-                       for s in range(seeds)])[0] for lr in grid]
     if rt is None or any(m is None for m in means):
         return None
     result, factor = RangeTestResult.from_dict(rt), b.config(name, 0).lr_finder.lr_factor
-    low, high = grid_band(grid, means)
+    low, high = grid_band(b.grid(name, 0), means)
     spread = result.spread[result.method]
     singles = [None if lr is None else lr * factor for lr in spread.lrs]
     inside = sum(lr is not None and low <= lr <= high for lr in singles)
@@ -415,8 +420,8 @@ def confidence_row(name: str, cache: dict, seeds: int, b: Bencher) -> str | None
             f"{'-' if pooled is None else f'{pooled:.3g}'} ({pooled_in}) | {cost} |")
 
 
-def confidence_table(setups: list[str], cache: dict, seeds: int, b: Bencher) -> list[str]:
-    rows = [r for r in (confidence_row(n, cache, seeds, b) for n in setups) if r is not None]
+def confidence_table(means_by_setup: dict[str, list[float | None]], cache: dict, b: Bencher) -> list[str]:
+    rows = [r for r in (confidence_row(n, cache, means, b) for n, means in means_by_setup.items()) if r is not None]
     head = [f"\n### Confidence: the default rule over k = {repeats(b.args)} sweeps (seed 0), the grid's "
             f"{GRID_BAND:.0%} band\n",
             "| setup | rule | single-sweep lrs | spread | grid band | singles in band | k-sweep lr (in band) "
@@ -459,9 +464,11 @@ def main() -> int:
     for name in setups:
         bench.run(name, parts)
     seeds = 1 if args.smoke else args.seeds
-    print("\n".join(line for name in setups for line in setup_table(name, cache, seeds, bench)))
-    print("\n".join(summary_table(setups, cache, seeds, bench)))
-    print("\n".join(confidence_table(setups, cache, seeds, bench)))
+    means = {name: grid_means(name, cache, seeds, bench) for name in setups}
+    rows = {name: setup_rows(name, cache, seeds, bench, means[name]) for name in setups}
+    print("\n".join(line for name in setups for line in setup_table(name, rows[name], means[name], seeds, bench)))
+    print("\n".join(summary_table(rows)))
+    print("\n".join(confidence_table(means, cache, bench)))
     return 0
 
 
