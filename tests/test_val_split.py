@@ -147,3 +147,25 @@ def test_val_split_test_makes_the_test_split_decide_and_says_so(small_tree, cach
     header = (run_dir / "report.html").read_text().split("</header>")[0]
     assert "selected on the test set" in header
 
+
+
+def test_one_test_pass_when_the_best_checkpoint_is_the_final_model(small_tree, cache_dir, tmp_path, monkeypatch):
+    """With one epoch best.pt holds the final weights: the test split is predicted once (it is the
+    slowest part of a run's end with TTA) and both reported accuracies are that pass's."""
+    calls = []
+    real = pipeline.predict_test
+    monkeypatch.setattr(pipeline, "predict_test", lambda setup: calls.append(1) or real(setup))
+    recipe = write_recipe(tmp_path / "tiny.yaml", cache_dir)
+    assert main(["run", str(recipe), "--data", str(small_tree), "--out", str(tmp_path / "runs"), "--quiet",
+                 *TINY, "train.epochs=1", "train.tta=true"]) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert len(calls) == 1 and summary["best_epoch"] == summary["epochs"] == 1
+    assert 0 <= summary["final_test_acc"] == summary["test_acc_at_best"] <= 1
+    # the check behind it: a state dict is the model's only while every weight and buffer is equal
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert pipeline._holds(model, state)
+    state["1.running_mean"][0] += 1e-3
+    assert not pipeline._holds(model, state)
+    assert not pipeline._holds(model, {k: v for k, v in state.items() if k != "1.num_batches_tracked"})

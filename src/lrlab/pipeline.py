@@ -637,7 +637,8 @@ def _run_stages(setup: Setup, run: RunFolder, callbacks: Callbacks, testing: boo
                 explaining: bool, resume: bool = False) -> Outcome:
     """The stages of :func:`run_pipeline` inside its folder; returns the summary so far. The test
     split is evaluated for the summary only: the final model, and the best checkpoint (the best
-    validation epoch), whose predictions explain then studies. ``run`` None: a rank other than 0
+    validation epoch), whose predictions explain then studies (one pass serves both when the
+    best checkpoint holds the final weights). ``run`` None: a rank other than 0
     under torchrun, which receives plan and checkpoint from rank 0, trains and returns."""
     compute, data = setup.compute, setup.data
     if run is not None:
@@ -662,11 +663,18 @@ def _run_stages(setup: Setup, run: RunFolder, callbacks: Callbacks, testing: boo
         return Outcome(summary, history)
     if distributed.is_distributed():
         summary["world_size"] = distributed.world_size()
+    final = None
     if history is not None:
-        summary.update(_training_summary(setup, history))
+        summary.update(_training_summary(history))
+        if data.test is not None and history.stopped is None:
+            final = predict_test(setup)
+            summary["final_test_acc"] = final.accuracy
     if (training or explaining) and run.file("best_checkpoint").is_file():
-        setup.model.load_state_dict(run.load_checkpoint("best_checkpoint", compute.device)["model"])
-        pred = predict_test(setup)
+        best = run.load_checkpoint("best_checkpoint", compute.device)["model"]
+        pred = final if final is not None and _holds(setup.model, best) else None
+        if pred is None:
+            setup.model.load_state_dict(best)
+            pred = predict_test(setup)
         if training and data.test is not None:
             summary["test_acc_at_best"] = pred.accuracy
         if explaining:
@@ -684,21 +692,26 @@ def _resume_state(run: RunFolder | None, resume: bool) -> dict | None:
                                  if run.file("last_checkpoint").is_file() else None)
 
 
-def _training_summary(setup: Setup, history: History) -> dict:
+def _training_summary(history: History) -> dict:
     """The summary's training keys: the best validation epoch and accuracy (best.pt), the final
-    validation accuracy, and the final model's test accuracy (reported only; with TTA if
-    ``train.tta``; absent without a test split or after a non-finite loss), epochs, time, why
-    training stopped early (``stopped``: a non-finite loss; ``early_stop``: early stopping)."""
+    validation accuracy, epochs, time, why training stopped early (``stopped``: a non-finite loss;
+    ``early_stop``: early stopping)."""
     out: dict = {}
     if history.records:
         best, last = history.best(), history.records[-1]
         out.update(best_val_acc=best["val_acc"], best_epoch=best["epoch"], final_val_acc=last["val_acc"],
                    epochs=len(history.records), train_seconds=sum(r["seconds"] for r in history.records))
-        if setup.data.test is not None and history.stopped is None:
-            out["final_test_acc"] = test_accuracy(setup)
     skipped = sum(r.get("skipped_steps") or 0 for r in history.records)
     out.update(stopped=history.stopped, early_stop=history.early_stop, **({"skipped_steps": skipped} if skipped else {}))
     return out
+
+
+def _holds(model: nn.Module, state: dict) -> bool:
+    """Whether ``state`` (a state dict) is exactly ``model``'s weights and buffers, so that the
+    model's predictions are also the state's (one test pass instead of two when the best
+    checkpoint is the final epoch's)."""
+    own = model.state_dict()
+    return own.keys() == state.keys() and all(torch.equal(own[k], state[k].to(own[k].device)) for k in own)
 
 
 def explain_into(setup: Setup, run: RunFolder, pred: Predictions | None = None) -> dict:
