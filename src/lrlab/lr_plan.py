@@ -45,7 +45,7 @@ def suggestion_method(method: str, optimizer: torch.optim.Optimizer, fine_tuning
     optimizer whose lr the plan and the range test set (for Muon, :class:`lrlab.optim.MuonWithAux`,
     its auxiliary one): with an SGD lr (plain, momentum, Nesterov) ``max_lr`` (Smith 2018's
     one-cycle peak), or ``descent`` when ``fine_tuning`` (pretrained weights, more than the top
-    layer group training: :func:`lrlab.pipeline.fine_tunes`); ``steepest`` with every other
+    layer group training: :func:`lrlab.transfer.fine_tunes`); ``steepest`` with every other
     optimizer. Measured, not assumed: in benchmarks/lr_suggestion_quality.py (README, "Which
     suggestion to trust") max_lr was the best rule for SGD and among the worst for Adam, whose best
     lr sits mid-descent; with Muon + Nesterov SGD max_lr reached 0.996 of the grid best and

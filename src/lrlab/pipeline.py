@@ -246,16 +246,10 @@ def range_test(setup: Setup, callbacks: Callbacks = Callbacks()) -> RangeTestRes
                  num_iter=cfg.num_iter, mode=cfg.mode, smooth=cfg.smooth, diverge_factor=cfg.diverge_factor,
                  skip_start=cfg.skip_start, skip_end=cfg.skip_end, accumulation_steps=cfg.accumulation_steps,
                  val_batches=val_batches, val_every=cfg.val_every, repeats=cfg.repeats,
-                 method=suggestion_method(cfg.method, optimizer, fine_tunes(setup)), device=setup.compute.device,
+                 method=suggestion_method(cfg.method, optimizer, transfer.fine_tunes(config, setup.model)),
+                 device=setup.compute.device,
                  autocast_dtype=setup.compute.dtype, channels_last=setup.compute.channels_last,
                  progress=(lambda i, lr, loss: step(i, loss)) if step else None)
-
-
-def fine_tunes(setup: Setup) -> bool:
-    """Whether ``setup`` fine-tunes a pretrained network: ``model.weights`` is set and more than
-    one layer group trains (``lrlab.transfer.layer_groups``: a transfer stage's config names only
-    the groups it trains, so a head-only stage does not count)."""
-    return setup.config.model.weights is not None and len(transfer.layer_groups(setup.config, setup.model)) > 1
 
 
 def make_plan(setup: Setup, result: RangeTestResult | None) -> LRPlan:

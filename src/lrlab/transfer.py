@@ -118,6 +118,13 @@ def layer_groups(config: Config, model: nn.Module) -> tuple[tuple[str, ...], ...
     return tuple(tuple(g) for g in given) if given else tuple(model_spec(model).layer_groups)
 
 
+def fine_tunes(config: Config, model: nn.Module) -> bool:
+    """Whether ``config`` fine-tunes the pretrained ``model``: ``model.weights`` is set and more
+    than one layer group trains (:func:`layer_groups`: a stage's config names only the groups it
+    trains, so the head-only stage 1 does not count)."""
+    return config.model.weights is not None and len(layer_groups(config, model)) > 1
+
+
 def trainable_prefixes(model: nn.Module, groups: Sequence[Sequence[str]], top: int) -> tuple[str, ...]:
     """The names that train when the top ``top`` of ``groups`` do: their prefixes, plus every
     parameter and running-statistics module that no group names (these join the top group, as
