@@ -125,7 +125,8 @@ SMOKE = ("data.train_subset=1000", "data.test_subset=300", "lr_finder.num_iter=3
          "lr_finder.skip_end=3")
 LRFREE = ("schedulefree_sgd", "schedulefree_adamw", "prodigy", "dadapt_adam", "dog")
 EMA_STEEPEST = "steepest-ema"
-PARTS = ("grid", "suggestions", "lrfree", "confidence")
+PARTS = ("grid", "suggestions", "lrfree", "confidence", "muon")
+MUON_GRID = tuple(float(f"{v:.9g}") for v in np.geomspace(1e-3, 1.0, 7))  # Muon's lrs, the rest at its auto lr
 REPEATS = 5
 GRID_BAND = 0.97  # the grid band: lrs whose interpolated mean top-1 is >= this share of the grid's best
 
@@ -164,11 +165,20 @@ def split_key(key: str) -> tuple[str, int, str]:
     return name, int(seed.removeprefix("seed=")), label
 
 
+def muon_key(lr: float, muon_lr: float) -> str:
+    """The label of a Muon training: one-cycle peak ``lr`` for the auxiliary optimizer, ``muon_lr`` for Muon."""
+    return f"{lr_key(lr)},muon={float(muon_lr):.9g}"
+
+
 def label_overrides(label: str) -> tuple[str, ...]:
-    """The config overrides of a training's cache label: "lr=X" (one-cycle peak X) or
-    "optimizer=NAME" (an LR-free optimizer at its default)."""
-    kind, value = label.split("=", 1)
-    return (f"train.max_lr={value}",) if kind == "lr" else (f"train.optimizer={value}",)
+    """The config overrides of a training's cache label: "lr=X" (one-cycle peak X), "lr=X,muon=Y"
+    (and Muon's peak Y: ``train.muon.lr_ratio`` Y / X) or "optimizer=NAME" (an LR-free optimizer
+    at its default)."""
+    pairs = dict(part.split("=", 1) for part in label.split(","))
+    if "optimizer" in pairs:
+        return (f"train.optimizer={pairs['optimizer']}",)
+    ratio = (f"train.muon.lr_ratio={float(pairs['muon']) / float(pairs['lr']):.9g}",) if "muon" in pairs else ()
+    return (f"train.max_lr={pairs['lr']}", *ratio)
 
 
 class Bencher:
@@ -254,6 +264,13 @@ class Bencher:
         self.log(f"{name} seed {seed} {label}: {shown} ({rec['seconds']:.0f}s)")
         return rec
 
+    def muon_suggestions(self, result: RangeTestResult, factor: float) -> dict[str, str]:
+        """Muon setups: the training label of every method of Muon's own sweep (Muon's lr x
+        ``factor``), the rest at the first sweep's suggestion x ``factor``; empty otherwise."""
+        if result.muon is None or result.suggestion is None:
+            return {}
+        return {m: muon_key(result.suggestion * factor, s.lr * factor) for m, s in result.muon.suggestions.items()}
+
     def suggestions(self, result: RangeTestResult, factor: float) -> dict[str, float]:
         """Every method's lr (x ``factor``), plus the plain steepest rule on the running EMA."""
         out = {m: s.lr * factor for m, s in result.suggestions.items()}
@@ -284,8 +301,15 @@ class Bencher:
                     self.train(setup, name, seed, lr_key(lr))
             if "suggestions" in parts:
                 result = self.range_test(setup, name, seed)
-                for lr in sorted(set(self.suggestions(result, setup.config.lr_finder.lr_factor).values())):
+                factor = setup.config.lr_finder.lr_factor
+                for lr in sorted(set(self.suggestions(result, factor).values())):
                     self.train(setup, name, seed, lr_key(lr))
+                for label in sorted(set(self.muon_suggestions(result, factor).values())):
+                    self.train(setup, name, seed, label)
+            if "muon" in parts and setup.config.train.optimizer == "muon":
+                result = self.range_test(setup, name, seed)
+                for muon_lr in MUON_GRID:
+                    self.train(setup, name, seed, muon_key(result.suggestion * setup.config.lr_finder.lr_factor, muon_lr))
             if "lrfree" in parts:
                 for opt in LRFREE:
                     self.train(setup, name, seed, f"optimizer={opt}")
@@ -327,8 +351,29 @@ def grid_means(name: str, cache: dict, seeds: int, b: Bencher) -> list[float | N
     return [mean_std([top1(cache, name, s, lr_key(lr)) for s in range(seeds)])[0] for lr in b.grid(name, 0)]
 
 
-def best_of(means: list[float | None]) -> float | None:
-    return max((m for m in means if m is not None), default=None)
+def range_test_of(cache: dict, name: str, seed: int) -> RangeTestResult | None:
+    rt = cache["range_tests"].get(cache_key(name, seed, "repeats=1"))
+    return None if rt is None else RangeTestResult.from_dict(rt)
+
+
+def muon_grid_means(name: str, cache: dict, seeds: int, b: Bencher) -> list[float | None] | None:
+    """Muon setups: the mean top-1 at each of Muon's lrs (:data:`MUON_GRID`), the rest at each
+    seed's first-sweep suggestion; None for the other setups."""
+    if b.config(name, 0).train.optimizer != "muon":
+        return None
+    means = []
+    for muon_lr in MUON_GRID:
+        accs = []
+        for s in range(seeds):
+            result, factor = range_test_of(cache, name, s), b.config(name, s).lr_finder.lr_factor
+            ok = result is not None and result.suggestion is not None
+            accs.append(top1(cache, name, s, muon_key(result.suggestion * factor, muon_lr)) if ok else None)
+        means.append(mean_std(accs)[0])
+    return means
+
+
+def best_of(*grids: list[float | None] | None) -> float | None:
+    return max((m for g in grids if g for m in g if m is not None), default=None)
 
 
 @dataclass(frozen=True)
@@ -341,22 +386,34 @@ class Row:
     ratio: float | None
 
 
-def setup_rows(name: str, cache: dict, seeds: int, b: Bencher, means: list[float | None]) -> dict[str, Row]:
-    """Per method (and the default, steepest-ema, the LR-free optimizers) the suggested lrs, mean
-    and std of top-1 over the seeds and the ratio to the best of the grid's ``means``."""
-    best = best_of(means)
+def setup_rows(name: str, cache: dict, seeds: int, b: Bencher, best: float | None) -> dict[str, Row]:
+    """Per method (and the default, steepest-ema, the LR-free optimizers; with Muon, each method of
+    Muon's own sweep as "Muon: METHOD", the lr shown being Muon's) the suggested lrs, mean and std
+    of top-1 over the seeds and the ratio to ``best``, the best mean of the grids."""
     picks: dict[str, tuple[list, list]] = {}
+
+    def pick(row: str, lr: float | None, label: str | None) -> None:
+        lrs, accs = picks.setdefault(row, ([], []))
+        lrs.append(lr)
+        accs.append(None if label is None else top1(cache, name, seed, label))
+
     for seed in range(seeds):
-        rt = cache["range_tests"].get(cache_key(name, seed, "repeats=1"))
-        if rt is None:
+        result = range_test_of(cache, name, seed)
+        if result is None:
             continue
-        result = RangeTestResult.from_dict(rt)
-        sugg = b.suggestions(result, b.config(name, seed).lr_finder.lr_factor)
-        sugg[f"auto ({result.method})"] = sugg.get(result.method)
+        factor = b.config(name, seed).lr_finder.lr_factor
+        sugg = b.suggestions(result, factor)
+        muon = b.muon_suggestions(result, factor)
         for m, lr in sugg.items():
-            lrs, accs = picks.setdefault(m, ([], []))
-            lrs.append(lr)
-            accs.append(None if lr is None else top1(cache, name, seed, lr_key(lr)))
+            pick(m, lr, lr_key(lr))
+        for m, label in muon.items():
+            pick(f"Muon: {m}", result.muon.suggestions[m].lr * factor, label)
+        if muon:  # the default: the first sweep's rule for the rest, Muon's sweep's rule for Muon
+            pick(f"auto ({result.method} + Muon {result.muon.method})", result.muon.suggestion * factor,
+                 muon.get(result.muon.method))
+        else:
+            lr = sugg.get(result.method)
+            pick(f"auto ({result.method})", lr, None if lr is None else lr_key(lr))
     picks.update({f"{opt} (LR-free)": (None, [top1(cache, name, s, f"optimizer={opt}") for s in range(seeds)])
                   for opt in LRFREE})
     rows = {}
@@ -370,17 +427,26 @@ def ratio_text(row: Row) -> str:
     return "-" if row.ratio is None else f"{row.ratio:.3f}"
 
 
-def setup_table(name: str, rows: dict[str, Row], means: list[float | None], seeds: int, b: Bencher) -> list[str]:
-    """Markdown lines: the setup's ``rows`` (:func:`setup_rows`) and the grid's mean top-1 per lr."""
+def setup_table(name: str, rows: dict[str, Row], means: list[float | None], muon_means: list[float | None] | None,
+                seeds: int, b: Bencher) -> list[str]:
+    """Markdown lines: the setup's ``rows`` (:func:`setup_rows`) and the grids' mean top-1 per lr."""
     lines = [f"\n### {name} ({SETUPS[name].role}, {b.config(name, 0).train.epochs} epochs, {seeds} seeds)\n",
              "| row | lr (per seed) | top-1 mean ± std | ratio to grid best |", "|---|---|---|---|"]
     for m, row in rows.items():
         lrs = "package default" if row.lrs is None else ", ".join("-" if v is None else f"{v:.3g}" for v in row.lrs)
         lines.append(f"| {m} | {lrs} | {cell(row.mean, row.std)} | {ratio_text(row)} |")
-    best = best_of(means)
-    lines.append("| grid | " + ", ".join(f"{lr:.3g}: {'-' if m is None else f'{100 * m:.2f}%'}"
-                                         for lr, m in zip(b.grid(name, 0), means))
-                 + f" | best {'-' if best is None else f'{100 * best:.2f}%'} | 1 |")
+
+    def grid_row(title: str, lrs, grid_means) -> str:
+        top = best_of(grid_means)
+        return (f"| {title} | " + ", ".join(f"{lr:.3g}: {'-' if m is None else f'{100 * m:.2f}%'}"
+                                            for lr, m in zip(lrs, grid_means))
+                + f" | best {'-' if top is None else f'{100 * top:.2f}%'} | "
+                + f"{'-' if top is None or not best_of(means, muon_means) else f'{top / best_of(means, muon_means):.3f}'} |")
+
+    lines.append(grid_row("grid" if muon_means is None else
+                          f"grid (Muon at x {b.config(name, 0).train.muon.lr_ratio:g})", b.grid(name, 0), means))
+    if muon_means is not None:
+        lines.append(grid_row("Muon grid (Muon's lr; the rest at auto)", MUON_GRID, muon_means))
     return lines
 
 
@@ -388,7 +454,7 @@ def summary_table(rows_by_setup: dict[str, dict[str, Row]]) -> list[str]:
     """Markdown lines: every row (the default as "auto") by setup, as ratio to the grid best and
     mean ± std top-1."""
     def short(m):  # "auto (max_lr)" -> "auto": one row for the default whatever it picked
-        return "auto" if m.startswith("auto (") else m
+        return "auto" if m.startswith("auto (") else m.replace("Muon: ", "Muon ")
 
     tables = {name: {short(m): r for m, r in rows.items()} for name, rows in rows_by_setup.items()}
     names = list(dict.fromkeys(m for rows in tables.values() for m in rows))
@@ -405,29 +471,37 @@ def summary_table(rows_by_setup: dict[str, dict[str, Row]]) -> list[str]:
     return lines
 
 
-def confidence_row(name: str, cache: dict, means: list[float | None], b: Bencher) -> str | None:
+def confidence_row(name: str, cache: dict, means: list[float | None], b: Bencher, muon: bool = False) -> str | None:
     """Markdown row: the default method's k single-sweep lrs, their geometric range and verdict,
     how many land in the grid's band (from the grid's ``means``), whether the k-sweep (mean-curve)
-    suggestion does, and the seconds of one sweep and of k (what k costs)."""
+    suggestion does, and the seconds of one sweep and of k (what k costs). ``muon``: the same for
+    Muon's own sweep (its lrs Muon's, ``means`` those of the Muon grid)."""
     rt = cache["range_tests"].get(cache_key(name, 0, f"repeats={repeats(b.args)}"))
-    if rt is None or any(m is None for m in means):
+    if rt is None or not means or any(m is None for m in means):
         return None
     result, factor = RangeTestResult.from_dict(rt), b.config(name, 0).lr_finder.lr_factor
-    low, high = grid_band(b.grid(name, 0), means)
-    spread = result.spread[result.method]
+    if muon and result.muon is None:
+        return None
+    low, high = grid_band(list(MUON_GRID) if muon else b.grid(name, 0), means)
+    shown = result.muon if muon else result
+    spread = shown.spread[shown.method]
     singles = [None if lr is None else lr * factor for lr in spread.lrs]
     inside = sum(lr is not None and low <= lr <= high for lr in singles)
-    pooled = result.suggestion * factor if result.suggestion is not None else None
+    pooled = shown.suggestion * factor if shown.suggestion is not None else None
     pooled_in = "yes" if pooled is not None and low <= pooled <= high else "no"
     one = cache["range_tests"].get(cache_key(name, 0, "repeats=1"), {}).get("seconds")
     cost = " / ".join("-" if v is None else f"{v:.0f}" for v in (one, rt.get("seconds")))
-    return (f"| {name} | {result.method} | {', '.join('-' if v is None else f'{v:.3g}' for v in singles)} | "
+    return (f"| {name}{' (Muon)' if muon else ''} | {shown.method} | "
+            f"{', '.join('-' if v is None else f'{v:.3g}' for v in singles)} | "
             f"{spread.geo_range:.2f}x, {spread.verdict} | {low:.3g}-{high:.3g} | {inside}/{len(singles)} | "
             f"{'-' if pooled is None else f'{pooled:.3g}'} ({pooled_in}) | {cost} |")
 
 
-def confidence_table(means_by_setup: dict[str, list[float | None]], cache: dict, b: Bencher) -> list[str]:
-    rows = [r for r in (confidence_row(n, cache, means, b) for n, means in means_by_setup.items()) if r is not None]
+def confidence_table(means_by_setup: dict[str, list[float | None]], cache: dict, b: Bencher,
+                     muon_means: dict[str, list[float | None] | None]) -> list[str]:
+    rows = [r for n, means in means_by_setup.items()
+            for r in (confidence_row(n, cache, means, b), confidence_row(n, cache, muon_means[n], b, muon=True))
+            if r is not None]
     head = [f"\n### Confidence: the default rule over k = {repeats(b.args)} sweeps (seed 0), the grid's "
             f"{GRID_BAND:.0%} band\n",
             "| setup | rule | single-sweep lrs | spread | grid band | singles in band | k-sweep lr (in band) "
@@ -471,10 +545,12 @@ def main() -> int:
         bench.run(name, parts)
     seeds = 1 if args.smoke else args.seeds
     means = {name: grid_means(name, cache, seeds, bench) for name in setups}
-    rows = {name: setup_rows(name, cache, seeds, bench, means[name]) for name in setups}
-    print("\n".join(line for name in setups for line in setup_table(name, rows[name], means[name], seeds, bench)))
+    muon_means = {name: muon_grid_means(name, cache, seeds, bench) for name in setups}
+    rows = {name: setup_rows(name, cache, seeds, bench, best_of(means[name], muon_means[name])) for name in setups}
+    print("\n".join(line for name in setups
+                    for line in setup_table(name, rows[name], means[name], muon_means[name], seeds, bench)))
     print("\n".join(summary_table(rows)))
-    print("\n".join(confidence_table(means, cache, bench)))
+    print("\n".join(confidence_table(means, cache, bench, muon_means)))
     return 0
 
 

@@ -10,7 +10,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from lrlab import pipeline
 from lrlab.config import load_config
 from lrlab.errors import LrlabError
-from lrlab.lr_plan import LRPlan, layer_scales, suggestion_method
+from lrlab.lr_plan import LRPlan, layer_scales, muon_method, suggestion_method
 from lrlab.models import build
 from lrlab.optim import build_optimizer
 from lrlab.schedules import Clock, build_schedule
@@ -60,6 +60,23 @@ def test_auto_suggestion_method_follows_the_optimizer():
     for aux, rule in (("sgd", "max_lr"), ("adamw", "steepest")):  # Muon: the rule of the plan's (auxiliary) lr
         muon = build_optimizer(cfg("train.optimizer=muon", f"train.muon.aux_optimizer={aux}").train, model, 0.1)
         assert suggestion_method("auto", muon) == rule
+    assert (muon_method("auto"), muon_method("max_lr")) == ("min10", "max_lr")  # Muon's own sweep
+
+
+def test_muons_lr_from_its_sweep_or_the_recipes_ratio():
+    muon = cfg("train.optimizer=muon", "train.schedule=onecycle", "train.muon.lr_ratio=0.1", "lr_finder.lr_factor=2")
+    swept = LRPlan.make(muon, 0.3, "max_lr", (0.045, "descent"))
+    assert (swept.lr, swept.muon_lr_ratio) == (0.6, pytest.approx(0.15))  # Muon at 0.045 x lr_factor 2
+    assert swept.rows()[1] == {"group": "all (Muon)", "lr": pytest.approx(0.09), "kind": "peak",
+                               "source": "Muon's range test: descent 0.045 x lr_factor 2"}
+    assert LRPlan.from_dict(swept.to_dict()) == swept
+    kept = LRPlan.make(muon, 0.3, "max_lr")  # no Muon sweep (lr_finder.muon.enabled=false)
+    assert (kept.muon_lr_ratio, kept.rows()[1]["source"]) == (0.1, "range test: max_lr 0.3 x lr_factor 2 x "
+                                                                   "train.muon.lr_ratio 0.1")
+    fixed = LRPlan.make(cfg("train.optimizer=muon", "train.schedule=onecycle", "train.max_lr=0.2"), 0.3, "max_lr",
+                        (0.045, "descent"))  # the recipe's lr: the sweeps are not used, nor is Muon's
+    assert (fixed.lr, fixed.muon_lr_ratio) == (0.2, 0.1)
+    assert LRPlan.make(cfg(), 0.3, "max_lr", (0.045, "descent")).muon_lr_ratio is None  # not Muon
 
 
 def test_discriminative_lrs_per_layer_group_through_optimizer_and_schedule():

@@ -178,6 +178,30 @@ def test_range_test_sweeps_all_groups_at_their_ratio_and_restores_both_parts(bat
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
 
 
+def test_muon_sweep_holds_the_aux_groups_and_records_muons_lr(batches):
+    model = fastnet()
+    opt = build_optimizer(TrainConfig(optimizer="muon"), model, 0.05)
+    train_step(model, opt, batches[0])
+    before = snapshot(model, opt)
+    muon = [i for i, g in enumerate(opt.param_groups) if g["use_muon"]]
+    starts = [1e-4 if g["use_muon"] else 0.2 * g["lr_scale"] for g in opt.param_groups]
+    ends = [3.0 if g["use_muon"] else 0.2 * g["lr_scale"] for g in opt.param_groups]
+    seen = []
+    result = range_test(model, opt, F.cross_entropy, batches, start_lr=starts, end_lr=ends, num_iter=20,
+                        skip_start=2, skip_end=2, record_group=muon[0], method="descent",
+                        progress=lambda i, lr, loss: seen.append([g["lr"] for g in opt.param_groups]))
+    held = [i for i in range(len(starts)) if i not in muon]
+    assert len(seen) == 20 and all(lrs[i] == starts[i] for lrs in seen for i in held)  # the aux part stays put
+    assert seen[0][muon[0]] == pytest.approx(1e-4) and seen[-1][muon[0]] == pytest.approx(3.0)
+    assert result.lrs == pytest.approx([lrs[muon[0]] for lrs in seen])  # the recorded lr is Muon's
+    assert result.start_lr == pytest.approx(1e-4) and 1e-4 < result.suggestion < 3.0
+    assert_restored(model, opt, before)
+    with pytest.raises(LrlabError, match="record_group"):
+        range_test(model, opt, F.cross_entropy, batches, start_lr=starts, end_lr=ends, num_iter=20,
+                   skip_start=2, skip_end=2, record_group=held[0])
+    assert_restored(model, opt, before)
+
+
 def test_a_frozen_backbone_leaves_muon_nothing(batches):
     model = fastnet()
     freeze(model, ["fc"])  # transfer stage 1: only the head trains
@@ -188,7 +212,7 @@ def test_a_frozen_backbone_leaves_muon_nothing(batches):
     assert not torch.equal(head, model.fc.weight)
 
 
-def test_lrlab_run_with_muon_trains_and_the_loss_falls(small_tree, cache_dir, tmp_path):
+def test_lrlab_run_with_muon_trains_and_the_loss_falls(small_tree, cache_dir, tmp_path, capsys):
     recipe = write_recipe(tmp_path / "muon.yaml", cache_dir, train={"optimizer": "muon", "epochs": 3},
                           explain={"num_images": 2})
     assert main(["run", str(recipe), "--data", str(small_tree), "--out", str(tmp_path / "runs"), "--quiet"]) == 0
@@ -196,9 +220,13 @@ def test_lrlab_run_with_muon_trains_and_the_loss_falls(small_tree, cache_dir, tm
     losses = [r["train_loss"] for r in json.loads((run / "history.json").read_text())]
     assert len(losses) == 3 and losses[-1] < losses[0] - 0.05  # 450 images, 27 steps: from ln 10 = 2.30 down
     found, plan = json.loads((run / "lr_finder.json").read_text()), json.loads((run / "lr_plan.json").read_text())
-    assert found["method"] == "max_lr" and plan["lr"] == found["suggestion"] and plan["muon_lr_ratio"] == 0.1
+    assert found["method"] == "max_lr" and plan["lr"] == found["suggestion"]
+    muon = found["muon"]  # Muon's own sweep, the rest held at the first one's suggestion: Muon's lr
+    assert muon["method"] == "min10" and muon["start_lr"] == 1e-4 and muon["end_lr"] == 3.0
+    assert plan["muon_lr_ratio"] == pytest.approx(muon["suggestion"] / found["suggestion"])
+    assert plan["muon_source"].startswith("Muon's range test: min10")
     rows = json.loads((run / "summary.json").read_text())["lr_plan"]
-    assert [r["group"] for r in rows] == ["all", "all (Muon)"] and rows[1]["lr"] == pytest.approx(plan["lr"] * 0.1)
+    assert [r["group"] for r in rows] == ["all", "all (Muon)"] and rows[1]["lr"] == pytest.approx(muon["suggestion"])
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)  # resumable: loads into a fresh one
     model = build("fastnet", 10, width=0.25)
     model.load_state_dict(ckpt["model"])
@@ -207,6 +235,18 @@ def test_lrlab_run_with_muon_trains_and_the_loss_falls(small_tree, cache_dir, tm
     opt.load_state_dict(ckpt["optimizer"])
     momentum = {n for n, p in model.named_parameters() if "momentum_buffer" in opt.state.get(p, {})}
     assert FILTERS <= momentum and "fc.weight" in momentum  # Muon's and SGD's buffers
+    trained = {g["use_muon"]: g["lr_scale"] for g in ckpt["optimizer"]["param_groups"]}
+    assert trained == {False: 1.0, True: pytest.approx(plan["muon_lr_ratio"])}  # trained at the sweep's ratio
+    assert "Muon's own sweep" in (run / "report.html").read_text()
+    capsys.readouterr()
+    assert main(["find-lr", str(recipe), "--data", str(small_tree), "--out", str(tmp_path / "find")]) == 0
+    out = capsys.readouterr().out
+    assert f"Muon's sweep, the rest held at {found['suggestion']:.3g}:" in out
+    assert main(["find-lr", str(recipe), "--data", str(small_tree), "--out", str(tmp_path / "ratio"),
+                 "lr_finder.muon.enabled=false"]) == 0
+    (kept,) = (tmp_path / "ratio").iterdir()
+    assert json.loads((kept / "lr_finder.json").read_text())["muon"] is None
+    assert json.loads((kept / "lr_plan.json").read_text())["muon_lr_ratio"] == 0.1  # the recipe's ratio
 
 
 def test_bad_muon_input_is_one_line(small_tree, cache_dir, tmp_path, capsys):

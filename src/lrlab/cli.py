@@ -213,6 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "find-lr" and not args.quiet:
         print(suggestion_table_text(summary.get("lr_suggestions") or [], summary.get("lr_window_cut"),
                                     summary.get("lr_repeats", 1)))
+        if "lr_muon_suggestions" in summary:
+            print(f"Muon's sweep, the rest held at {summary['lr_suggestion']:.3g}:\n"
+                  + suggestion_table_text(summary["lr_muon_suggestions"], summary.get("lr_muon_window_cut"),
+                                          summary.get("lr_repeats", 1)))
     print(_final_line(args.command, summary))
     return 0
 

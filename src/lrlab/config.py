@@ -124,6 +124,26 @@ class ModelConfig(_Section):
     weights: str | None = None
 
 
+class MuonSweepConfig(_Section):
+    """lr_finder.muon, read when train.optimizer is muon: a second sweep, of Muon's lr alone, with
+    the auxiliary optimizer held at the first sweep's suggestion (x lr_factor); its suggestion is
+    Muon's lr, so the run's train.muon.lr_ratio becomes Muon's suggestion / the first one.
+    Muon's lr is absolute (its updates are orthogonalised, so its scale is the same for every
+    network): start_lr and end_lr are Muon's lrs. enabled=false keeps train.muon.lr_ratio."""
+
+    enabled: bool = True
+    start_lr: float = Field(1e-4, gt=0)
+    end_lr: float = Field(3.0, gt=0)
+    # which suggestion of Muon's curve becomes Muon's lr; auto: min10 (lrlab.lr_plan.muon_method)
+    method: SuggestionMethod = "auto"
+
+    @model_validator(mode="after")
+    def _range(self):
+        if self.start_lr >= self.end_lr:
+            raise ValueError(f"start_lr ({self.start_lr:g}) must be below end_lr ({self.end_lr:g})")
+        return self
+
+
 class LRFinderConfig(_Section):
     """The LR range test (Smith 2015, arXiv:1506.01186); its suggestion becomes train.lr."""
 
@@ -153,6 +173,7 @@ class LRFinderConfig(_Section):
     # sweeps over as many data orders, each from the same restored state: the lr comes from their
     # mean curve, every method's spread (max/min) and verdict from the single ones; cost: x repeats
     repeats: int = Field(1, ge=1)
+    muon: MuonSweepConfig = Field(default_factory=MuonSweepConfig)
 
     @model_validator(mode="after")
     def _range(self):
@@ -174,8 +195,8 @@ class MuonConfig(_Section):
     "Muon: An optimizer for hidden layers in neural networks"): Muon for the hidden conv filters and
     matrices, the auxiliary optimizer for the first layer, the head, biases and norm weights."""
 
-    # Muon's lr / the plan's lr (the auxiliary optimizer's): with SGD peaks of ~0.2-0.6 (fastnet)
-    # Muon gets ~0.02-0.06, the range of Jordan's experiments; the range test keeps the ratio
+    # Muon's lr / the plan's lr (the auxiliary optimizer's) when no Muon sweep sets it (the lr
+    # from train.lr / train.max_lr, or lr_finder.muon.enabled=false); the first sweep keeps it
     lr_ratio: float = Field(0.1, gt=0)
     aux_optimizer: MuonAuxName = "sgd"  # sgd: Nesterov SGD with train.momentum; adamw: train.betas, train.eps
     momentum: float = Field(0.95, ge=0, lt=1)  # Muon's Nesterov momentum (Jordan's default 0.95)

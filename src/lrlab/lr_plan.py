@@ -13,7 +13,9 @@ combines them, and the only place that checks them:
   lr x r^-((n - 1 - i) / (n - 1)): the top group the plan's lr, the bottom one lr / r, geometric
   in between (fastai's ``slice(lr / r, lr)``; Howard & Ruder 2018, arXiv:1801.06146);
 * with ``train.optimizer: muon`` the plan's lr is the auxiliary optimizer's, and Muon's groups
-  train at lr x ``train.muon.lr_ratio`` (in every layer group, times its scale; ``lrlab.optim``);
+  train at lr x the plan's ``muon_lr_ratio`` (in every layer group, times its scale;
+  ``lrlab.optim``): Muon's sweep's suggestion / the first sweep's when the lr comes from a range
+  test that swept Muon (``lr_finder.muon``), else ``train.muon.lr_ratio``;
 * an LR-free optimizer (``lrlab.optim.lr_free``: schedulefree_sgd, schedulefree_adamw, prodigy,
   dadapt_sgd, dadapt_adam, dog) has no range test (:func:`range_test_applies`); it trains at the
   recipe's lr when the recipe sets one (``train.max_lr`` for a peak schedule, else ``train.lr``),
@@ -57,6 +59,21 @@ def suggestion_method(method: str, optimizer: torch.optim.Optimizer, fine_tuning
     if not isinstance(plan_part, torch.optim.SGD):
         return "steepest"
     return "descent" if fine_tuning else "max_lr"
+
+
+def muon_method(method: str) -> str:
+    """The suggestion of Muon's own sweep (``lr_finder.muon.method``) that becomes Muon's lr:
+    ``auto`` is ``min10``, the lowest point of Muon's curve / 10. Measured, not assumed, in
+    benchmarks/lr_suggestion_quality.py (README, "Which suggestion to trust"): on FastNet and
+    ResNet18 (BatchNorm after every conv) Muon's curve, the rest held, has no turning point:
+    Muon's updates have a fixed size and the normalised filters do not care about their scale,
+    so a large lr grows the filters and slows itself instead of blowing up, and the loss still
+    falls at lr 3. The lowest point is then the window's last analysed lr (1.25 for the default
+    window: 0.125 for Muon), inside the wide band where Muon's lr is good on both networks
+    (~0.03-0.2); rules read on the descent were 3-6x too low (steepest) or jumped between
+    the curve's two descents (descent: 0.011 or 0.41 for one curve). On a network whose Muon
+    curve does turn, min10 is the usual minimum / 10 rule."""
+    return "min10" if method == "auto" else method
 
 
 LR_SCALE_RULES = {"none": 0.0, "linear": 1.0, "sqrt": 0.5}
@@ -124,7 +141,10 @@ class LRPlan:
         suggestion: the range test's suggestion that was used (before ``lr_factor``), or None.
         method: the suggestion method that gave it, or None.
         muon_lr_ratio: with ``train.optimizer: muon``, Muon's lr / ``lr`` in every layer group
-            (``train.muon.lr_ratio``); None for the other optimizers.
+            (Muon's sweep's suggestion / the first sweep's, or ``train.muon.lr_ratio``); None
+            for the other optimizers.
+        muon_source: where Muon's lr came from, e.g. "Muon's range test: descent 0.0113 x
+            lr_factor 1" or "train.muon.lr_ratio 0.1"; None for the other optimizers.
         batch_scale: the factor of ``train.lr_scale_rule`` in ``lr`` (1: none), from the batch the
             lr was meant for (``train.lr_base_batch``; the range test's batch for its suggestion)
             to ``train.batch_size``.
@@ -142,14 +162,17 @@ class LRPlan:
     suggestion: float | None = None
     method: str | None = None
     muon_lr_ratio: float | None = None
+    muon_source: str | None = None
     batch_scale: float = 1.0
     lr_free: bool = False
     schedule: str | None = None
     notes: tuple[str, ...] = ()
 
     @classmethod
-    def make(cls, config, suggestion: float | None = None, method: str | None = None) -> LRPlan:
-        """The plan for ``config`` and the range test's ``suggestion`` (None: no range test).
+    def make(cls, config, suggestion: float | None = None, method: str | None = None,
+             muon: tuple[float, str] | None = None) -> LRPlan:
+        """The plan for ``config`` and the range test's ``suggestion`` (None: no range test);
+        ``muon``: Muon's sweep's (suggestion, method), used with the range test's lr.
 
         Raises:
             LrlabError: a peak schedule with neither ``train.max_lr`` nor a suggestion, or an lr
@@ -174,9 +197,14 @@ class LRPlan:
             lr, source, scale = _scaled(config, t.lr, "train.lr", t.lr_base_batch)
         schedule.check_lr(schedule_options(t), lr, source)
         names = tuple("+".join(g) for g in t.layer_groups) or ("all",)
+        ratio = muon_source = None
+        if t.optimizer == "muon" and used is not None and muon is not None:
+            ratio = muon[0] / used
+            muon_source = f"Muon's range test: {muon[1]} {muon[0]:.3g} x lr_factor {config.lr_finder.lr_factor:g}"
+        elif t.optimizer == "muon":
+            ratio, muon_source = t.muon.lr_ratio, f"train.muon.lr_ratio {t.muon.lr_ratio:g}"
         return cls(lr, "peak" if schedule.lr_is_peak else "initial", source, layer_scales(len(names), t.lr_ratio),
-                   names, used, method if used is not None else None,
-                   t.muon.lr_ratio if t.optimizer == "muon" else None, scale)
+                   names, used, method if used is not None else None, ratio, muon_source, scale)
 
     @classmethod
     def _lr_free(cls, config, free: LrFree) -> LRPlan:
@@ -237,8 +265,9 @@ class LRPlan:
         for name, lr in reversed(list(zip(self.group_names, self.group_lrs))):
             rows.append({"group": name, "lr": lr, "kind": self.kind, "source": self.source})
             if self.muon_lr_ratio is not None:
+                source = self.muon_source if self.muon_source.startswith("Muon") else f"{self.source} x {self.muon_source}"
                 rows.append({"group": f"{name} (Muon)", "lr": lr * self.muon_lr_ratio, "kind": self.kind,
-                             "source": f"{self.source} x train.muon.lr_ratio {self.muon_lr_ratio:g}"})
+                             "source": source})
         return rows
 
     def to_dict(self) -> dict:

@@ -36,9 +36,10 @@ from lrlab.io import check_writable, remove_temporaries
 from lrlab.interpret import (FaithfulnessResult, Predictions, cam_faithfulness, class_activation_maps,
                              layer_names, per_class_summary, predict, select_misclassified)
 from lrlab.lr_finder import RangeTestResult, range_test as sweep
-from lrlab.lr_plan import LRPlan, check_range_test_applies, layer_scales, range_test_applies, suggestion_method
+from lrlab.lr_plan import (LRPlan, check_range_test_applies, layer_scales, muon_method, range_test_applies,
+                           suggestion_method)
 from lrlab.models import build, check_name, model_spec
-from lrlab.optim import GradientNoise, build_optimizer
+from lrlab.optim import GradientNoise, MuonWithAux, build_optimizer
 from lrlab.plateau import find_plateaus
 from lrlab.report import write_report
 from lrlab.run_folder import RunFolder
@@ -224,12 +225,39 @@ def range_test(setup: Setup, callbacks: Callbacks = Callbacks()) -> RangeTestRes
     """The LR range test on the model (restored afterwards) with the ``lr_finder`` settings; every
     layer group is swept at its plan scale, so the recorded lrs are the top group's.
 
+    With ``train.optimizer: muon`` and ``lr_finder.muon.enabled``, a second sweep follows (the
+    idea of sweeping each optimizer in turn): Muon's lr alone from ``lr_finder.muon.start_lr``
+    to ``end_lr`` (every Muon group at that lr x its layer scale), the auxiliary optimizer held
+    at the first sweep's suggestion x ``lr_factor``; it becomes ``result.muon``, whose lrs are
+    those of the Muon group of the highest layer scale s (Muon's lr x s). It is skipped when the
+    first sweep gives no suggestion (``make_plan`` then says why) or nothing trains with Muon.
+
     With ``lr_finder.loss: val`` the validation points use ``lr_finder.val_images``
     class-balanced images of the validation split (without augmentation), as the training
     history's val loss does. ``result.method`` is the suggestion the run trains with."""
     config, cfg = setup.config, setup.config.lr_finder
     optimizer = new_optimizer(setup, cfg.start_lr)
     scales = [g["lr_scale"] for g in optimizer.param_groups]
+    result = _sweep(setup, optimizer, [cfg.start_lr * s for s in scales], [cfg.end_lr * s for s in scales], 0,
+                    suggestion_method(cfg.method, optimizer, transfer.fine_tunes(config, setup.model)),
+                    "range test", callbacks)
+    if (isinstance(optimizer, MuonWithAux) and optimizer.muon is not None and cfg.muon.enabled
+            and result.suggestion is not None):
+        aux_lr, ratio, groups = result.suggestion * cfg.lr_factor, config.train.muon.lr_ratio, optimizer.param_groups
+        layer = [g["lr_scale"] / ratio if g["use_muon"] else None for g in groups]
+        top = max((i for i, g in enumerate(groups) if g["use_muon"]), key=lambda i: layer[i])
+        starts = [aux_lr * g["lr_scale"] if s is None else cfg.muon.start_lr * s for g, s in zip(groups, layer)]
+        ends = [aux_lr * g["lr_scale"] if s is None else cfg.muon.end_lr * s for g, s in zip(groups, layer)]
+        result.muon = _sweep(setup, optimizer, starts, ends, top, muon_method(cfg.muon.method),
+                             "Muon's range test", callbacks)
+    return result
+
+
+def _sweep(setup: Setup, optimizer: torch.optim.Optimizer, start_lr: list[float], end_lr: list[float],
+           record_group: int, method: str, stage: str, callbacks: Callbacks) -> RangeTestResult:
+    """One range test (``lr_finder``'s settings) of ``optimizer`` from each group's start to end
+    lr, recording group ``record_group``'s lr (see :func:`range_test`)."""
+    config, cfg = setup.config, setup.config.lr_finder
     batch_size = cfg.batch_size or config.train.batch_size
     val_batches = None
     if cfg.loss == "val":
@@ -239,15 +267,13 @@ def range_test(setup: Setup, callbacks: Callbacks = Callbacks()) -> RangeTestRes
     def loss_fn(logits, y):
         return F.cross_entropy(logits, y, label_smoothing=config.train.label_smoothing)
 
-    callbacks.stage("range test", cfg.num_iter * cfg.repeats)
+    callbacks.stage(stage, cfg.num_iter * cfg.repeats)
     step = callbacks.on_step
-    return sweep(setup.model, optimizer, loss_fn, train_loader(setup, batch_size),
-                 start_lr=[cfg.start_lr * s for s in scales], end_lr=[cfg.end_lr * s for s in scales],
+    return sweep(setup.model, optimizer, loss_fn, train_loader(setup, batch_size), start_lr=start_lr, end_lr=end_lr,
                  num_iter=cfg.num_iter, mode=cfg.mode, smooth=cfg.smooth, diverge_factor=cfg.diverge_factor,
                  skip_start=cfg.skip_start, skip_end=cfg.skip_end, accumulation_steps=cfg.accumulation_steps,
-                 val_batches=val_batches, val_every=cfg.val_every, repeats=cfg.repeats,
-                 method=suggestion_method(cfg.method, optimizer, transfer.fine_tunes(config, setup.model)),
-                 device=setup.compute.device,
+                 val_batches=val_batches, val_every=cfg.val_every, repeats=cfg.repeats, record_group=record_group,
+                 method=method, device=setup.compute.device,
                  autocast_dtype=setup.compute.dtype, channels_last=setup.compute.channels_last,
                  progress=(lambda i, lr, loss: step(i, loss)) if step else None)
 
@@ -265,7 +291,15 @@ def make_plan(setup: Setup, result: RangeTestResult | None) -> LRPlan:
         raise LrlabError(f"the range test stopped after {len(result.lrs)} points ({result.stop_reason}) "
                          f"without a {result.method!r} suggestion ({why}); widen lr_finder.start_lr/end_lr, "
                          f"pick another lr_finder.method or set lr_finder.enabled=false")
-    return LRPlan.make(setup.config, result.suggestion, result.method)
+    m = result.muon
+    if m is not None and m.suggestion is None:
+        why = m.suggestion_errors.get(m.method, "")
+        raise LrlabError(f"Muon's range test stopped after {len(m.lrs)} points ({m.stop_reason}) without a "
+                         f"{m.method!r} suggestion ({why}); widen lr_finder.muon.start_lr/end_lr, pick another "
+                         f"lr_finder.muon.method or set lr_finder.muon.enabled=false to keep train.muon.lr_ratio")
+    # Muon's sweep records its group of the highest layer scale s at Muon's lr x s (range_test)
+    muon = None if m is None else (m.suggestion * setup.config.lr_finder.muon.start_lr / m.start_lr, m.method)
+    return LRPlan.make(setup.config, result.suggestion, result.method, muon)
 
 
 def _steps_per_epoch(loader: BatchLoader, sizes: list[int]) -> list[int]:
@@ -312,6 +346,8 @@ def train(setup: Setup, plan: LRPlan, callbacks: Callbacks = Callbacks(), run: R
     sizes = batch_sizes(cfg)
     loader = train_loader(setup, sizes[0], distributed.shard())
     clock = Clock(_steps_per_epoch(loader, sizes))
+    if plan.muon_lr_ratio is not None:  # the plan's (Muon's sweep may have set it), not the recipe's
+        cfg = cfg.model_copy(update={"muon": cfg.muon.model_copy(update={"lr_ratio": plan.muon_lr_ratio})})
     optimizer = build_optimizer(cfg, setup.model, plan.lr, plan.scales)
     noise = GradientNoise(cfg.grad_noise.eta, cfg.grad_noise.gamma, seed=config.seed) if cfg.grad_noise.eta > 0 else None
     if noise is not None:
@@ -586,6 +622,8 @@ def _plan_summary(plan: LRPlan, result: RangeTestResult | None) -> dict:
     if result is not None:
         out.update(lr_suggestion=result.suggestion, lr_method=result.method, lr_suggestions=result.rows(),
                    lr_repeats=max(len(result.repeats), 1), lr_window_cut=result.cut_lr)
+        if result.muon is not None:
+            out.update(lr_muon_suggestions=result.muon.rows(), lr_muon_window_cut=result.muon.cut_lr)
     return out
 
 

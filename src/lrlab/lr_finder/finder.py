@@ -88,11 +88,12 @@ class LRRangeTest:
             end_lr: float | Sequence[float] = 10.0, num_iter: int = 100, mode: str = "exp",
             smooth: float = 0.98, diverge_factor: float = 5.0, skip_start: int = 10, skip_end: int = 5,
             accumulation_steps: int = 1, val_batches: Sequence[Any] | None = None, val_every: int = 1,
-            method: str = "steepest", repeats: int = 1, progress: Progress | None = None) -> RangeTestResult:
+            method: str = "steepest", repeats: int = 1, record_group: int = 0,
+            progress: Progress | None = None) -> RangeTestResult:
         """Sweep the learning rate over ``num_iter`` optimizer steps, record the loss, suggest lrs.
 
         Step i (0-based) sets every parameter group's lr to its i-th value (see
-        :func:`lrlab.lr_finder.group_schedules`; the recorded lr is group 0's), then runs
+        :func:`lrlab.lr_finder.group_schedules`; the recorded lr is group ``record_group``'s), then runs
         ``accumulation_steps`` micro-batches: forward under ``torch.autocast``,
         ``loss = loss_fn(out.float(), targets)``, backward of ``loss / accumulation_steps``; then
         one ``optimizer.step()``. The loader restarts when exhausted. With equal micro-batch
@@ -152,6 +153,9 @@ class LRRangeTest:
                 suggestion (``result.suggestion``, the plot's shaded band); every method's
                 suggestion is computed either way.
             repeats: number of sweeps k (>= 1); 1 is the plain range test.
+            record_group: the parameter group whose lr is recorded (``lrs``, ``start_lr``,
+                ``end_lr``, ``stop_lr``); it must sweep (start below end). 0: the plan's
+                reference group.
             progress: called as ``progress(step, lr, training loss)`` after each step's
                 forward passes (the loss may be nan on the last call; with repeats the step
                 counts on: r * num_iter + i); the library prints nothing.
@@ -175,29 +179,33 @@ class LRRangeTest:
         skip_pts = _validate(num_iter, mode, smooth, diverge_factor, skip_start, skip_end, accumulation_steps,
                              val_batches, val_every, method)
         schedules = group_schedules(start_lr, end_lr, len(self.optimizer.param_groups), num_iter, mode)
+        g = record_group
+        if not (isinstance(g, int) and 0 <= g < len(schedules[0]) and schedules[0][g] < schedules[-1][g]):
+            raise LrlabError(f"record_group ({g!r}) must be the index of a parameter group whose lr sweeps "
+                             f"(start below end), of {len(schedules[0])} group(s)")
         singles = []
         for r in range(repeats):
             record = _Recorder(smooth ** val_every if val else smooth, diverge_factor, skip_pts[0])
             shift = None if progress is None else (lambda i, lr, v, r=r: progress(r * num_iter + i, lr, v))
-            self._sweep(loader, loss_fn, schedules, record, accumulation_steps, val_batches, val_every, shift)
+            self._sweep(loader, loss_fn, schedules, g, record, accumulation_steps, val_batches, val_every, shift)
             found, errors, cut = analyse(record.lrs, record.losses, *skip_pts)
-            first = schedules[0][0], schedules[-1][0]
+            first = schedules[0][g], schedules[-1][g]
             singles.append(RangeTestResult(
                 lrs=record.lrs, losses=record.losses, smoothed=record.smoothed, mode=mode, start_lr=float(first[0]),
                 end_lr=float(first[1]), num_iter=int(num_iter), stop_reason=record.stop_reason,
                 stop_index=record.stop_index,
-                stop_lr=float(schedules[record.stop_index][0] if record.stop_index is not None else first[1]),
+                stop_lr=float(schedules[record.stop_index][g] if record.stop_index is not None else first[1]),
                 suggestions=found, suggestion_errors=errors, method=method, loss="val" if val else "train",
                 val_every=int(val_every) if val else 1, skip_start=skip_pts[0], skip_end=skip_pts[1],
                 accumulation_steps=int(accumulation_steps), cut_index=cut,
                 cut_lr=None if cut is None else float(record.lrs[cut])))
         return singles[0] if repeats == 1 else mean_of_repeats(singles)
 
-    def _sweep(self, loader: Iterable, loss_fn: LossFn, schedules: list[list[float]], record: _Recorder,
+    def _sweep(self, loader: Iterable, loss_fn: LossFn, schedules: list[list[float]], g: int, record: _Recorder,
                accumulation_steps: int, val_batches: Sequence[Any] | None, val_every: int,
                progress: Progress | None) -> None:
-        """One sweep over ``schedules`` into ``record`` from a fresh ``iter(loader)``; the
-        training state is restored afterwards (also on error)."""
+        """One sweep over ``schedules`` into ``record`` (group ``g``'s lr) from a fresh
+        ``iter(loader)``; the training state is restored afterwards (also on error)."""
         scaler = torch.amp.GradScaler(self.device.type) if self.autocast_dtype == torch.float16 else None
         try:
             self.model.train()
@@ -206,8 +214,8 @@ class LRRangeTest:
                 set_group_lrs(self.optimizer, group_lrs)
                 value = self._train_loss(batches, loss_fn, accumulation_steps, scaler)
                 if progress is not None:
-                    progress(i, group_lrs[0], value)
-                if self._advance(i, group_lrs[0], value, record, scaler, loss_fn, val_batches, val_every):
+                    progress(i, group_lrs[g], value)
+                if self._advance(i, group_lrs[g], value, record, scaler, loss_fn, val_batches, val_every):
                     break
         finally:
             self._state.restore()
@@ -375,7 +383,7 @@ def range_test(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Loss
 
     ``method`` and ``run_kwargs`` are :meth:`LRRangeTest.run`'s (start_lr, end_lr, num_iter,
     mode, smooth, diverge_factor, skip_start, skip_end, accumulation_steps, val_batches,
-    val_every, repeats, progress); the other arguments are :class:`LRRangeTest`'s. Everything is
+    val_every, repeats, record_group, progress); the other arguments are :class:`LRRangeTest`'s. Everything is
     restored on return.
 
     Raises:

@@ -60,6 +60,9 @@ class RangeTestResult:
             then ``lrs``/``losses``/``smoothed`` are the mean over the points all k recorded,
             the suggestions are read from it, and :attr:`spread` says how far the k single
             suggestions scatter. Empty for a single sweep.
+        muon: with ``train.optimizer: muon``, Muon's own sweep (``lrlab.pipeline.range_test``):
+            Muon's lr swept with the auxiliary optimizer held at this result's suggestion; its
+            ``lrs`` are Muon's and its ``suggestion`` is Muon's lr. None otherwise.
 
     JSON: :meth:`to_dict` writes any non-finite float as ``null`` and adds the convenience keys
     ``centered``, ``suggestion``, ``max_lr`` and ``spread``; :meth:`load_json` reads a ``null`` in
@@ -87,6 +90,7 @@ class RangeTestResult:
     cut_index: int | None = None
     cut_lr: float | None = None
     repeats: list[RangeTestResult] = field(default_factory=list)
+    muon: RangeTestResult | None = None
 
     # ------------------------------------------------------------------ the chosen suggestion
 
@@ -153,6 +157,8 @@ class RangeTestResult:
                 v = dict(v)
             elif f.name == "repeats":
                 v = [r.to_dict() for r in v]
+            elif f.name == "muon":
+                v = None if v is None else v.to_dict()
             out[f.name] = v
         out["centered"] = [_json_float(x) for x in self.centered]
         out["suggestion"] = _json_float(self.suggestion)
@@ -187,6 +193,8 @@ class RangeTestResult:
             kwargs["suggestions"] = {k: Suggestion.from_dict(v) for k, v in kwargs["suggestions"].items()}
             kwargs["repeats"] = [cls.from_dict(r, f"{source} (repeat {i})")
                                  for i, r in enumerate(kwargs.get("repeats") or [])]
+            if kwargs.get("muon") is not None:
+                kwargs["muon"] = cls.from_dict(kwargs["muon"], f"{source} (Muon's sweep)")
         except (TypeError, ValueError, KeyError, AttributeError) as exc:
             raise LrlabError(f"{source} has a malformed curve or suggestion ({exc})") from None
         return cls(**kwargs)
@@ -229,15 +237,27 @@ class RangeTestResult:
         good lrs shaded for ``methods``, with repeats each single sweep's zero-lag curve (thin)
         and tick marks at every repeat's suggestion, the spike cut as a dotted line, and the y label "validation loss" or "training loss"
         after ``loss``. Drawn by :func:`lrlab.lr_finder.plot.range_test_figure` (matplotlib is
-        imported then, not before).
+        imported then, not before). With Muon's sweep (:attr:`muon`) and no ``ax``, the figure
+        has a second panel: Muon's curve and its suggestions.
 
         Args:
-            ax: a matplotlib Axes to draw into; None makes a new figure.
+            ax: a matplotlib Axes to draw into (this sweep only); None makes a new figure.
             methods: whose bands to shade; default ``[self.method]``.
 
         Returns:
             the matplotlib Figure (not saved, not closed).
         """
+        if ax is None and self.muon is not None:
+            import matplotlib.pyplot as plt
+
+            fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+            self.plot(left, methods)
+            self.muon.plot(right)
+            left.set_title(f"LR range test: every group (the plan's lr, {self.method})")
+            right.set_title(f"Muon's sweep, the rest held at {self.suggestion:.3g} ({self.muon.method})")
+            right.set_xlabel("Muon's learning rate (per step)")
+            fig.tight_layout()
+            return fig
         bands = list(methods) if methods is not None else [self.method]
         scatter = {k: [v for v in sp.lrs if v is not None] for k, sp in self.spread.items()}
         return range_test_figure(self.lrs, self.losses, self.centered,

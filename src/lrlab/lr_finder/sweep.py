@@ -65,11 +65,14 @@ def group_schedules(start_lr: float | Sequence[float], end_lr: float | Sequence[
     """The sweep of every parameter group: ``out[i][g]`` is the lr of group g at step i.
 
     Each group runs its own :func:`lr_schedule` from its start to its end lr, all with the same
-    ``num_iter`` and ``mode``, so the groups keep fixed ratios in an exponential sweep.
+    ``num_iter`` and ``mode``, so the groups keep fixed ratios in an exponential sweep. A group
+    whose start equals its end is held at that lr (a sweep of one optimizer of several, e.g.
+    Muon's with the auxiliary optimizer held: ``lrlab.pipeline.range_test``); at least one group
+    must sweep.
 
     Raises:
-        LrlabError: a start lr that is not positive, a start lr not below its end lr, or
-            sequences whose length differs from ``num_groups``.
+        LrlabError: a start lr that is not positive, a start lr above its end lr, no group that
+            sweeps, or sequences whose length differs from ``num_groups``.
     """
     starts = per_group(start_lr, num_groups, "start_lr")
     ends = per_group(end_lr, num_groups, "end_lr")
@@ -78,9 +81,11 @@ def group_schedules(start_lr: float | Sequence[float], end_lr: float | Sequence[
         where = "" if scalar else f" for parameter group {g}"
         if not s > 0:
             raise LrlabError(f"start_lr ({s}){where} must be a positive learning rate")
-        if not e > s:
+        if not e >= s or (scalar and e == s):
             raise LrlabError(f"start_lr ({s}) must be below end_lr ({e}){where}")
-    columns = [lr_schedule(s, e, num_iter, mode) for s, e in zip(starts, ends)]
+    if all(e == s for s, e in zip(starts, ends)):
+        raise LrlabError(f"start_lr ({starts}) must be below end_lr ({ends}) for at least one parameter group")
+    columns = [lr_schedule(s, e, num_iter, mode) if e > s else [s] * num_iter for s, e in zip(starts, ends)]
     return [list(step) for step in zip(*columns)]
 
 
