@@ -2,7 +2,7 @@
 
     python benchmarks/lr_suggestion_quality.py --data ../shared/data/cifar10
         --out benchmarks/results/lr_suggestion_quality.json
-        [--setups fastnet-sgd,...] [--seeds 3] [--parts grid,suggestions,lrfree,confidence] [--smoke]
+        [--setups fastnet-sgd,...] [--seeds 3] [--parts grid,suggestions,lrfree,confidence,muon] [--smoke]
         [--merge OTHER.json ...]
 
 benchmarks/results/lr_suggestion_quality.json holds the figures measured so far (committed: the
@@ -20,7 +20,10 @@ held back and only measured):
                             (held back until it measured the first Muon rule, auto = steepest; the
                             rule auto = max_lr for Muon + SGD was then chosen on it)
     fastnet-adamw   check   FastNet x0.5, AdamW weight decay 0.05, batch 256, 10,000 images, 5 epochs
-    resnet18-muon   check   resnet18-sgd with Muon + SGD (the check of the Muon rule)
+    resnet18-muon   choice  resnet18-sgd with Muon + SGD (held back as the check of auto = max_lr for
+                            Muon + SGD, which failed it: 0.890; the rule for Muon's own lr was then
+                            chosen on it and fastnet-muon)
+    fastnet-muon-adamw  check  fastnet-muon with AdamW for the rest (the check of Muon's own sweep)
     finetune-lite0  choice  EfficientNet-Lite0 with ImageNet weights (recipes/transfer-lite0.yaml), every
                             layer fine-tuned with discriminative lrs (lr_ratio 10), a photo folder of
                             CIFAR-10 upscaled to 96 px, 100 per class (20% validation), 3 epochs
@@ -46,9 +49,16 @@ For every setup and seed (0, 1, 2: seed = initial weights, data order, the valid
     lrfree       the LR-free optimizers at their packages' defaults, the same epochs, no range test
     confidence   (seed 0 only) the range test repeated over k = 5 data orders: the spread of each
                  method's suggestion, and whether each single sweep lands in the grid's 97% band
+    muon         (Muon setups) a training at the default (first sweep's rule for the rest, Muon's
+                 sweep's rule for Muon), and a 7-point log grid of Muon's lr (1e-3 to 1), the rest
+                 at each seed's first-sweep suggestion. The range test of a Muon setup has a second sweep, of
+                 Muon's lr alone (``lr_finder.muon``); "suggestions" then also trains at each
+                 method's suggestion on it (rows "Muon: METHOD"), and the default row is the
+                 first sweep's rule for the rest with Muon's sweep's rule for Muon
 
 The score is the final-epoch validation top-1 (the hold-out; the test split is evaluated and
-recorded, never used). Ratio = mean top-1 at the suggestion / best mean top-1 of the grid.
+recorded, never used). Ratio = mean top-1 at the suggestion / best mean top-1 of the grid (of
+both grids for a Muon setup).
 
 ``--out`` is a cache as well as the result: every training and range test is saved as soon as it
 ends, and a later call with the same file skips what it holds (same setup, seed and lr or
@@ -112,10 +122,12 @@ SETUPS = {
                                        "train.nesterov=true", "train.batch_size=256")),
     "fastnet-adamw": Bench("check", 5, (*FASTNET, "train.optimizer=adamw", "train.weight_decay=0.05",
                                         "train.batch_size=256")),
-    "resnet18-muon": Bench("check", 2, (*RESNET18, "train.optimizer=muon", "train.momentum=0.9",
+    "resnet18-muon": Bench("choice", 2, (*RESNET18, "train.optimizer=muon", "train.momentum=0.9",
                                          "train.nesterov=false", "train.batch_size=128")),
     "finetune-lite0": Bench("choice", 3, ("transfer.freeze_epochs=0", "data.image_size=96", "data.val_fraction=0.2"),
                      recipe=LITE0, photos=100),
+    "fastnet-muon-adamw": Bench("check", 5, (*FASTNET, "train.optimizer=muon", "train.muon.aux_optimizer=adamw",
+                                             "train.batch_size=256")),
     "finetune-lite0-64": Bench("check", 3, ("transfer.freeze_epochs=0", "data.image_size=64", "data.val_fraction=0.2"),
                                recipe=LITE0, photos=200),
 }
@@ -308,6 +320,9 @@ class Bencher:
                     self.train(setup, name, seed, label)
             if "muon" in parts and setup.config.train.optimizer == "muon":
                 result = self.range_test(setup, name, seed)
+                default = self.muon_suggestions(result, setup.config.lr_finder.lr_factor).get(result.muon.method)
+                if default is not None:
+                    self.train(setup, name, seed, default)
                 for muon_lr in MUON_GRID:
                     self.train(setup, name, seed, muon_key(result.suggestion * setup.config.lr_finder.lr_factor, muon_lr))
             if "lrfree" in parts:
