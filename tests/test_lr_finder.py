@@ -605,6 +605,9 @@ def test_bad_val_and_group_settings_are_one_sentence(batches):
     cases = [
         (dict(start_lr=[1e-4, 1e-3, 1e-2]), "start_lr has 3 values but the optimizer has 2 parameter group"),
         (dict(start_lr=[1e-4, 1.0], end_lr=[1.0, 0.5]), "start_lr (1.0) must be below end_lr (0.5) for parameter group 1"),
+        (dict(start_lr=[0.1, 0.2], end_lr=[0.1, 0.2]), "must be below end_lr ([0.1, 0.2]) for at least one parameter group"),
+        (dict(start_lr=[0.1, 1e-4], end_lr=[0.1, 1.0]), "record_group (0) must be the index of a parameter group whose lr sweeps"),
+        (dict(start_lr=[0.1, 1e-4], end_lr=[0.1, 1.0], record_group=2), "record_group (2)"),
         (dict(val_batches=[]), "val_batches must be a non-empty list"),
         (dict(val_batches=batches[:1], val_every=5, num_iter=39), "need at least 40"),
         (dict(accumulation_steps=0), "accumulation_steps (0)"),
