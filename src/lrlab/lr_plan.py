@@ -265,7 +265,8 @@ class LRPlan:
         for name, lr in reversed(list(zip(self.group_names, self.group_lrs))):
             rows.append({"group": name, "lr": lr, "kind": self.kind, "source": self.source})
             if self.muon_lr_ratio is not None:
-                source = self.muon_source if self.muon_source.startswith("Muon") else f"{self.source} x {self.muon_source}"
+                muon = self.muon_source or f"train.muon.lr_ratio {self.muon_lr_ratio:g}"  # plans saved before it
+                source = muon if muon.startswith("Muon") else f"{self.source} x {muon}"
                 rows.append({"group": f"{name} (Muon)", "lr": lr * self.muon_lr_ratio, "kind": self.kind,
                              "source": source})
         return rows
