@@ -204,12 +204,37 @@ def test_every_group_keeps_its_ratio_at_every_step_of_every_repeat(small_tree, c
     finally:
         hook.remove()
     scales = layer_scales(2, 10)
-    assert len(seen) == 32 and len(result.repeats) == 2
+    assert len(seen) == 64 and len(result.repeats) == 2 and len(result.muon.repeats) == 2
     assert {(lg, mu) for lg, mu, _ in seen[0]} == {(0, False), (0, True), (1, False), (1, True)}
-    for i, groups in enumerate(seen):
+    for i, groups in enumerate(seen[:32]):  # every group together
         top = result.repeats[i // 16].lrs[i % 16]
         for lg, muon, lr in groups:
             assert lr == pytest.approx(top * scales[lg] * (0.25 if muon else 1.0), rel=1e-12), (i, lg, muon)
+    for i, groups in enumerate(seen[32:]):  # then Muon's alone (recorded: the top group's), the rest held
+        top = result.muon.repeats[i // 16].lrs[i % 16]
+        for lg, muon, lr in groups:
+            want = top * scales[lg] if muon else result.suggestion * scales[lg]
+            assert lr == pytest.approx(want, rel=1e-12), (i, lg, muon)
+    assert result.muon.start_lr == 1e-4 and result.muon.end_lr == 3.0
+    plan = pipeline.make_plan(setup, result)
+    assert plan.muon_lr_ratio == pytest.approx(result.muon.suggestion / result.suggestion)
+
+
+def test_muons_sweep_when_the_top_layer_group_is_the_head_alone(small_tree, cache_dir):
+    """Muon's groups all sit below the top (head-only) group, at layer scale 1/10: the sweep
+    records that group at Muon's lr x 1/10 and the plan's ratio undoes the scale, so the
+    group trains at Muon's suggestion."""
+    config = load_config(None, [f"data.path={small_tree}", f"data.cache_dir={cache_dir}", "model.kwargs={width: 0.25}",
+                                "train.batch_size=50", "train.optimizer=muon", "train.schedule=onecycle",
+                                "train.layer_groups=[[stem, block1, block2, block3], [fc]]", "train.lr_ratio=10",
+                                "lr_finder.num_iter=16", "lr_finder.skip_start=2", "lr_finder.skip_end=2",
+                                "lr_finder.start_lr=1e-3", "lr_finder.end_lr=1", "lr_finder.diverge_factor=1e9"])
+    setup = pipeline.prepare(config, range_test=True, train=True, explain=False)
+    result = pipeline.range_test(setup)
+    assert result.muon.start_lr == pytest.approx(1e-5) and result.muon.end_lr == pytest.approx(0.3)
+    plan = pipeline.make_plan(setup, result)
+    muon_row = next(r for r in plan.rows() if r["group"].endswith("(Muon)") and r["group"].startswith("stem"))
+    assert muon_row["lr"] == pytest.approx(result.muon.suggestion)  # Muon's group at the lr its sweep suggests
 
 
 # ---------------------------------------------------------------- find-lr and the report
