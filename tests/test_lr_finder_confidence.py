@@ -167,6 +167,8 @@ def test_a_planted_spike_does_not_move_any_suggestion(seed):
     whole, _ = suggest_all(LRS, centered_smooth(spiked))
     moved = [m for m in METHODS if whole[m].lr / found_clean[m].lr > 3]
     assert {"steepest", "min10", "max_lr"} <= set(moved)
+    uncut, _, none = analyse(LRS, spiked, cut_spikes=False)  # what Muon's own sweep reads
+    assert none is None and {k: s.lr for k, s in uncut.items()} == {k: s.lr for k, s in whole.items()}
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -229,7 +229,10 @@ def range_test(setup: Setup, callbacks: Callbacks = Callbacks()) -> RangeTestRes
     idea of sweeping each optimizer in turn): Muon's lr alone from ``lr_finder.muon.start_lr``
     to ``end_lr`` (every Muon group at that lr x its layer scale), the auxiliary optimizer held
     at the first sweep's suggestion x ``lr_factor``; it becomes ``result.muon``, whose lrs are
-    those of the Muon group of the highest layer scale s (Muon's lr x s). It is skipped when the
+    those of the Muon group of the highest layer scale s (Muon's lr x s). Its window is not cut
+    at a rise (:mod:`lrlab.lr_finder.window`): Muon's curve on a normalised network falls, rises
+    a little where the filters' growth takes over, and falls again below it (benchmarks/
+    lr_suggestion_quality.py), which is training, not a breakdown. It is skipped when the
     first sweep gives no suggestion (``make_plan`` then says why) or nothing trains with Muon.
 
     With ``lr_finder.loss: val`` the validation points use ``lr_finder.val_images``
@@ -249,12 +252,13 @@ def range_test(setup: Setup, callbacks: Callbacks = Callbacks()) -> RangeTestRes
         starts = [aux_lr * g["lr_scale"] if s is None else cfg.muon.start_lr * s for g, s in zip(groups, layer)]
         ends = [aux_lr * g["lr_scale"] if s is None else cfg.muon.end_lr * s for g, s in zip(groups, layer)]
         result.muon = _sweep(setup, optimizer, starts, ends, top, muon_method(cfg.muon.method),
-                             "Muon's range test", callbacks)
+                             "Muon's range test", callbacks, cut_spikes=False)
     return result
 
 
 def _sweep(setup: Setup, optimizer: torch.optim.Optimizer, start_lr: list[float], end_lr: list[float],
-           record_group: int, method: str, stage: str, callbacks: Callbacks) -> RangeTestResult:
+           record_group: int, method: str, stage: str, callbacks: Callbacks, cut_spikes: bool = True
+           ) -> RangeTestResult:
     """One range test (``lr_finder``'s settings) of ``optimizer`` from each group's start to end
     lr, recording group ``record_group``'s lr (see :func:`range_test`)."""
     config, cfg = setup.config, setup.config.lr_finder
@@ -273,7 +277,7 @@ def _sweep(setup: Setup, optimizer: torch.optim.Optimizer, start_lr: list[float]
                  num_iter=cfg.num_iter, mode=cfg.mode, smooth=cfg.smooth, diverge_factor=cfg.diverge_factor,
                  skip_start=cfg.skip_start, skip_end=cfg.skip_end, accumulation_steps=cfg.accumulation_steps,
                  val_batches=val_batches, val_every=cfg.val_every, repeats=cfg.repeats, record_group=record_group,
-                 method=method, device=setup.compute.device,
+                 cut_spikes=cut_spikes, method=method, device=setup.compute.device,
                  autocast_dtype=setup.compute.dtype, channels_last=setup.compute.channels_last,
                  progress=(lambda i, lr, loss: step(i, loss)) if step else None)
 

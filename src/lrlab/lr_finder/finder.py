@@ -88,7 +88,7 @@ class LRRangeTest:
             end_lr: float | Sequence[float] = 10.0, num_iter: int = 100, mode: str = "exp",
             smooth: float = 0.98, diverge_factor: float = 5.0, skip_start: int = 10, skip_end: int = 5,
             accumulation_steps: int = 1, val_batches: Sequence[Any] | None = None, val_every: int = 1,
-            method: str = "steepest", repeats: int = 1, record_group: int = 0,
+            method: str = "steepest", repeats: int = 1, record_group: int = 0, cut_spikes: bool = True,
             progress: Progress | None = None) -> RangeTestResult:
         """Sweep the learning rate over ``num_iter`` optimizer steps, record the loss, suggest lrs.
 
@@ -156,6 +156,7 @@ class LRRangeTest:
             record_group: the parameter group whose lr is recorded (``lrs``, ``start_lr``,
                 ``end_lr``, ``stop_lr``); it must sweep (start below end). 0: the plan's
                 reference group.
+            cut_spikes: False: the suggestions read the whole window, no spike cut.
             progress: called as ``progress(step, lr, training loss)`` after each step's
                 forward passes (the loss may be nan on the last call; with repeats the step
                 counts on: r * num_iter + i); the library prints nothing.
@@ -188,7 +189,7 @@ class LRRangeTest:
             record = _Recorder(smooth ** val_every if val else smooth, diverge_factor, skip_pts[0])
             shift = None if progress is None else (lambda i, lr, v, r=r: progress(r * num_iter + i, lr, v))
             self._sweep(loader, loss_fn, schedules, g, record, accumulation_steps, val_batches, val_every, shift)
-            found, errors, cut = analyse(record.lrs, record.losses, *skip_pts)
+            found, errors, cut = analyse(record.lrs, record.losses, *skip_pts, cut_spikes)
             first = schedules[0][g], schedules[-1][g]
             singles.append(RangeTestResult(
                 lrs=record.lrs, losses=record.losses, smoothed=record.smoothed, mode=mode, start_lr=float(first[0]),
@@ -199,7 +200,7 @@ class LRRangeTest:
                 val_every=int(val_every) if val else 1, skip_start=skip_pts[0], skip_end=skip_pts[1],
                 accumulation_steps=int(accumulation_steps), cut_index=cut,
                 cut_lr=None if cut is None else float(record.lrs[cut])))
-        return singles[0] if repeats == 1 else mean_of_repeats(singles)
+        return singles[0] if repeats == 1 else mean_of_repeats(singles, cut_spikes)
 
     def _sweep(self, loader: Iterable, loss_fn: LossFn, schedules: list[list[float]], g: int, record: _Recorder,
                accumulation_steps: int, val_batches: Sequence[Any] | None, val_every: int,
@@ -383,7 +384,7 @@ def range_test(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Loss
 
     ``method`` and ``run_kwargs`` are :meth:`LRRangeTest.run`'s (start_lr, end_lr, num_iter,
     mode, smooth, diverge_factor, skip_start, skip_end, accumulation_steps, val_batches,
-    val_every, repeats, record_group, progress); the other arguments are :class:`LRRangeTest`'s. Everything is
+    val_every, repeats, record_group, cut_spikes, progress); the other arguments are :class:`LRRangeTest`'s. Everything is
     restored on return.
 
     Raises:

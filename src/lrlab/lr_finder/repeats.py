@@ -20,12 +20,12 @@ from lrlab.lr_finder.result import RangeTestResult
 from lrlab.lr_finder.window import analyse
 
 
-def mean_of_repeats(singles: Sequence[RangeTestResult]) -> RangeTestResult:
+def mean_of_repeats(singles: Sequence[RangeTestResult], cut_spikes: bool = True) -> RangeTestResult:
     """The combined result of repeated sweeps of one range test (same grid, method and skips).
 
     ``lrs`` are the first n lrs (n: the shortest sweep's number of points), ``losses`` and
     ``smoothed`` the point-wise means over the sweeps (float), the suggestions and the spike cut
-    those of that mean curve (:func:`lrlab.lr_finder.window.analyse`); stop fields come from the
+    those of that mean curve (:func:`lrlab.lr_finder.window.analyse` with ``cut_spikes``); stop fields come from the
     shortest sweep (the first one that stopped), ``repeats`` holds ``singles``.
 
     Raises:
@@ -40,6 +40,6 @@ def mean_of_repeats(singles: Sequence[RangeTestResult]) -> RangeTestResult:
     losses = np.mean([s.losses[:n] for s in singles], axis=0).tolist()
     smoothed = np.mean([s.smoothed[:n] for s in singles], axis=0).tolist()
     first = min(singles, key=lambda s: len(s.lrs))
-    found, errors, cut = analyse(lrs, losses, first.skip_start, first.skip_end)
+    found, errors, cut = analyse(lrs, losses, first.skip_start, first.skip_end, cut_spikes)
     return replace(first, lrs=lrs, losses=losses, smoothed=smoothed, suggestions=found, suggestion_errors=errors,
                    cut_index=cut, cut_lr=None if cut is None else float(lrs[cut]), repeats=list(singles))

@@ -66,7 +66,7 @@ def spike_cut(centered, skip_start: int = 10, skip_end: int = 5) -> int | None:
     return None
 
 
-def analyse(lrs, losses, skip_start: int = 10, skip_end: int = 5
+def analyse(lrs, losses, skip_start: int = 10, skip_end: int = 5, cut_spikes: bool = True
             ) -> tuple[dict[str, Suggestion], dict[str, str], int | None]:
     """Every method's suggestion on the zero-lag curve of ``losses``, inside the window cut by
     :func:`spike_cut`: ``(suggestions, errors, cut)`` as :func:`lrlab.lr_finder.suggest_all`,
@@ -75,9 +75,11 @@ def analyse(lrs, losses, skip_start: int = 10, skip_end: int = 5
     Args:
         lrs: (N,) lrs per optimizer step, increasing; losses: (N,) raw finite losses.
         skip_start, skip_end: points left out at each end (the cut can only shorten the window).
+        cut_spikes: False reads the whole window (Muon's own sweep, whose rise and second
+            descent are not a breakdown: ``lrlab.pipeline.range_test``).
     """
     centered = centered_smooth(losses)
-    cut = spike_cut(centered, skip_start, skip_end)
+    cut = spike_cut(centered, skip_start, skip_end) if cut_spikes else None
     end = skip_end if cut is None else max(skip_end, len(centered) - cut)
     found, errors = suggest_all(lrs, centered, skip_start, end)
     return found, errors, cut
