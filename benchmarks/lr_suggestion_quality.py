@@ -482,7 +482,8 @@ def summary_table(rows_by_setup: dict[str, dict[str, Row]]) -> list[str]:
             row = rows.get(m)
             cells.append("-" if row is None or row.mean is None else
                          f"{ratio_text(row)} ({100 * row.mean:.1f} ± {100 * row.std:.1f})")
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        if any(c != "-" for c in cells):  # a row trained nowhere on every seed is left out
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return lines
 
 
