@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         print(suggestion_table_text(summary.get("lr_suggestions") or [], summary.get("lr_window_cut"),
                                     summary.get("lr_repeats", 1)))
         if "lr_muon_suggestions" in summary:
-            print(f"Muon's sweep, the rest held at {summary['lr_suggestion']:.3g}:\n"
+            print("Muon's sweep, the rest held at the first sweep's lr (x lr_factor):\n"
                   + suggestion_table_text(summary["lr_muon_suggestions"], summary.get("lr_muon_window_cut"),
                                           summary.get("lr_repeats", 1)))
     print(_final_line(args.command, summary))

@@ -144,7 +144,7 @@ class LRPlan:
         muon_lr_ratio: with ``train.optimizer: muon``, Muon's lr / ``lr`` in every layer group
             (Muon's sweep's suggestion / the first sweep's, or ``train.muon.lr_ratio``); None
             for the other optimizers.
-        muon_source: where Muon's lr came from, e.g. "Muon's range test: descent 0.0113 x
+        muon_source: where Muon's lr came from, e.g. "Muon's range test: min10 0.125 x
             lr_factor 1" or "train.muon.lr_ratio 0.1"; None for the other optimizers.
         batch_scale: the factor of ``train.lr_scale_rule`` in ``lr`` (1: none), from the batch the
             lr was meant for (``train.lr_base_batch``; the range test's batch for its suggestion)

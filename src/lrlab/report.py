@@ -266,8 +266,8 @@ def _range_test_block(run: RunFolder, stage: int | None) -> str:
     if result is not None:
         parts += _suggestion_parts(result)
     if result is not None and result.muon is not None:
-        parts += [f'<p class="note">Muon\'s own sweep (right panel): Muon\'s lr alone, the rest held at '
-                  f'{_e(_num(result.suggestion))}; its suggestion is Muon\'s lr.</p>', *_suggestion_parts(result.muon)]
+        parts += ['<p class="note">Muon\'s own sweep (right panel): Muon\'s lr alone, the rest held at the first '
+                  'sweep\'s lr (x lr_factor); its suggestion is Muon\'s lr.</p>', *_suggestion_parts(result.muon)]
     parts.append(_plan_table(run, stage))
     return "".join(parts)
 

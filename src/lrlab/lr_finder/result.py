@@ -254,7 +254,7 @@ class RangeTestResult:
             self.plot(left, methods)
             self.muon.plot(right)
             left.set_title(f"LR range test: every group (the plan's lr, {self.method})")
-            right.set_title(f"Muon's sweep, the rest held at {self.suggestion:.3g} ({self.muon.method})")
+            right.set_title(f"Muon's sweep, the rest held at the first sweep's lr ({self.muon.method})")
             right.set_xlabel("Muon's learning rate (per step)")
             fig.tight_layout()
             return fig
