@@ -69,7 +69,7 @@ def muon_method(method: str) -> str:
     Muon's updates have a fixed size and the normalised filters do not care about their scale,
     so a large lr grows the filters and slows itself instead of blowing up, and the loss was
     still falling at the window's last analysed lr (1.25 of 1e-4 to 3) in all nine sweeps. min10
-    then reads 0.125, inside the wide band where Muon's lr is good (0.03-0.3): 0.995 and 0.978 of
+    then reads 0.125, inside the wide band where Muon's lr is good (0.03-0.1): 0.995 and 0.978 of
     Muon's grid best on fastnet-muon and resnet18-muon (where it was chosen) and 1.001 on
     fastnet-muon-adamw (the check). steepest and valley landed 3-20x too low, descent jumped
     between the curve's two descents (0.011 or 0.41 for one curve). On a network whose Muon
