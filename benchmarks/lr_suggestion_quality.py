@@ -81,7 +81,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -177,6 +177,18 @@ def split_key(key: str) -> tuple[str, int, str]:
     return name, int(seed.removeprefix("seed=")), label
 
 
+def stored(result: dict) -> dict:
+    """A range test's ``to_dict()`` without what :meth:`RangeTestResult.from_dict` derives again
+    (the zero-lag curve, the spread, the chosen lr), in its repeats and Muon's sweep too: the
+    cache keeps the measurements only."""
+    keep = {f.name for f in fields(RangeTestResult)}
+    out = {k: v for k, v in result.items() if k in keep}
+    out["repeats"] = [stored(r) for r in out.get("repeats") or []]
+    if out.get("muon"):
+        out["muon"] = stored(out["muon"])
+    return out
+
+
 def muon_key(lr: float, muon_lr: float) -> str:
     """The label of a Muon training: one-cycle peak ``lr`` for the auxiliary optimizer, ``muon_lr`` for Muon."""
     return f"{lr_key(lr)},muon={float(muon_lr):.9g}"
@@ -243,7 +255,7 @@ class Bencher:
                 config = config.model_copy(update={"lr_finder": lr_finder})
             result = pipeline.range_test(replace(setup, config=config)).to_dict()
             seconds = time.perf_counter() - t0
-            self.cache["range_tests"][k] = {**result, "seconds": seconds}
+            self.cache["range_tests"][k] = {**stored(result), "seconds": seconds}
             self.save()
             self.log(f"{name} seed {seed}: range test x{repeats} in {seconds:.0f}s")
         return RangeTestResult.from_dict(self.cache["range_tests"][k])
@@ -319,12 +331,11 @@ class Bencher:
                 for label in sorted(set(self.muon_suggestions(result, factor).values())):
                     self.train(setup, name, seed, label)
             if "muon" in parts and setup.config.train.optimizer == "muon":
-                result = self.range_test(setup, name, seed)
-                default = self.muon_suggestions(result, setup.config.lr_finder.lr_factor).get(result.muon.method)
-                if default is not None:
-                    self.train(setup, name, seed, default)
-                for muon_lr in MUON_GRID:
-                    self.train(setup, name, seed, muon_key(result.suggestion * setup.config.lr_finder.lr_factor, muon_lr))
+                result, factor = self.range_test(setup, name, seed), setup.config.lr_finder.lr_factor
+                default = self.muon_suggestions(result, factor).get(result.muon.method)
+                for label in ([default] if default is not None else []) + [
+                        muon_key(result.suggestion * factor, muon_lr) for muon_lr in MUON_GRID]:
+                    self.train(setup, name, seed, label)
             if "lrfree" in parts:
                 for opt in LRFREE:
                     self.train(setup, name, seed, f"optimizer={opt}")
@@ -376,15 +387,13 @@ def muon_grid_means(name: str, cache: dict, seeds: int, b: Bencher) -> list[floa
     seed's first-sweep suggestion; None for the other setups."""
     if b.config(name, 0).train.optimizer != "muon":
         return None
-    means = []
-    for muon_lr in MUON_GRID:
-        accs = []
-        for s in range(seeds):
-            result, factor = range_test_of(cache, name, s), b.config(name, s).lr_finder.lr_factor
-            ok = result is not None and result.suggestion is not None
-            accs.append(top1(cache, name, s, muon_key(result.suggestion * factor, muon_lr)) if ok else None)
-        means.append(mean_std(accs)[0])
-    return means
+    rest = []  # per seed, the lr the rest trained at (None: no range test yet)
+    for s in range(seeds):
+        result = range_test_of(cache, name, s)
+        ok = result is not None and result.suggestion is not None
+        rest.append(result.suggestion * b.config(name, s).lr_finder.lr_factor if ok else None)
+    return [mean_std([None if lr is None else top1(cache, name, s, muon_key(lr, muon_lr))
+                      for s, lr in enumerate(rest)])[0] for muon_lr in MUON_GRID]
 
 
 def best_of(*grids: list[float | None] | None) -> float | None:
@@ -451,12 +460,14 @@ def setup_table(name: str, rows: dict[str, Row], means: list[float | None], muon
         lrs = "package default" if row.lrs is None else ", ".join("-" if v is None else f"{v:.3g}" for v in row.lrs)
         lines.append(f"| {m} | {lrs} | {cell(row.mean, row.std)} | {ratio_text(row)} |")
 
+    overall = best_of(means, muon_means)
+
     def grid_row(title: str, lrs, grid_means) -> str:
         top = best_of(grid_means)
         return (f"| {title} | " + ", ".join(f"{lr:.3g}: {'-' if m is None else f'{100 * m:.2f}%'}"
                                             for lr, m in zip(lrs, grid_means))
                 + f" | best {'-' if top is None else f'{100 * top:.2f}%'} | "
-                + f"{'-' if top is None or not best_of(means, muon_means) else f'{top / best_of(means, muon_means):.3f}'} |")
+                + f"{'-' if top is None or not overall else f'{top / overall:.3f}'} |")
 
     lines.append(grid_row("grid" if muon_means is None else
                           f"grid (Muon at x {b.config(name, 0).train.muon.lr_ratio:g})", b.grid(name, 0), means))

@@ -241,9 +241,14 @@ def range_test(setup: Setup, callbacks: Callbacks = Callbacks()) -> RangeTestRes
     config, cfg = setup.config, setup.config.lr_finder
     optimizer = new_optimizer(setup, cfg.start_lr)
     scales = [g["lr_scale"] for g in optimizer.param_groups]
+    batch_size = cfg.batch_size or config.train.batch_size
+    val_batches = None
+    if cfg.loss == "val":
+        held_out = setup.data.val.subset(min(cfg.val_images, len(setup.data.val)), seed=config.seed)
+        val_batches = list(eval_loader(setup, held_out, batch_size))
     result = _sweep(setup, optimizer, [cfg.start_lr * s for s in scales], [cfg.end_lr * s for s in scales], 0,
                     suggestion_method(cfg.method, optimizer, transfer.fine_tunes(config, setup.model)),
-                    "range test", callbacks)
+                    "range test", callbacks, val_batches)
     if (isinstance(optimizer, MuonWithAux) and optimizer.muon is not None and cfg.muon.enabled
             and result.suggestion is not None):
         aux_lr, ratio, groups = result.suggestion * cfg.lr_factor, config.train.muon.lr_ratio, optimizer.param_groups
@@ -252,21 +257,18 @@ def range_test(setup: Setup, callbacks: Callbacks = Callbacks()) -> RangeTestRes
         starts = [aux_lr * g["lr_scale"] if s is None else cfg.muon.start_lr * s for g, s in zip(groups, layer)]
         ends = [aux_lr * g["lr_scale"] if s is None else cfg.muon.end_lr * s for g, s in zip(groups, layer)]
         result.muon = _sweep(setup, optimizer, starts, ends, top, muon_method(cfg.muon.method),
-                             "Muon's range test", callbacks, cut_spikes=False)
+                             "Muon's range test", callbacks, val_batches, cut_spikes=False)
     return result
 
 
 def _sweep(setup: Setup, optimizer: torch.optim.Optimizer, start_lr: list[float], end_lr: list[float],
-           record_group: int, method: str, stage: str, callbacks: Callbacks, cut_spikes: bool = True
-           ) -> RangeTestResult:
-    """One range test (``lr_finder``'s settings) of ``optimizer`` from each group's start to end
-    lr, recording group ``record_group``'s lr (see :func:`range_test`)."""
+           record_group: int, method: str, stage: str, callbacks: Callbacks, val_batches: list | None,
+           cut_spikes: bool = True) -> RangeTestResult:
+    """One range test (``lr_finder``'s settings, the validation loss on ``val_batches`` when
+    given) of ``optimizer`` from each group's start to end lr, recording group
+    ``record_group``'s lr (see :func:`range_test`)."""
     config, cfg = setup.config, setup.config.lr_finder
     batch_size = cfg.batch_size or config.train.batch_size
-    val_batches = None
-    if cfg.loss == "val":
-        held_out = setup.data.val.subset(min(cfg.val_images, len(setup.data.val)), seed=config.seed)
-        val_batches = list(eval_loader(setup, held_out, batch_size))
 
     def loss_fn(logits, y):
         return F.cross_entropy(logits, y, label_smoothing=config.train.label_smoothing)
