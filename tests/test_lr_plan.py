@@ -3,6 +3,7 @@ schedule and range test."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
@@ -10,6 +11,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from lrlab import pipeline
 from lrlab.config import load_config
 from lrlab.errors import LrlabError
+from lrlab.lr_finder import RangeTestResult, analyse
 from lrlab.lr_plan import LRPlan, layer_scales, muon_method, suggestion_method
 from lrlab.models import build
 from lrlab.optim import build_optimizer
@@ -60,7 +62,26 @@ def test_auto_suggestion_method_follows_the_optimizer():
     for aux, rule in (("sgd", "max_lr"), ("adamw", "steepest")):  # Muon: the rule of the plan's (auxiliary) lr
         muon = build_optimizer(cfg("train.optimizer=muon", f"train.muon.aux_optimizer={aux}").train, model, 0.1)
         assert suggestion_method("auto", muon) == rule
-    assert (muon_method("auto"), muon_method("max_lr")) == ("min10", "max_lr")  # Muon's own sweep
+
+
+def muon_curve(losses: list[float]) -> RangeTestResult:
+    """A Muon sweep's result over 1e-4..3 with every method's suggestion read from ``losses``."""
+    lrs = np.geomspace(1e-4, 3.0, len(losses)).tolist()
+    found, errors, _ = analyse(lrs, losses, skip_start=3, skip_end=2, cut_spikes=False)
+    return RangeTestResult(lrs=lrs, losses=losses, smoothed=losses, mode="exp", start_lr=1e-4, end_lr=3.0,
+                           num_iter=len(lrs), stop_reason="end", suggestions=found, suggestion_errors=errors,
+                           skip_start=3, skip_end=2)
+
+
+def test_muons_own_sweep_reads_max_lr_where_its_curve_turns_else_min10():
+    falling = muon_curve(np.linspace(2.3, 1.6, 30).tolist())  # BatchNorm'd filters: no turning point
+    x = np.linspace(0.0, 1.0, 30)
+    turning = muon_curve((2.3 - 0.4 * np.tanh(8 * x - 5) - 0.4 + 0.6 * np.clip(x - 0.75, 0, None)).tolist())
+    assert muon_method("auto", falling) == "min10"
+    assert muon_method("auto", turning) == "max_lr"
+    lowest = turning.get("max_lr").high
+    assert turning.get("max_lr").lr < lowest < turning.lrs[-3]  # the peak sits below the turn, inside the window
+    assert muon_method("valley", falling) == "valley"  # any other method as given
 
 
 def test_muons_lr_from_its_sweep_or_the_recipes_ratio():

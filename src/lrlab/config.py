@@ -134,7 +134,8 @@ class MuonSweepConfig(_Section):
     enabled: bool = True
     start_lr: float = Field(1e-4, gt=0)
     end_lr: float = Field(3.0, gt=0)
-    # which suggestion of Muon's curve becomes Muon's lr; auto: min10 (lrlab.lr_plan.muon_method)
+    # which suggestion of Muon's curve becomes Muon's lr; auto: max_lr where the curve turns inside
+    # its window, else min10 (lrlab.lr_plan.muon_method)
     method: SuggestionMethod = "auto"
 
     @model_validator(mode="after")

@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from lrlab.errors import LrlabError
+from lrlab.lr_finder.result import RangeTestResult
 from lrlab.optim import LrFree, MuonWithAux, lr_free
 from lrlab.schedules import SCHEDULES, schedule_options
 
@@ -61,20 +62,26 @@ def suggestion_method(method: str, optimizer: torch.optim.Optimizer, fine_tuning
     return "descent" if fine_tuning else "max_lr"
 
 
-def muon_method(method: str) -> str:
-    """The suggestion of Muon's own sweep (``lr_finder.muon.method``) that becomes Muon's lr:
-    ``auto`` is ``min10``, the lowest point of Muon's curve / 10. Measured, not assumed, in
-    benchmarks/lr_suggestion_quality.py (README, "Which suggestion to trust"): on FastNet and
-    ResNet18 (BatchNorm after every conv) Muon's curve, the rest held, has no turning point:
-    Muon's updates have a fixed size and the normalised filters do not care about their scale,
-    so a large lr grows the filters and slows itself instead of blowing up, and the loss was
-    still falling at the window's last analysed lr (1.25 of 1e-4 to 3) in all nine sweeps. min10
-    then reads 0.125, inside the wide band where Muon's lr is good (0.03-0.1): 0.995 and 0.978 of
-    Muon's grid best on fastnet-muon and resnet18-muon (where it was chosen) and 1.001 on
-    fastnet-muon-adamw (the check). steepest and valley landed 3-20x too low, descent jumped
-    between the curve's two descents (0.011 or 0.41 for one curve). On a network whose Muon
-    curve does turn, min10 is the usual minimum / 10 rule."""
-    return "min10" if method == "auto" else method
+def muon_method(method: str, curve: RangeTestResult) -> str:
+    """The suggestion of Muon's own sweep (``lr_finder.muon.method``) that becomes Muon's lr, read
+    from that sweep's ``curve``. ``auto``: ``max_lr`` (the one-cycle peak, as for SGD) where Muon's
+    curve turns inside its analysed window, ``min10`` (one tenth of the lowest point) where it is
+    still falling at the window's last analysed lr. Measured, not assumed, in
+    benchmarks/lr_suggestion_quality.py and on recipes/cifar10-quick-muon.yaml (README, "Which
+    suggestion to trust"): on FastNet and ResNet18 with BatchNorm after every conv, Muon's curve,
+    the rest held, never turned in nine sweeps (Muon's updates have a fixed size and the
+    normalised filters ignore their scale, so a large lr grows the filters and slows itself);
+    min10 then reads 0.125, inside the wide band where Muon's lr is good (0.03-0.1): 0.995, 0.978
+    and 1.001 of Muon's grid best on fastnet-muon, resnet18-muon and fastnet-muon-adamw, where
+    max_lr would read the window's end (1.25: 0.91 on resnet18-muon). With airbench94's weight
+    renormalisation (``train.muon.renorm``) the filters cannot grow, and the curve turns at
+    ~0.1: there min10 read 0.012 (hold-out 78.6% against 87.4% at airbench's 0.148) and max_lr
+    0.086. Any other method is returned as given."""
+    if method != "auto":
+        return method
+    lowest = curve.suggestions.get("max_lr")  # its band's top is the lowest point's lr
+    last = curve.lrs[max(0, len(curve.lrs) - 1 - curve.skip_end)]
+    return "max_lr" if lowest is not None and lowest.high < last else "min10"
 
 
 LR_SCALE_RULES = {"none": 0.0, "linear": 1.0, "sqrt": 0.5}

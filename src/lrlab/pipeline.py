@@ -256,8 +256,10 @@ def range_test(setup: Setup, callbacks: Callbacks = Callbacks()) -> RangeTestRes
         top = max((i for i, g in enumerate(groups) if g["use_muon"]), key=lambda i: layer[i])
         starts = [aux_lr * g["lr_scale"] if s is None else cfg.muon.start_lr * s for g, s in zip(groups, layer)]
         ends = [aux_lr * g["lr_scale"] if s is None else cfg.muon.end_lr * s for g, s in zip(groups, layer)]
-        result.muon = _sweep(setup, optimizer, starts, ends, top, muon_method(cfg.muon.method),
-                             "Muon's range test", callbacks, val_batches, cut_spikes=False)
+        muon = _sweep(setup, optimizer, starts, ends, top, "min10", "Muon's range test", callbacks, val_batches,
+                      cut_spikes=False)
+        muon.method = muon_method(cfg.muon.method, muon)  # auto depends on the curve: resolved after the sweep
+        result.muon = muon
     return result
 
 
