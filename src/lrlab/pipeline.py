@@ -254,10 +254,12 @@ def range_test(setup: Setup, callbacks: Callbacks = Callbacks()) -> RangeTestRes
         aux_lr, ratio, groups = result.suggestion * cfg.lr_factor, config.train.muon.lr_ratio, optimizer.param_groups
         layer = [g["lr_scale"] / ratio if g["use_muon"] else None for g in groups]
         top = max((i for i, g in enumerate(groups) if g["use_muon"]), key=lambda i: layer[i])
-        starts = [aux_lr * g["lr_scale"] if s is None else cfg.muon.start_lr * s for g, s in zip(groups, layer)]
-        ends = [aux_lr * g["lr_scale"] if s is None else cfg.muon.end_lr * s for g, s in zip(groups, layer)]
-        muon = _sweep(setup, optimizer, starts, ends, top, "min10", "Muon's range test", callbacks, val_batches,
-                      cut_spikes=False)
+
+        def group_lrs(muon_lr: float) -> list[float]:  # Muon's groups at muon_lr x their layer scale, the rest held
+            return [aux_lr * g["lr_scale"] if s is None else muon_lr * s for g, s in zip(groups, layer)]
+
+        muon = _sweep(setup, optimizer, group_lrs(cfg.muon.start_lr), group_lrs(cfg.muon.end_lr), top, "min10",
+                      "Muon's range test", callbacks, val_batches, cut_spikes=False)
         muon.method = muon_method(cfg.muon.method, muon)  # auto depends on the curve: resolved after the sweep
         result.muon = muon
     return result
