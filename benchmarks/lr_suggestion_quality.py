@@ -6,7 +6,7 @@
         [--merge OTHER.json ...]
 
 benchmarks/results/lr_suggestion_quality.json holds the figures measured so far (committed: the
-whole benchmark takes ~9 hours of a 2-core machine, more than one session); ``--parts ''`` only
+whole benchmark takes ~12 hours of a 2-core machine, more than one session); ``--parts ''`` only
 prints its tables.
 
 Setups (``role``: "choice" setups were seen when lrlab's defaults were chosen; "check" setups were
@@ -31,6 +31,8 @@ held back and only measured):
                             descent when fine-tuning with SGD was then chosen on it)
     finetune-lite0-64  check  the same fine-tuning on another photo folder: 200 per class, 64 px
                             (the check of the fine-tuning rule)
+    fastnet-muon-renorm  check  fastnet-muon with airbench94's weight renormalisation (train.muon.renorm): Muon's
+                            curve turns (the check of Muon's max_lr branch)
 
 Everything else comes from recipes/cifar10-quick.yaml (transfer-lite0.yaml for the finetune setups):
 one-cycle with the candidate lr as its peak, label smoothing, augmentation, no TTA, and bf16
@@ -75,6 +77,7 @@ check the script; its numbers mean nothing.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -87,7 +90,7 @@ from pathlib import Path
 import numpy as np
 
 from lrlab import pipeline
-from lrlab.config import load_config
+from lrlab.config import MuonConfig, load_config
 from lrlab.errors import LrlabError
 from lrlab.io import write_json
 from lrlab.lr_finder import RangeTestResult
@@ -130,6 +133,8 @@ SETUPS = {
                                              "train.batch_size=256")),
     "finetune-lite0-64": Bench("check", 3, ("transfer.freeze_epochs=0", "data.image_size=64", "data.val_fraction=0.2"),
                                recipe=LITE0, photos=200),
+    "fastnet-muon-renorm": Bench("check", 5, (*FASTNET, "train.optimizer=muon", "train.momentum=0.9",
+                                              "train.nesterov=true", "train.batch_size=256", "train.muon.renorm=true")),
 }
 COMMON = ("train.schedule=onecycle", "train.max_lr=null", "lr_finder.enabled=true", "train.tta=false",
           "train.batch_size_milestones=[]", "compute.precision=bf16")
@@ -213,19 +218,25 @@ class Bencher:
 
     def training_config(self, name: str, seed: int, label: str):
         """The whole config of one training, and its digest: two setups whose trainings resolve
-        to one config (LR-free rows of setups that differ only in their optimizer) train once."""
+        to one config (LR-free rows of setups that differ only in their optimizer) train once.
+        ``train.muon`` is read by Muon only, so an LR-free training's digest takes its defaults."""
         config = self.config(name, seed, (*label_overrides(label), "lr_finder.enabled=false"))
+        if label.startswith("optimizer="):
+            config = config.model_copy(update={"train": config.train.model_copy(update={"muon": MuonConfig()})})
         return config, hashlib.sha1(config.model_dump_json().encode()).hexdigest()
 
     def same_training(self, digest: str) -> tuple[str, dict] | None:
-        """A cached training with the config digest ``digest`` (digests of entries cached before
-        they were recorded are computed from their keys)."""
+        """A cached training whose config, as this code resolves its key now (config sections gain
+        fields over time, so no digest is stored), has the digest ``digest``."""
         for k, rec in self.cache["trainings"].items():
-            if "config" not in rec:
-                rec["config"] = self.training_config(*split_key(k))[1]
-            if rec["config"] == digest:
+            if "same_as" not in rec and self.digest_of(k) == digest:
                 return k, rec
         return None
+
+    @functools.cache
+    def digest_of(self, key: str) -> str:
+        """The config digest of the cached training ``key`` under the current code."""
+        return self.training_config(*split_key(key))[1]
 
     def config(self, name: str, seed: int, extra: tuple[str, ...] = ()):
         b = SETUPS[name]
@@ -254,7 +265,7 @@ class Bencher:
                 lr_finder = config.lr_finder.model_copy(update={"repeats": repeats})
                 config = config.model_copy(update={"lr_finder": lr_finder})
             result = pipeline.range_test(replace(setup, config=config)).to_dict()
-            seconds = time.perf_counter() - t0
+            seconds = round(time.perf_counter() - t0, 1)
             self.cache["range_tests"][k] = {**stored(result), "seconds": seconds}
             self.save()
             self.log(f"{name} seed {seed}: range test x{repeats} in {seconds:.0f}s")
@@ -281,7 +292,7 @@ class Bencher:
                    "final_test_acc": pipeline.test_accuracy(run) if history.stopped is None else None, "error": None}
         except LrlabError as e:
             rec = {"final_val_acc": None, "best_val_acc": None, "final_test_acc": None, "error": str(e)}
-        rec["seconds"], rec["config"] = time.perf_counter() - t0, digest
+        rec["seconds"] = round(time.perf_counter() - t0, 1)
         self.cache["trainings"][k] = rec
         self.save()
         shown = f"val top-1 {rec['final_val_acc']:.2%}" if rec["final_val_acc"] is not None else f"failed: {rec['error']}"
