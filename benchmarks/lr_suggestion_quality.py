@@ -77,7 +77,6 @@ check the script; its numbers mean nothing.
 from __future__ import annotations
 
 import argparse
-import functools
 import hashlib
 import json
 import math
@@ -225,18 +224,15 @@ class Bencher:
             config = config.model_copy(update={"train": config.train.model_copy(update={"muon": MuonConfig()})})
         return config, hashlib.sha1(config.model_dump_json().encode()).hexdigest()
 
-    def same_training(self, digest: str) -> tuple[str, dict] | None:
-        """A cached training whose config, as this code resolves its key now (config sections gain
-        fields over time, so no digest is stored), has the digest ``digest``."""
+    def same_training(self, label: str, digest: str) -> tuple[str, dict] | None:
+        """A cached training with the same ``label`` (another setup's) whose config, as this code
+        resolves its key now (config sections gain fields over time, so no digest is stored), has
+        the digest ``digest``."""
         for k, rec in self.cache["trainings"].items():
-            if "same_as" not in rec and self.digest_of(k) == digest:
+            name, seed, other = split_key(k)
+            if other == label and "same_as" not in rec and self.training_config(name, seed, label)[1] == digest:
                 return k, rec
         return None
-
-    @functools.cache
-    def digest_of(self, key: str) -> str:
-        """The config digest of the cached training ``key`` under the current code."""
-        return self.training_config(*split_key(key))[1]
 
     def config(self, name: str, seed: int, extra: tuple[str, ...] = ()):
         b = SETUPS[name]
@@ -277,7 +273,7 @@ class Bencher:
         if k in self.cache["trainings"]:
             return self.cache["trainings"][k]
         config, digest = self.training_config(name, seed, label)
-        same = self.same_training(digest)
+        same = self.same_training(label, digest)
         if same is not None:
             self.cache["trainings"][k] = {**same[1], "same_as": same[0]}
             self.save()
