@@ -9,8 +9,9 @@ recipe's data.val_split), training images/s, achieved GFLOP/s (FLOPs of one trai
 torch.utils.flop_counter, forward + backward; counted again after an epoch at which train.freeze_after
 freezes a module) and its share of this CPU's measured bfloat16
 matrix-product peak (a 4096x4096 bf16 matmul). At the end: seconds to reach 85/88/90/92/93%,
-peak RSS, and the share of step time spent fetching and augmenting batches (the data path,
-timed on one separate pass over the training loader). Every time is also given as on a machine of
+the final test top-1 (with the recipe's TTA) and the time including that test pass, peak RSS, and the
+share of step time spent fetching and augmenting batches (the data path, timed on one separate pass
+over the training loader). Every time is also given as on a machine of
 this kind with a bf16 peak of 700 GFLOP/s (``@700``: seconds x peak / 700; machines of this kind
 differ by up to 1.8x, so figures from different machines are compared only this way).
 """
@@ -106,12 +107,15 @@ def main() -> None:
 
     history = pipeline.train(setup, plan, pipeline.Callbacks(on_epoch=on_epoch), run)
     total = time.perf_counter() - start
+    print(f"total {seconds_text(total, peak_bf16)} (data load, range test, training, evaluation)")
+    if setup.data.test is not None and history.stopped is None:
+        top1 = pipeline.test_accuracy(setup)
+        with_test = time.perf_counter() - start
+        print(f"final model: test top-1 {100 * top1:.2f}% (with the recipe's TTA) after {seconds_text(with_test, peak_bf16)} "
+              f"in all (the test pass took {with_test - total:.1f}s)")
     data_seconds, images = data_path_seconds(setup)
     train_seconds = sum(r["train_seconds"] for r in history.records)
     train_images = sum(r["steps"] * r["batch_size"] for r in history.records)
-    print(f"total {seconds_text(total, peak_bf16)} (data load, range test, training, evaluation)")
-    if setup.data.test is not None and history.stopped is None:
-        print(f"final model: test top-1 {100 * pipeline.test_accuracy(setup):.2f}% (with the recipe's TTA)")
     print("seconds to reach: " + ", ".join(
         f"{100 * t:.0f}%: {seconds_text(reached[t], peak_bf16)}" if t in reached else f"{100 * t:.0f}%: -" for t in TARGETS))
     print(f"bf16 matmul peak {peak_bf16:.0f} GFLOP/s; @700 = seconds x {peak_bf16:.0f} / {REFERENCE_PEAK:.0f}")
