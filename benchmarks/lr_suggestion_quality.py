@@ -218,9 +218,9 @@ class Bencher:
     def training_config(self, name: str, seed: int, label: str):
         """The whole config of one training, and its digest: two setups whose trainings resolve
         to one config (LR-free rows of setups that differ only in their optimizer) train once.
-        ``train.muon`` is read by Muon only, so an LR-free training's digest takes its defaults."""
+        ``train.muon`` is read by Muon only, so another optimizer's training digests its defaults."""
         config = self.config(name, seed, (*label_overrides(label), "lr_finder.enabled=false"))
-        if label.startswith("optimizer="):
+        if config.train.optimizer != "muon":
             config = config.model_copy(update={"train": config.train.model_copy(update={"muon": MuonConfig()})})
         return config, hashlib.sha1(config.model_dump_json().encode()).hexdigest()
 
